@@ -1,0 +1,1 @@
+"""lens_bias: locate and mitigate bias inside language models with TransformerLens."""

@@ -1,0 +1,280 @@
+"""Prompt sets: tokenised prompts with answer-token ids, optional counterfactual pairs, metadata.
+
+One dataclass, `PromptSet`, is what every method takes. Build it with `PromptSet.build` from
+strings; it checks that answers are single tokens, that clean/corrupted pairs tokenise to the
+same length, and pads explicitly (right padding by default) so positions line up.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Sequence
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from .errors import PromptError
+
+
+def _tokenizer_of(tokenizer_or_model):
+    tok = getattr(tokenizer_or_model, "tokenizer", None)
+    return tok if tok is not None else tokenizer_or_model
+
+
+def answer_token_id(tokenizer_or_model, word: str, *, prompt: str | None = None) -> int:
+    """The single token id of `word` (e.g. " he"); a clear error when it is several tokens."""
+    tok = _tokenizer_of(tokenizer_or_model)
+    ids = tok(word, add_special_tokens=False)["input_ids"]
+    where = f" (prompt {prompt!r})" if prompt is not None else ""
+    if len(ids) == 0:
+        raise PromptError(f"answer {word!r} tokenises to nothing{where}")
+    if len(ids) != 1:
+        pieces = tok.convert_ids_to_tokens(ids)
+        raise PromptError(
+            f"answer {word!r} is {len(ids)} tokens {pieces}{where}; answers must be single tokens "
+            "(try a leading space, e.g. ' he', or another word)"
+        )
+    return ids[0]
+
+
+def _encode(tok, text: str, prepend_bos: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    enc = tok(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    bos = tok.bos_token_id
+    if prepend_bos and bos is not None and (not ids or ids[0] != bos):
+        ids, offsets = [bos] + ids, [(0, 0)] + offsets
+    return ids, offsets
+
+
+def _span(text: str, offsets, word: str, prompt_idx: int) -> tuple[int, int]:
+    """Token span [start, end) covering the last occurrence of `word` in `text`."""
+    at = text.rfind(word)
+    if at < 0:
+        raise PromptError(f"subject {word!r} not found in prompt {prompt_idx} {text!r}")
+    lo, hi = at, at + len(word)
+    toks = [i for i, (a, b) in enumerate(offsets) if b > a and a < hi and b > lo]
+    if not toks:
+        raise PromptError(f"subject {word!r} covers no token in prompt {prompt_idx} {text!r}")
+    return toks[0], toks[-1] + 1
+
+
+@dataclass
+class PromptSet:
+    """Tokenised prompts (batch × pos, padded), answer ids and optional corrupted twins.
+
+    `answer_ids[:, 0]` is the answer the metric counts as positive (e.g. " he"), `[:, 1]` the
+    one it counts against (e.g. " she"); `answer_pos` is the position whose logits predict
+    the answer (the last real token). `subject_spans` is the [start, end) token span of the
+    subject word (the occupation) where known.
+    """
+
+    prompts: list[str]
+    tokens: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    answer_pos: Int[Tensor, " batch"]
+    answers: list[tuple[str, ...]]
+    answer_ids: Int[Tensor, "batch n_answers"]
+    corrupted_prompts: list[str] | None = None
+    corrupted_tokens: Int[Tensor, "batch pos"] | None = None
+    subject_spans: Int[Tensor, "batch 2"] | None = None
+    metadata: list[dict] = field(default_factory=list)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        tokenizer_or_model,
+        prompts: Sequence[str],
+        answers: Sequence[Sequence[str]] | Sequence[str],
+        corrupted: Sequence[str] | None = None,
+        *,
+        subjects: Sequence[str] | None = None,
+        metadata: Sequence[dict] | None = None,
+        prepend_bos: bool | None = None,
+        padding_side: str = "right",
+        on_length_mismatch: str = "raise",
+    ) -> "PromptSet":
+        """Tokenise `prompts` (and `corrupted` twins) with answer words per prompt.
+
+        `answers` is one tuple of answer words per prompt, or one tuple shared by all.
+        `on_length_mismatch`: 'raise' (default) or 'drop' pairs whose clean and corrupted
+        prompts tokenise to different lengths (with a warning giving the count).
+        `prepend_bos` defaults to True when the tokenizer has a BOS token.
+        """
+        tok = _tokenizer_of(tokenizer_or_model)
+        prompts = list(prompts)
+        n = len(prompts)
+        if n == 0:
+            raise PromptError("empty prompt set: no prompts given")
+        if padding_side not in ("right", "left"):
+            raise PromptError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
+        if on_length_mismatch not in ("raise", "drop"):
+            raise PromptError(f"on_length_mismatch must be 'raise' or 'drop', not {on_length_mismatch!r}")
+        if answers and isinstance(answers[0], str):
+            answers = [tuple(answers)] * n
+        answers = [tuple(a) for a in answers]
+        if len(answers) != n:
+            raise PromptError(f"{len(answers)} answer tuples for {n} prompts")
+        if len({len(a) for a in answers}) != 1 or len(answers[0]) == 0:
+            raise PromptError("every prompt needs the same, non-zero number of answer words")
+        for name, seq in (("corrupted", corrupted), ("subjects", subjects), ("metadata", metadata)):
+            if seq is not None and len(seq) != n:
+                raise PromptError(f"{len(seq)} {name} entries for {n} prompts")
+        if prepend_bos is None:
+            prepend_bos = tok.bos_token_id is not None
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise PromptError(f"prompt {i} is empty or not a string: {p!r}")
+
+        enc = [_encode(tok, p, prepend_bos) for p in prompts]
+        cenc = [_encode(tok, c, prepend_bos) for c in corrupted] if corrupted is not None else None
+        keep = list(range(n))
+        if cenc is not None:
+            bad = [i for i in keep if len(enc[i][0]) != len(cenc[i][0])]
+            if bad and on_length_mismatch == "raise":
+                i = bad[0]
+                raise PromptError(
+                    f"{len(bad)} clean/corrupted pairs tokenise to different lengths, e.g. pair {i}: "
+                    f"{prompts[i]!r} ({len(enc[i][0])} tokens) vs {corrupted[i]!r} "
+                    f"({len(cenc[i][0])} tokens); pass on_length_mismatch='drop' to drop them"
+                )
+            if bad:
+                warnings.warn(f"dropped {len(bad)} of {n} clean/corrupted pairs whose lengths differ")
+                keep = [i for i in keep if i not in set(bad)]
+                if not keep:
+                    raise PromptError("every clean/corrupted pair had mismatched lengths; nothing left")
+
+        answer_ids = [[answer_token_id(tok, w, prompt=prompts[i]) for w in answers[i]] for i in keep]
+        spans = None
+        if subjects is not None:
+            spans = torch.tensor([_span(prompts[i], enc[i][1], subjects[i], i) for i in keep])
+
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        seqs = [enc[i][0] for i in keep]
+        width = max(len(s) for s in seqs)
+
+        def padded(rows):
+            out = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, s in enumerate(rows):
+                if padding_side == "right":
+                    out[r, : len(s)] = torch.tensor(s)
+                    mask[r, : len(s)] = 1
+                else:
+                    out[r, width - len(s):] = torch.tensor(s)
+                    mask[r, width - len(s):] = 1
+            return out, mask
+
+        tokens, mask = padded(seqs)
+        lengths = torch.tensor([len(s) for s in seqs])
+        answer_pos = lengths - 1 if padding_side == "right" else torch.full_like(lengths, width - 1)
+        if spans is not None and padding_side == "left":
+            spans = spans + (width - lengths)[:, None]
+        ctoks = padded([cenc[i][0] for i in keep])[0] if cenc is not None else None
+        return cls(
+            prompts=[prompts[i] for i in keep],
+            tokens=tokens,
+            attention_mask=mask,
+            answer_pos=answer_pos,
+            answers=[answers[i] for i in keep],
+            answer_ids=torch.tensor(answer_ids, dtype=torch.long),
+            corrupted_prompts=[corrupted[i] for i in keep] if corrupted is not None else None,
+            corrupted_tokens=ctoks,
+            subject_spans=spans,
+            metadata=[dict(metadata[i]) for i in keep] if metadata is not None else [{} for _ in keep],
+        )
+
+    # ---- views --------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def has_pairs(self) -> bool:
+        return self.corrupted_tokens is not None
+
+    @property
+    def same_length(self) -> bool:
+        """True when every prompt has the same number of real tokens (positions align)."""
+        return bool((self.attention_mask.sum(1) == self.attention_mask.shape[1]).all())
+
+    def __getitem__(self, idx) -> "PromptSet":
+        """A sub-set by int, slice, list of ints or bool mask (tensors are indexed alike)."""
+        if isinstance(idx, int):
+            idx = [idx]
+        if isinstance(idx, slice):
+            idx = list(range(len(self)))[idx]
+        if isinstance(idx, Tensor):
+            idx = idx.nonzero().flatten().tolist() if idx.dtype == torch.bool else idx.tolist()
+        idx = list(idx)
+        if not idx:
+            raise PromptError("empty selection from a prompt set")
+        t = torch.tensor(idx, dtype=torch.long)
+
+        def pick(x):
+            return None if x is None else x[t.to(x.device)]
+
+        return replace(
+            self,
+            prompts=[self.prompts[i] for i in idx],
+            tokens=pick(self.tokens),
+            attention_mask=pick(self.attention_mask),
+            answer_pos=pick(self.answer_pos),
+            answers=[self.answers[i] for i in idx],
+            answer_ids=pick(self.answer_ids),
+            corrupted_prompts=None if self.corrupted_prompts is None else [self.corrupted_prompts[i] for i in idx],
+            corrupted_tokens=pick(self.corrupted_tokens),
+            subject_spans=pick(self.subject_spans),
+            metadata=[self.metadata[i] for i in idx],
+        )
+
+    def batches(self, batch_size: int) -> Iterator["PromptSet"]:
+        """Consecutive sub-sets of at most `batch_size` prompts."""
+        if batch_size < 1:
+            raise PromptError(f"batch_size must be ≥ 1, got {batch_size}")
+        for start in range(0, len(self), batch_size):
+            yield self[start: start + batch_size]
+
+    def to(self, device) -> "PromptSet":
+        """The same set with its tensors on `device`."""
+        mv = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return replace(
+            self,
+            tokens=mv(self.tokens),
+            attention_mask=mv(self.attention_mask),
+            answer_pos=mv(self.answer_pos),
+            answer_ids=mv(self.answer_ids),
+            corrupted_tokens=mv(self.corrupted_tokens),
+            subject_spans=mv(self.subject_spans),
+        )
+
+    def swapped(self) -> "PromptSet":
+        """Clean and corrupted exchanged (requires pairs)."""
+        if not self.has_pairs:
+            raise PromptError("this prompt set has no corrupted prompts to swap with")
+        return replace(
+            self,
+            prompts=list(self.corrupted_prompts),
+            tokens=self.corrupted_tokens,
+            corrupted_prompts=list(self.prompts),
+            corrupted_tokens=self.tokens,
+        )
+
+    def str_tokens(self, tokenizer_or_model, i: int = 0) -> list[str]:
+        """The tokens of prompt `i` as strings (padding included)."""
+        tok = _tokenizer_of(tokenizer_or_model)
+        return tok.convert_ids_to_tokens(self.tokens[i].tolist())
+
+    def to_frame(self):
+        """One row per prompt: prompt, answers, corrupted prompt and metadata (pandas)."""
+        import pandas as pd
+
+        rows = []
+        for i, p in enumerate(self.prompts):
+            row = {"prompt": p, "answers": "|".join(self.answers[i])}
+            if self.corrupted_prompts is not None:
+                row["corrupted"] = self.corrupted_prompts[i]
+            row.update(self.metadata[i])
+            rows.append(row)
+        return pd.DataFrame(rows)

@@ -1,0 +1,90 @@
+"""Shared fixtures: random-weight models of real families, the shipped organism."""
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+GPT2_TOKENIZER = SHARED / "models" / "gpt2-tokenizer"
+SHARED_DATA = SHARED / "data"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def need_shared(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared is not beside this checkout)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_dir() -> Path:
+    return need_shared(GPT2_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return need_shared(SHARED_DATA)
+
+
+def _random_dir(tmp_path_factory, family, tok_dir, **kw):
+    from lens_bias.models import save_random_model
+
+    return save_random_model(family, tmp_path_factory.mktemp(family), tok_dir, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, gpt2_tokenizer_dir):
+    """Random GPT-2: 2 layers, d_model 64, 4 heads, real GPT-2 tokenizer."""
+    return _random_dir(tmp_path_factory, "gpt2", gpt2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, gpt2_tokenizer_dir):
+    """Random Llama with GQA: 2 layers, d_model 64, 4 query heads, 2 KV heads."""
+    return _random_dir(tmp_path_factory, "llama", gpt2_tokenizer_dir, n_kv_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_gpt2_dir):
+    from lens_bias.models import load_model
+
+    return load_model(tiny_gpt2_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_dir):
+    from lens_bias.models import load_model
+
+    return load_model(tiny_llama_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def organism():
+    """The shipped model organism (planted biases; ground truth in its card)."""
+    from lens_bias.models import load_model
+
+    return load_model("organism", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def organism_control():
+    """The organism's control: the same base model without the planted components."""
+    from lens_bias.models import load_model
+
+    return load_model("organism-control", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def organism_card():
+    from lens_bias.organism import load_card
+
+    return load_card("organism")
