@@ -40,7 +40,8 @@ def answer_token_id(tokenizer_or_model, word: str, *, prompt: str | None = None)
 
 
 def _encode(tok, text: str, prepend_bos: bool) -> tuple[list[int], list[tuple[int, int]]]:
-    enc = tok(text, add_special_tokens=True, return_offsets_mapping=True)
+    # special tokens off: TransformerLens sets its tokenizers to add BOS themselves; we decide here
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
     bos = tok.bos_token_id
     if prepend_bos and bos is not None and (not ids or ids[0] != bos):
