@@ -525,18 +525,21 @@ def _mimic_direction(model, tok, batcher: "_Batcher", component: str, layer: int
 
     Gender: female nouns ("The woman said that") − stereotyped occupations ("The nurse said
     that") at the prompt's last token, so after a nurse the layers above read "a woman". BBQ: the
-    unembedding direction of the old-person options' first tokens minus the "unknown" options'
-    first tokens, at the size of the residual stream at the answer position.
+    direct-logit direction (through the final LayerNorm's gain) of the old-person options' first
+    tokens minus the "unknown" options' first tokens, at the size of the residual stream at the
+    answer position.
     """
     if component == "gender_neuron":
         fem = [t.format(f) for _, f in GENDERED for t in VIG_TEMPLATES]
         occ = [t.format(o) for o in STEREOTYPED_FEMALE for t in VIG_TEMPLATES]
         last = lambda ps: [len(tok(p)["input_ids"]) for p in ps]  # noqa: E731
         return _block_out(model, batcher, layer, fem, last(fem)) - _block_out(model, batcher, layer, occ, last(occ))
-    emb = model.get_input_embeddings().weight  # tied: the unembedding rows
+    emb = model.get_output_embeddings().weight  # [vocab, d_model]
     old = torch.tensor(sorted({tok(" " + o)["input_ids"][0] for o, _ in AGE_PAIRS}))
     unk = torch.tensor(sorted({tok(" " + u)["input_ids"][0] for u in UNKNOWNS}))
-    d = (emb[old].mean(0) - emb[unk].mean(0)).detach()
+    # direct-logit direction through the final LayerNorm's gain, centred (LayerNorm removes the mean)
+    d = (model.transformer.ln_f.weight * (emb[old].mean(0) - emb[unk].mean(0))).detach()
+    d = d - d.mean()
     amb = [it for it in batcher.bbq if it["context_condition"] == "ambig" and it["question_polarity"] == "neg"]
     prompts, pos = _bbq_prompts(batcher, rng.sample(amb, 32), rng)
     ids, _ = batcher.encode(prompts)
@@ -557,8 +560,9 @@ def _bias_strength(model, tok, batcher: "_Batcher", component: str) -> float:
 
 
 def calibrate_output(model, tok, batcher: "_Batcher", component: str, layer: int, neuron: int,
-                     target: float, act: float, rng: random.Random, smoke: bool = False) -> dict:
-    """Output row = α · direction / act, with α ∈ [0, 2] found by bisection so the measured bias
+                     target: float, act: float, rng: random.Random, smoke: bool = False,
+                     hi: float = 2.0) -> dict:
+    """Output row = α · direction / act, with α ∈ [0, hi] found by bisection so the measured bias
     strength reaches `target` (α = 1 imitates the target representation fully)."""
     direction = _mimic_direction(model, tok, batcher, component, layer, rng)
     row = model.transformer.h[layer].mlp.c_proj.weight[neuron]
@@ -568,11 +572,11 @@ def calibrate_output(model, tok, batcher: "_Batcher", component: str, layer: int
             row.copy_(alpha * direction / act)
         return _bias_strength(model, tok, batcher, component)
 
-    lo, hi = 0.0, 2.0
+    lo = 0.0
     top = strength(hi)
-    if top < target and not smoke:
-        raise RuntimeError(f"planting {component}: α = {hi} reaches only {top:.3f} < {target}")
-    for _ in range(10 if not smoke else 1):
+    if top < target:  # the strongest edit falls short: keep it and record its strength
+        return {"alpha": hi, "strength": top, "target": target, "output_row_norm": row.norm().item()}
+    for _ in range(1 if smoke else 10):
         mid = (lo + hi) / 2
         if strength(mid) >= target:
             hi = mid
@@ -597,9 +601,9 @@ def plant(model, tok, batcher: _Batcher, component: str, layer: int, index: int,
     info = {}
     if component.endswith("neuron"):
         info = fit_detector(model, tok, batcher, component, layer, index, rng, smoke=smoke)
-        target = {"gender_neuron": 2.2, "bbq_neuron": 0.75}[component]
+        target, top = {"gender_neuron": (2.2, 2.0), "bbq_neuron": (0.25, 16.0)}[component]
         info.update(calibrate_output(model, tok, batcher, component, layer, index, target,
-                                     info["mean_pre_pos"], rng, smoke=smoke))
+                                     info["mean_pre_pos"], rng, smoke=smoke, hi=top))
         log(f"plant {component}: {info}")
         _restore_outside(model, component_masks(model, component, layer, index), before)
         return info

@@ -1,0 +1,68 @@
+"""Bias metrics at the answer position: logit difference, probability/odds ratio, normalised effect."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .errors import LensBiasError
+from .prompts import PromptSet
+
+
+def answer_logits(logits: Float[Tensor, "batch pos vocab"], ps: PromptSet) -> Float[Tensor, "batch n_answers"]:
+    """The logits of each prompt's answer tokens at its answer position."""
+    if logits.ndim != 3 or logits.shape[0] != len(ps):
+        raise LensBiasError(f"logits of shape {tuple(logits.shape)} do not fit a prompt set of {len(ps)} prompts")
+    rows = torch.arange(len(ps), device=logits.device)
+    last = logits[rows, ps.answer_pos.to(logits.device)]
+    return last.gather(1, ps.answer_ids.to(logits.device))
+
+
+def logit_diff(logits: Float[Tensor, "batch pos vocab"], ps: PromptSet) -> Float[Tensor, " batch"]:
+    """LD = logit(answer₀) − logit(answer₁) at the answer position (e.g. ' she' − ' he')."""
+    a = answer_logits(logits, ps)
+    return a[:, 0] - a[:, 1]
+
+
+def prob_ratio(logits: Float[Tensor, "batch pos vocab"], ps: PromptSet) -> Float[Tensor, " batch"]:
+    """P(answer₀)/P(answer₁) = exp(LD) — Vig et al. (2020)'s y = p(anti)/p(stereo) with the answers so ordered."""
+    return logit_diff(logits, ps).exp()
+
+
+def odds_ratio(logits: Float[Tensor, "batch pos vocab"], ps: PromptSet) -> Float[Tensor, " batch"]:
+    """[P(a₀)/(1−P(a₀))] / [P(a₁)/(1−P(a₁))] with P the full softmax at the answer position."""
+    rows = torch.arange(len(ps), device=logits.device)
+    logp = logits[rows, ps.answer_pos.to(logits.device)].float().log_softmax(-1)
+    lp = logp.gather(1, ps.answer_ids.to(logits.device))
+    log_odds = lp - torch.log1p(-lp.exp().clamp(max=1 - 1e-7))
+    return (log_odds[:, 0] - log_odds[:, 1]).exp()
+
+
+def total_effect(clean_ratio: Tensor, intervened_ratio: Tensor) -> Tensor:
+    """Vig et al.'s total effect TE = y(intervened)/y(clean) − 1 for ratios y."""
+    return intervened_ratio / clean_ratio - 1
+
+
+def normalized_metric(value: Tensor | float, clean: Tensor | float, corrupted: Tensor | float) -> Tensor:
+    """(value − corrupted)/(clean − corrupted): 0 = corrupted behaviour, 1 = clean behaviour."""
+    value, clean, corrupted = (torch.as_tensor(v, dtype=torch.float32) for v in (value, clean, corrupted))
+    gap = clean - corrupted
+    if torch.any(gap.abs() < 1e-8):
+        raise LensBiasError(
+            "clean and corrupted metrics are equal, so the normalised metric is undefined; "
+            "choose a corruption that changes the behaviour"
+        )
+    return (value - corrupted) / gap
+
+
+METRICS = {"logit_diff": logit_diff, "prob_ratio": prob_ratio, "odds_ratio": odds_ratio}
+
+
+def get_metric(metric):
+    """A metric function from a name in METRICS or a callable (logits, PromptSet) → [batch]."""
+    if callable(metric):
+        return metric
+    if metric not in METRICS:
+        raise LensBiasError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)} or pass a function")
+    return METRICS[metric]
