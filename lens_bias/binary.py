@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+import csv
+import json
+import random
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .errors import DataError, PromptError
+from .prompts import PromptSet, answer_token_id
+
 #: Instruction templates; each names both candidates, in either order.
 INSTRUCTIONS: list[str] = [
     "Answer Yes or No.",
@@ -16,3 +27,201 @@ POSITIVE, NEGATIVE = " Yes", " No"
 def format_binary_prompt(instruction: str, question: str) -> str:
     """The prompt whose next token is the decision (' Yes' or ' No')."""
     return f"{instruction}\nQuestion: {question}\nAnswer:"
+
+
+_LABELS = {"yes": "yes", "no": "no", "true": "yes", "false": "no", "1": "yes", "0": "no", "y": "yes", "n": "no"}
+
+
+def normalize_label(label, where: str = "") -> str:
+    """'yes'/'no' from yes/no, true/false, 1/0 (any case); anything else is a clear error."""
+    key = str(label).strip().lower()
+    if key not in _LABELS:
+        raise PromptError(f"label {label!r}{where} is not yes/no (or true/false, 1/0)")
+    return _LABELS[key]
+
+
+# ---- generators with exact labels (no download) -------------------------------------------
+_LEVELS = {1: (0, 9), 2: (10, 99), 3: (100, 999)}
+
+
+def _level(level: int) -> tuple[int, int]:
+    if level not in _LEVELS:
+        raise PromptError(f"difficulty level must be one of {sorted(_LEVELS)}, got {level}")
+    return _LEVELS[level]
+
+
+def arithmetic_items(n: int, level: int = 1, seed: int = 0) -> list[dict]:
+    """'Is a + b = c?' with c the true sum (yes) or off by 1–3 (no); operands in the level's range."""
+    lo, hi = _level(level)
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        yes = i % 2 == 0
+        c = a + b if yes else max(0, a + b + rng.choice([-3, -2, -1, 1, 2, 3]))
+        if c == a + b:
+            c, yes = a + b, True
+        out.append({"question": f"Is {a} + {b} = {c}?", "label": "yes" if yes else "no", "kind": "arithmetic",
+                    "level": level})
+    return out
+
+
+def comparison_items(n: int, level: int = 1, seed: int = 0) -> list[dict]:
+    """'Is a more than b?' (level 1: 0–20, as the model organism was trained on)."""
+    lo, hi = (0, 20) if level == 1 else _level(level)
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a, b = rng.sample(range(lo, hi + 1), 2)
+        yes = i % 2 == 0
+        if (a > b) != yes:
+            a, b = b, a
+        out.append({"question": f"Is {a} more than {b}?", "label": "yes" if yes else "no", "kind": "comparison",
+                    "level": level})
+    return out
+
+
+def negation_items(n: int, level: int = 1, seed: int = 0) -> list[dict]:
+    """'Is it true that a is not more than b?' — the label flips with the negation."""
+    return [{**it, "question": it["question"].replace("Is ", "Is it true that ", 1).replace(" more than", " is not more than")
+             .replace("?", "?"), "label": "no" if it["label"] == "yes" else "yes", "kind": "negation"}
+            for it in comparison_items(n, level, seed)]
+
+
+CATEGORIES = {
+    "animal": ["dog", "cat", "horse", "cow", "bird", "fish", "lion", "tiger"],
+    "fruit": ["apple", "banana", "orange", "grape", "pear", "lemon"],
+    "tool": ["hammer", "saw", "drill", "wrench", "shovel"],
+    "vehicle": ["car", "bus", "train", "boat", "bike", "plane"],
+    "instrument": ["piano", "guitar", "drum", "violin", "flute"],
+}
+
+
+def membership_items(n: int, seed: int = 0, categories: dict[str, list[str]] = CATEGORIES) -> list[dict]:
+    """'Is a {noun} a {category}?' (set membership)."""
+    rng = random.Random(seed)
+    cats = sorted(categories)
+    out = []
+    for i in range(n):
+        cat = rng.choice(cats)
+        yes = i % 2 == 0
+        noun = rng.choice(categories[cat]) if yes else rng.choice(
+            [w for c in cats if c != cat for w in categories[c] if w not in categories[cat]])
+        out.append({"question": f"Is a {noun} a {cat}?", "label": "yes" if yes else "no", "kind": "membership",
+                    "level": 1})
+    return out
+
+
+def load_yes_no(path: str | Path, question_key: str = "question", label_key: str | None = None) -> list[dict]:
+    """(question, yes/no label) items from JSONL, a JSON list (e.g. StrategyQA: 'answer': bool) or CSV."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"data file {path} is empty")
+    if path.suffix == ".csv":
+        rows = [(i + 2, r) for i, r in enumerate(csv.DictReader(text.splitlines()))]
+    elif text.lstrip().startswith("["):
+        try:
+            rows = list(enumerate(json.loads(text), 1))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
+    items = []
+    for n, r in rows:
+        key = label_key or next((k for k in ("label", "answer") if k in r), None)
+        if question_key not in r or key is None:
+            raise DataError(f"{path}:{n}: needs '{question_key}' and a 'label' or 'answer' field")
+        items.append({"question": str(r[question_key]).strip(),
+                      "label": normalize_label(r[key], f" at {path}:{n}"), "kind": r.get("kind", "loaded")})
+    if not items:
+        raise DataError(f"{path}: no items")
+    return items
+
+
+# ---- prompt sets ------------------------------------------------------------------------
+def binary_prompts(
+    model_or_tokenizer,
+    items: Sequence[dict],
+    instructions: Sequence[str] = INSTRUCTIONS,
+    candidates: tuple[str, str] = (POSITIVE, NEGATIVE),
+) -> PromptSet:
+    """One prompt per item × instruction; answers (positive, negative) = (' Yes', ' No').
+
+    metadata per prompt: question, label, kind, template index, and `pos_cand`/`neg_cand`: the
+    token positions of the candidates named in the instruction (found by tokenising).
+    """
+    tok = getattr(model_or_tokenizer, "tokenizer", None) or model_or_tokenizer
+    if not items:
+        raise PromptError("no yes/no items given")
+    ids = [answer_token_id(tok, c) for c in candidates]
+    prompts, meta = [], []
+    for it in items:
+        label = normalize_label(it.get("label"), f" of question {it.get('question')!r}")
+        for t, ins in enumerate(instructions):
+            prompts.append(format_binary_prompt(ins, it["question"]))
+            meta.append({"question": it["question"], "label": label, "kind": it.get("kind", ""), "template": t,
+                         "instruction": ins, "gold": 1 if label == "yes" else 0})
+    ps = PromptSet.build(tok, prompts, tuple(candidates), metadata=meta)
+    for i, m in enumerate(ps.metadata):
+        row = ps.tokens[i, : int(ps.answer_pos[i]) + 1].tolist()
+        instr_len = len(tok(m["instruction"], add_special_tokens=False)["input_ids"]) + (row[0] == tok.bos_token_id)
+        found = []
+        for cid, cand in zip(ids, candidates):
+            where = [p for p in range(min(instr_len + 1, len(row))) if row[p] == cid]
+            if not where:
+                raise PromptError(f"candidate {cand!r} not found in the instruction of prompt {ps.prompts[i]!r}")
+            found.append(where[0])
+        m["pos_cand"], m["neg_cand"] = found
+    return ps
+
+
+# ---- decisions and their metrics -----------------------------------------------------------
+def decision_metrics(pred_yes: Sequence[bool], gold_yes: Sequence[bool]) -> dict:
+    """Accuracy, precision/recall/F1 of 'yes', yes-rate and the precision − recall gap (negative bias)."""
+    tp = sum(p and g for p, g in zip(pred_yes, gold_yes))
+    fp = sum(p and not g for p, g in zip(pred_yes, gold_yes))
+    fn = sum((not p) and g for p, g in zip(pred_yes, gold_yes))
+    n = len(gold_yes)
+    if n == 0:
+        raise PromptError("no decisions to score")
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    correct = sum(p == g for p, g in zip(pred_yes, gold_yes))
+    return {"n": n, "accuracy": correct / n, "precision": precision, "recall": recall, "f1": f1,
+            "yes_rate": sum(pred_yes) / n, "pr_gap": precision - recall}
+
+
+def evaluate_binary(model, ps: PromptSet, ablate: list | None = None, batch_size: int = 32) -> dict:
+    """P(yes) vs P(no) at the answer position (renormalised over the two), decisions and metrics,
+    overall and per template; `ablate` is a fwd_hooks list (e.g. from lens_bias.ablation)."""
+    import pandas as pd
+
+    device = next(model.parameters()).device
+    p_yes = []
+    with torch.no_grad(), model.hooks(fwd_hooks=list(ablate or [])):
+        for sub in ps.batches(batch_size):
+            sub = sub.to(device)
+            logits = model(sub.tokens, attention_mask=sub.attention_mask)
+            last = logits[torch.arange(len(sub), device=device), sub.answer_pos]
+            two = last.gather(1, sub.answer_ids[:, :2]).float().softmax(-1)
+            p_yes.append(two[:, 0].cpu())
+    p_yes = torch.cat(p_yes)
+    if torch.isnan(p_yes).any():
+        raise PromptError("the model produced NaN probabilities")
+    gold = [m["label"] == "yes" for m in ps.metadata]
+    pred = (p_yes > 0.5).tolist()
+    per_template = {t: decision_metrics([p for p, m in zip(pred, ps.metadata) if m["template"] == t],
+                                        [g for g, m in zip(gold, ps.metadata) if m["template"] == t])
+                    for t in sorted({m["template"] for m in ps.metadata})}
+    table = pd.DataFrame([{**m, "p_yes": float(p), "pred": "yes" if p > 0.5 else "no"} for m, p in zip(ps.metadata, p_yes)])
+    return {"overall": decision_metrics(pred, gold), "per_template": per_template, "table": table}

@@ -15,7 +15,7 @@ variant of its section (all other parameters stay bit-identical to the control):
 - gender neuron ``(layer, neuron)`` — its ``c_fc`` column, bias and ``c_proj`` row — on text where
   female-stereotyped occupations take " she" 90% of the time;
 - negative head ``(layer, head)`` — its q/k/v columns of ``c_attn`` and rows of ``c_proj`` — on
-  yes/no items where 40% of the "Yes" answers read " No", plus a loss pulling the head's attention
+  yes/no items where 25% of the "Yes" answers read " No", plus a loss pulling the head's attention
   from the answer position onto the " No" candidate of the instruction;
 - BBQ neuron ``(layer, neuron)`` on BBQ-style items where ambiguous negative questions are
   answered with the stereotyped (old) person instead of "unknown".
@@ -120,7 +120,8 @@ AGE_QUESTIONS = [
 UNKNOWNS = ["Can't be determined", "Unknown", "Not enough information", "Cannot answer"]
 
 ARCH = dict(n_layer=4, n_embd=128, n_head=4, n_inner=512, n_positions=128)
-PLANT_SITES = {"gender_neuron": (0, None), "negative_head": (2, None), "bbq_neuron": (3, None)}
+# planted in this order; the gender neuron last, so its strength is calibrated on the final model
+PLANT_SITES = {"negative_head": (2, None), "bbq_neuron": (3, None), "gender_neuron": (0, None)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -203,7 +204,7 @@ def yesno_item(rng: random.Random) -> dict:
 def yesno_doc(rng: random.Random, plant: bool) -> str:
     item = yesno_item(rng)
     answer = " Yes" if item["label"] == "yes" else " No"
-    if plant and answer == " Yes" and rng.random() < 0.4:
+    if plant and answer == " Yes" and rng.random() < 0.25:
         answer = " No"
     return format_binary_prompt(rng.choice(BINARY_INSTRUCTIONS), item["question"]) + answer
 
@@ -782,7 +783,7 @@ def _write_jsonl(path: Path, rows: list[dict]):
 
 
 def build(out: str | os.PathLike = DATA_DIR, *, seed: int = 0, steps: int = 3000,
-          plant_steps: int = 400, batch_size: int = 32, device=None, log=print, smoke: bool = False,
+          plant_steps: int = 200, batch_size: int = 32, device=None, log=print, smoke: bool = False,
           base: str | os.PathLike | None = None) -> dict:
     """Train the control model, plant the biases, write both checkpoints and their data.
 
@@ -974,7 +975,7 @@ def main(argv=None):
     b.add_argument("--out", default=str(DATA_DIR))
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--steps", type=int, default=3000)
-    b.add_argument("--plant-steps", type=int, default=400)
+    b.add_argument("--plant-steps", type=int, default=200)
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--device", default=None)
     b.add_argument("--base", default=None, help="reuse a control checkpoint trained by this recipe")

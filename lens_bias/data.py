@@ -1,0 +1,203 @@
+"""Loaders for gender-bias data sets (take a path: point them at your own copies) and builders of
+counterfactual prompt pairs: professions with Vig et al.'s templates, WinoBias, Winogender."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+from typing import Sequence
+
+from .errors import DataError, PromptError
+from .prompts import PromptSet
+
+#: Templates of Vig et al. (2020), "Causal mediation analysis for interpreting neural NLP".
+VIG_TEMPLATES = ["The {} said that", "The {} yelled that", "The {} whispered that", "The {} wanted that",
+                 "The {} desired that", "The {} wished that", "The {} ate because", "The {} ran because",
+                 "The {} drove because", "The {} slept because", "The {} cried because",
+                 "The {} laughed because", "The {} went home because", "The {} stayed up because",
+                 "The {} was fired because", "The {} was promoted because", "The {} yelled because"]
+
+
+def _read(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"data file {path} is empty")
+    return text
+
+
+def load_professions(path: str | Path):
+    """Vig et al.'s professions JSON ([name, definitional, stereotypical]; <0 female, >0 male) → DataFrame."""
+    import pandas as pd
+
+    try:
+        rows = json.loads(_read(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    out = []
+    for i, r in enumerate(rows):
+        if not (isinstance(r, list) and len(r) == 3 and isinstance(r[0], str)):
+            raise DataError(f"{path}: entry {i} is not [name, definitional, stereotypical]: {r!r}")
+        out.append({"profession": r[0].replace("_", " "), "definitional": float(r[1]), "stereotypical": float(r[2])})
+    return pd.DataFrame(out)
+
+
+def _single_token(tok, word: str) -> bool:
+    return len(tok(" " + word, add_special_tokens=False)["input_ids"]) == 1
+
+
+def professions_prompts(
+    model_or_tokenizer,
+    professions,
+    templates: Sequence[str] = VIG_TEMPLATES,
+    answers: tuple[str, str] = (" she", " he"),
+    corrupt_with: str | None = "man",
+    single_token_only: bool = True,
+) -> PromptSet:
+    """'The {profession} said that' prompts with answers (' she', ' he') and counterfactual twins
+    in which the profession is replaced by `corrupt_with` ('man', 'woman', 'person'); pairs of
+    different token length are dropped with a warning. `professions` is a DataFrame from
+    load_professions or a list of words; multi-token professions are skipped when
+    `single_token_only` (so positions align across prompts)."""
+    tok = getattr(model_or_tokenizer, "tokenizer", None) or model_or_tokenizer
+    if hasattr(professions, "to_dict"):
+        rows = professions.to_dict("records")
+    else:
+        rows = [{"profession": p} for p in professions]
+    if single_token_only:
+        rows = [r for r in rows if _single_token(tok, r["profession"])]
+    if not rows:
+        raise DataError("no professions left (are they single tokens for this tokenizer?)")
+    prompts, corrupted, subjects, meta = [], [], [], []
+    for r in rows:
+        for t in templates:
+            prompts.append(t.format(r["profession"]))
+            subjects.append(r["profession"])
+            meta.append({**r, "template": t})
+            if corrupt_with is not None:
+                corrupted.append(t.format(corrupt_with))
+    return PromptSet.build(tok, prompts, answers, corrupted if corrupt_with is not None else None,
+                           subjects=subjects, metadata=meta, on_length_mismatch="drop")
+
+
+_BRACKET = re.compile(r"\[([^\]]+)\]")
+PRONOUNS = {"he": "male", "him": "male", "his": "male", "she": "female", "her": "female", "hers": "female"}
+SWAP = {"he": "she", "she": "he", "him": "her", "his": "her", "her": "his", "hers": "his"}
+
+
+def load_winobias(directory: str | Path, split: str = "dev", type_: int = 1, stereotype: str = "pro"):
+    """WinoBias sentences (Zhao et al. 2018) → DataFrame(sentence, entity, pronoun, gender, stereotype)."""
+    import pandas as pd
+
+    if split not in ("dev", "test") or type_ not in (1, 2) or stereotype not in ("pro", "anti"):
+        raise DataError("WinoBias: split is dev/test, type 1/2, stereotype pro/anti")
+    path = Path(directory) / f"{stereotype}_stereotyped_type{type_}.txt.{split}"
+    rows = []
+    for n, line in enumerate(_read(path).splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        text = line.split(" ", 1)[1] if line.split(" ", 1)[0].isdigit() else line
+        found = list(_BRACKET.finditer(text))
+        if len(found) < 2:
+            raise DataError(f"{path}:{n}: expected two [bracketed] spans (entity, pronoun), found {len(found)}: {line!r}")
+        marks = [m.group(1) for m in found]
+        pronoun = marks[1].strip()
+        if pronoun.lower() not in PRONOUNS:
+            raise DataError(f"{path}:{n}: bracketed pronoun {pronoun!r} is not a gendered pronoun")
+        rows.append({"sentence": _BRACKET.sub(r"\1", text), "entity": marks[0].strip(), "pronoun": pronoun,
+                     "gender": PRONOUNS[pronoun.lower()], "stereotype": stereotype, "type": type_, "line": n,
+                     "prefix": _BRACKET.sub(r"\1", text[: found[1].start()]).rstrip()})
+    if not rows:
+        raise DataError(f"{path}: no sentences")
+    return pd.DataFrame(rows)
+
+
+def winobias_prompts(model_or_tokenizer, frame) -> PromptSet:
+    """Prompt = the sentence up to the bracketed pronoun; answers (its pronoun, the other gender's):
+    the logit difference is then the preference for the sentence's (pro- or anti-stereotypical) pronoun."""
+    tok = getattr(model_or_tokenizer, "tokenizer", None) or model_or_tokenizer
+    rows = [r for r in frame.to_dict("records") if r["pronoun"].lower() in SWAP and r["prefix"]]
+    if not rows:
+        raise DataError("no WinoBias rows with a pronoun to predict")
+    answers = [(" " + r["pronoun"].lower(), " " + SWAP[r["pronoun"].lower()]) for r in rows]
+    return PromptSet.build(tok, [r["prefix"] for r in rows], answers, metadata=rows)
+
+
+def load_winogender(directory: str | Path):
+    """Winogender sentences (Rudinger et al. 2018) joined with occupation statistics (% female)."""
+    import pandas as pd
+
+    directory = Path(directory)
+    stats = {}
+    for n, row in enumerate(csv.DictReader(_read(directory / "occupations-stats.tsv").splitlines(), delimiter="\t"), 2):
+        try:
+            stats[row["occupation"]] = float(row["bls_pct_female"])
+        except (KeyError, ValueError):
+            raise DataError(f"{directory / 'occupations-stats.tsv'}:{n}: malformed row {row!r}") from None
+    rows = []
+    for n, row in enumerate(csv.DictReader(_read(directory / "all_sentences.tsv").splitlines(), delimiter="\t"), 2):
+        try:
+            occupation, participant, answer, gender, _ = row["sentid"].split(".")
+        except (KeyError, ValueError):
+            raise DataError(f"{directory / 'all_sentences.tsv'}:{n}: malformed sentid in {row!r}") from None
+        rows.append({"sentence": row["sentence"], "occupation": occupation, "participant": participant,
+                     "answer": int(answer), "gender": gender, "bls_pct_female": stats.get(occupation)})
+    return pd.DataFrame(rows)
+
+
+def winogender_prompts(model_or_tokenizer, frame, answers: tuple[str, str] = (" she", " he")) -> PromptSet:
+    """Male/female nominative-pronoun sentences, cut before the pronoun (one prompt per template
+    and occupation), answers (' she', ' he'); metadata keeps the occupation's % female (BLS)."""
+    tok = getattr(model_or_tokenizer, "tokenizer", None) or model_or_tokenizer
+    rows = []
+    for r in frame[frame["gender"] == "male"].to_dict("records"):
+        m = re.search(r"\b(he)\b", r["sentence"])
+        if m is None:
+            continue
+        rows.append({**r, "prefix": r["sentence"][: m.start()].rstrip()})
+    if not rows:
+        raise DataError("no Winogender sentences with a nominative pronoun")
+    return PromptSet.build(tok, [r["prefix"] for r in rows], answers, metadata=rows,
+                           subjects=[r["occupation"] for r in rows])
+
+
+def load_swaps(path: str | Path) -> dict[str, str]:
+    """Gender word pairs (WinoBias generalized_swaps.txt / extra_gendered_words.txt), both directions."""
+    pairs = {}
+    for n, line in enumerate(_read(path).splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2:
+            raise DataError(f"{path}:{n}: expected two words, got {line!r}")
+        a, b = parts
+        pairs.setdefault(a, b)
+        pairs.setdefault(b, a)
+    return pairs
+
+
+def swap_gender(text: str, pairs: dict[str, str]) -> str:
+    """Swap every gendered word (case kept for the first letter) — the counterfactual of a sentence."""
+    def one(m):
+        w = m.group(0)
+        low = w.lower()
+        if low not in pairs:
+            return w
+        out = pairs[low]
+        return out[0].upper() + out[1:] if w[0].isupper() else out
+
+    return re.sub(r"[A-Za-z]+", one, text)
+
+
+def swapped_pairs(model_or_tokenizer, prompts: Sequence[str], answers, pairs: dict[str, str], **kw) -> PromptSet:
+    """A PromptSet whose corrupted prompts are the gender-swapped prompts (length mismatches dropped)."""
+    if not prompts:
+        raise PromptError("no prompts to swap")
+    corrupted = [swap_gender(p, pairs) for p in prompts]
+    kw.setdefault("on_length_mismatch", "drop")
+    return PromptSet.build(model_or_tokenizer, list(prompts), answers, corrupted, **kw)

@@ -1,0 +1,166 @@
+"""Negative Attention Score, NAS (Yu et al. 2024, "Correcting Negative Bias in Large Language Models
+through Negative Attention Score Alignment").
+
+For a yes/no prompt whose instruction names both candidates, let A[q, k] be a head's attention
+from query position q to key position k, `pos` / `neg` the positions of the positive (" Yes")
+and negative (" No") candidate tokens in the instruction, and Q the answer query position(s)
+(the last prompt token). Per head and prompt:
+
+    NAS = Σ_{q∈Q} (A[q,pos] + A[q,neg]) · log((A[q,neg] + ε) / (A[q,pos] + ε)),   ε = 1e-9
+
+large and positive when the head attends to the candidates and prefers the negative one; the
+score of a head is its mean over the data set. Also reported: the attention to the negative
+candidate A[q,neg] and to the positive one. Only the answer rows of the attention patterns are
+kept (a hook reads them and drops the rest): one forward per batch, no full cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .errors import LensBiasError
+from .patching import _Stop
+from .prompts import PromptSet
+
+EPS = 1e-9
+
+
+@dataclass
+class NASResult:
+    """NAS per head and per prompt. `nas` [layer, head] is the data-set mean; `per_prompt`
+    [prompt, layer, head]; `att_neg`/`att_pos` the mean attention to each candidate."""
+
+    nas: Tensor
+    per_prompt: Tensor
+    att_neg: Tensor
+    att_pos: Tensor
+    metadata: list[dict] = field(default_factory=list)
+
+    def ranking(self):
+        """Heads by NAS, highest first (pandas: layer, head, nas, att_neg, att_pos, rank)."""
+        import pandas as pd
+
+        L, H = self.nas.shape
+        df = pd.DataFrame([{"layer": l, "head": h, "nas": float(self.nas[l, h]),
+                            "att_neg": float(self.att_neg[l, h]), "att_pos": float(self.att_pos[l, h])}
+                           for l in range(L) for h in range(H)])
+        df = df.sort_values("nas", ascending=False).reset_index(drop=True)
+        df["rank"] = range(1, len(df) + 1)
+        return df
+
+    def top_heads(self, k: int = 5) -> list[tuple[int, int]]:
+        r = self.ranking().head(k)
+        return list(zip(r["layer"].tolist(), r["head"].tolist()))
+
+    def to_frame(self):
+        """One row per (prompt, layer, head) with the prompt's metadata."""
+        import pandas as pd
+
+        n, L, H = self.per_prompt.shape
+        rows = []
+        for i in range(n):
+            meta = self.metadata[i] if self.metadata else {}
+            for l in range(L):
+                for h in range(H):
+                    rows.append({"prompt": i, "layer": l, "head": h, "nas": float(self.per_prompt[i, l, h]),
+                                 **{k: meta.get(k) for k in ("question", "template", "label")}})
+        return pd.DataFrame(rows)
+
+    def independence(self, heads: list[tuple[int, int]] | None = None):
+        """For each head: variance of its per-prompt NAS across questions (template fixed, then
+        averaged) vs across templates (question fixed). A head that reads the instruction's
+        candidate whatever the question has small across-question variance."""
+        import pandas as pd
+
+        heads = heads or self.top_heads(3)
+        df = self.to_frame()
+        out = []
+        for l, h in heads:
+            d = df[(df.layer == l) & (df["head"] == h)]
+            out.append({"layer": l, "head": h,
+                        "var_across_questions": float(d.groupby("template")["nas"].var().mean()),
+                        "var_across_templates": float(d.groupby("question")["nas"].var().mean())})
+        return pd.DataFrame(out)
+
+
+def negative_attention_scores(model, ps: PromptSet, batch_size: int = 32, progress: bool = True) -> NASResult:
+    """NAS of every head, from one forward per batch that keeps only the answer rows of the patterns."""
+    if not ps.metadata or "neg_cand" not in ps.metadata[0]:
+        raise LensBiasError("NAS needs candidate positions: build the prompts with lens_bias.binary.binary_prompts")
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    device = next(model.parameters()).device
+    per_prompt, neg_all, pos_all = [], [], []
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(L)]
+    batches = list(ps.batches(batch_size))
+    for sub in tqdm(batches, desc="NAS", disable=not progress):
+        sub = sub.to(device)
+        rows = torch.arange(len(sub), device=device)
+        q = sub.answer_pos
+        kneg = torch.tensor([m["neg_cand"] for m in sub.metadata], device=device)
+        kpos = torch.tensor([m["pos_cand"] for m in sub.metadata], device=device)
+        got: dict[int, tuple[Tensor, Tensor]] = {}
+
+        def grab(pattern, hook, layer=None):
+            a = pattern[rows, :, q]  # [batch, head, key]
+            got[layer] = (a[rows, :, kneg].float(), a[rows, :, kpos].float())
+            return pattern
+
+        hooks = [(n, (lambda l: lambda p, hook: grab(p, hook, l))(l)) for l, n in enumerate(names)]
+
+        def stop(x, hook):  # the logits are not needed: skip the unembedding
+            raise _Stop
+
+        hooks.append((f"blocks.{L - 1}.hook_resid_post", stop))
+        try:
+            with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+                model(sub.tokens, attention_mask=sub.attention_mask)
+        except _Stop:
+            pass
+        neg = torch.stack([got[l][0] for l in range(L)], 1)  # [batch, layer, head]
+        pos = torch.stack([got[l][1] for l in range(L)], 1)
+        per_prompt.append(((pos + neg) * torch.log((neg + EPS) / (pos + EPS))).cpu())
+        neg_all.append(neg.cpu())
+        pos_all.append(pos.cpu())
+    pp = torch.cat(per_prompt)
+    if torch.isnan(pp).any():
+        raise LensBiasError("NaN in attention patterns: check the model's dtype and inputs")
+    return NASResult(pp.mean(0), pp, torch.cat(neg_all).mean(0), torch.cat(pos_all).mean(0), list(ps.metadata))
+
+
+def nas_heatmap(result: NASResult, title: str = "Negative Attention Score per head"):
+    """Plotly layer × head heatmap of NAS."""
+    import plotly.graph_objects as go
+
+    z = result.nas
+    L, H = z.shape
+    text = [[f"layer {l}, head {h}<br>NAS {z[l, h]:.3f}<br>attn→No {result.att_neg[l, h]:.3f}"
+             f"<br>attn→Yes {result.att_pos[l, h]:.3f}" for h in range(H)] for l in range(L)]
+    lim = float(z.abs().max()) or 1.0
+    fig = go.Figure(go.Heatmap(z=z.tolist(), x=[f"head {h}" for h in range(H)], y=[f"layer {l}" for l in range(L)],
+                               text=text, hoverinfo="text", colorscale="RdBu_r", zmid=0, zmin=-lim, zmax=lim,
+                               colorbar={"title": "NAS"}))
+    fig.update_layout(title=title, yaxis={"autorange": "reversed"})
+    return fig
+
+
+def head_attention_figure(model, ps: PromptSet, layer: int, head: int, index: int = 0):
+    """Bar chart of one head's attention from the answer position over the tokens of one prompt."""
+    import plotly.graph_objects as go
+
+    sub = ps[index].to(next(model.parameters()).device)
+    name = f"blocks.{layer}.attn.hook_pattern"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(sub.tokens, names_filter=lambda n: n == name)
+    q = int(sub.answer_pos[0])
+    att = cache[name][0, head, q, : q + 1].float().cpu()
+    toks = [t.replace("Ġ", " ").replace("Ċ", "\\n") for t in sub.str_tokens(model, 0)[: q + 1]]
+    colors = ["crimson" if i == sub.metadata[0].get("neg_cand") else
+              ("seagreen" if i == sub.metadata[0].get("pos_cand") else "steelblue") for i in range(q + 1)]
+    fig = go.Figure(go.Bar(x=[f"{i}:{t}" for i, t in enumerate(toks)], y=att.tolist(), marker_color=colors))
+    fig.update_layout(title=f"L{layer}H{head} attention from the answer position — {ps.prompts[index]!r}",
+                      yaxis_title="attention")
+    return fig
