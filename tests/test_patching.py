@@ -106,3 +106,43 @@ def test_bad_inputs(tiny_gpt2, pairs):
         causal_trace(tiny_gpt2, single)
     with pytest.raises(LensBiasError, match="undefined"):
         normalized_metric(1.0, 2.0, 2.0)
+
+
+# ---- ground truth: the organism's planted gender neuron -----------------------------------
+@pytest.fixture(scope="module")
+def organism_pairs(organism, organism_card):
+    g = organism_card["planted"]["gender_neuron"]
+    neutral = g["neutral_occupations"]
+    prompts, corrupted, subjects = [], [], []
+    for i, occ in enumerate(g["occupations"]):
+        for t in g["templates"][:3]:
+            prompts.append(t.format(occ))
+            corrupted.append(t.format(neutral[i % len(neutral)]))
+            subjects.append(occ)
+    return PromptSet.build(organism, prompts, (" she", " he"), corrupted=corrupted, subjects=subjects)
+
+
+def test_organism_activation_patching_finds_layer0_mlp(organism, organism_card, organism_pairs):
+    g = organism_card["planted"]["gender_neuron"]
+    ps = organism_pairs[[i for i, m in enumerate(organism_pairs.prompts) if m.endswith("said that")]]
+    res = activation_patching(organism, ps, "mlp_out", progress=False)
+    assert res.clean - res.corrupted > 1.5
+    layer, pos = res.argmax()
+    assert layer == g["layer"] and pos == int(ps.answer_pos[0])
+    assert res.normalized[layer, pos] > 0.5
+
+
+def test_organism_attribution_ranks_the_planted_neuron_first(organism, organism_card, organism_pairs):
+    g = organism_card["planted"]["gender_neuron"]
+    res = attribution_patching(organism, organism_pairs, ["neuron"])["neuron"]
+    assert res.argmax() == (g["layer"], g["neuron"])
+    top = res.top(2)
+    assert top.effect[0] > 3 * abs(top.effect[1])
+
+
+def test_organism_causal_trace_marks_the_planted_mlp(organism, organism_card, organism_pairs):
+    g = organism_card["planted"]["gender_neuron"]
+    ps = organism_pairs[[i for i, m in enumerate(organism_pairs.prompts) if m.endswith("said that")]]
+    traced = causal_trace(organism, ps, kinds=("mlp",), progress=False)["mlp"]
+    assert traced.clean - traced.corrupted > 1.0
+    assert traced.argmax()[0] == g["layer"]
