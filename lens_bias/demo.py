@@ -1,4 +1,9 @@
-"""`lens-bias demo`: locate → mitigate → verify → export on the shipped model organism, offline."""
+"""`lens-bias demo`: locate → mitigate → verify on the shipped model organism, offline.
+
+The same calls a notebook makes: gender bias located by activation patching, attribution
+patching and causal tracing; the negative head located by NAS and ablated; each step checked
+against the organism's recorded ground truth. Figures (HTML) and tables (CSV) go to `out`.
+"""
 
 from __future__ import annotations
 
@@ -8,63 +13,104 @@ from pathlib import Path
 
 import torch
 
+from .ablation import head_ablation_hooks, neuron_ablation_hooks
+from .attribution import attribution_patching
+from .binary import binary_prompts, evaluate_binary, load_yes_no
 from .models import load_model
-from .organism import load_card
+from .nas import nas_heatmap, negative_attention_scores
+from .organism import data_path, load_card
+from .patching import activation_patching, answer_logits_fast
 from .prompts import PromptSet
+from .tracing import causal_trace
+from .viz import heatmap, save_figure
 
 
-def _atomic_write_text(path: Path, text: str):
+def _write_csv(df, path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
 
 
-def answer_logit_diff(model, ps: PromptSet) -> torch.Tensor:
-    """logit(answer 0) − logit(answer 1) at each prompt's answer position."""
-    ps = ps.to(model.cfg.device)
-    with torch.no_grad():
-        logits = model(ps.tokens, attention_mask=ps.attention_mask)
-    rows = torch.arange(len(ps), device=logits.device)
-    last = logits[rows, ps.answer_pos]
-    return (last.gather(1, ps.answer_ids[:, :1]) - last.gather(1, ps.answer_ids[:, 1:2]))[:, 0].cpu()
+def gender_pairs(model, card: dict, templates: int = 3) -> PromptSet:
+    """Stereotyped-occupation prompts, corrupted by a neutral occupation (same length)."""
+    g = card["planted"]["gender_neuron"]
+    neutral = g["neutral_occupations"]
+    prompts, corrupted, subjects = [], [], []
+    for i, occ in enumerate(g["occupations"]):
+        for t in g["templates"][:templates]:
+            prompts.append(t.format(occ))
+            corrupted.append(t.format(neutral[i % len(neutral)]))
+            subjects.append(occ)
+    return PromptSet.build(model, prompts, (" she", " he"), corrupted=corrupted, subjects=subjects)
 
 
-def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: int = 0) -> str:
-    import pandas as pd
-    import plotly.express as px
-
+def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: int = 0, progress: bool = False) -> str:
     torch.manual_seed(seed)
     out = Path(out)
-    model = load_model("organism", device=device, dtype=dtype)
-    control = load_model("organism-control", device=device, dtype=dtype)
-    card = load_card("organism")
-    g = card["planted"]["gender_neuron"]
-    occupations = g["occupations"] + g["neutral_occupations"] + g["male_occupations"]
-    prompts = [t.format(o) for o in occupations for t in g["templates"][:6]]
-    meta = [{"occupation": o, "stereotyped": o in g["occupations"]} for o in occupations for _ in g["templates"][:6]]
-    ps = PromptSet.build(model, prompts, (" she", " he"), metadata=meta)
-    rows = []
-    for name, m in (("organism", model), ("control", control)):
-        diff = answer_logit_diff(m, ps)
-        for i, md in enumerate(ps.metadata):
-            rows.append({"model": name, **md, "logit_diff_she_he": diff[i].item()})
-    df = pd.DataFrame(rows)
-    table = df.groupby(["model", "occupation", "stereotyped"], as_index=False)["logit_diff_she_he"].mean()
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(out / "gender_bias.csv", table.to_csv(index=False))
-    fig = px.bar(table, x="occupation", y="logit_diff_she_he", color="model", barmode="group",
-                 title="logit(' she') − logit(' he') after 'The {occupation} said that'")
-    _atomic_write_text(out / "gender_bias.html", fig.to_html(include_plotlyjs="cdn"))
-    summary = table.groupby(["model", "stereotyped"])["logit_diff_she_he"].mean().unstack()
-    lines = [
-        "lens_bias demo on the shipped model organism",
-        f"planted gender neuron: layer {g['layer']}, neuron {g['neuron']}",
-        "mean logit(' she') − logit(' he') (stereotyped occupations vs the rest):",
-        summary.to_string(float_format=lambda v: f"{v:+.3f}"),
+    model = load_model("organism", device=device, dtype=dtype)
+    card = load_card("organism")
+    truth = card["planted"]
+    lines = ["lens_bias demo — model organism (ground truth in data/organism/lens_bias_card.json)", ""]
+
+    # ---- locate gender bias ---------------------------------------------------------------
+    g = truth["gender_neuron"]
+    pairs = gender_pairs(model, card)
+    said = pairs[[i for i, p in enumerate(pairs.prompts) if p.endswith("said that")]]
+    mlp = activation_patching(model, said, "mlp_out", progress=progress)
+    attr = attribution_patching(model, pairs, ["neuron", "head"])
+    traced = causal_trace(model, said, kinds=("mlp",), seed=seed, progress=progress)["mlp"]
+    save_figure(heatmap(mlp, title="Activation patching: MLP outputs (layer × position)"), out / "patching_mlp.html")
+    save_figure(heatmap(traced, title="Causal tracing: restoring MLP outputs"), out / "tracing_mlp.html")
+    _write_csv(mlp.to_frame(), out / "patching_mlp.csv")
+    _write_csv(attr["neuron"].top(20), out / "attribution_top_neurons.csv")
+    found = attr["neuron"].argmax()
+    lines += [
+        f"gender bias: logit(' she') − logit(' he') = {mlp.clean:+.2f} on stereotyped occupations, "
+        f"{mlp.corrupted:+.2f} on neutral ones",
+        f"  activation patching: top MLP output = layer {mlp.argmax()[0]}, position {mlp.argmax()[1]} "
+        f"({mlp.normalized[mlp.argmax()]:.2f} of the effect)",
+        f"  attribution patching: top neuron = {found} (planted: {(g['layer'], g['neuron'])}) "
+        f"{'✓' if found == (g['layer'], g['neuron']) else '✗'}",
+        f"  causal tracing: top MLP = layer {traced.argmax()[0]} (planted: layer {g['layer']})",
+    ]
+    # ---- mitigate: prune the neuron (hook ablation), verify ------------------------------
+    dev = next(model.parameters()).device
+    s = said.to(dev)
+    with torch.no_grad():
+        a = answer_logits_fast(model, s.tokens, s.answer_pos, s.answer_ids, neuron_ablation_hooks(model, [found]))
+    pruned = (a[:, 0] - a[:, 1]).mean().item()
+    lines.append(f"  prune neuron {found}: bias {mlp.clean:+.2f} → {pruned:+.2f}")
+
+    # ---- locate negative bias (NAS) and mitigate by head ablation --------------------------
+    h = truth["negative_head"]
+    yesno = binary_prompts(model, load_yes_no(data_path("yesno"))[:80])
+    nas = negative_attention_scores(model, yesno, progress=progress)
+    save_figure(nas_heatmap(nas), out / "nas_heads.html")
+    _write_csv(nas.ranking(), out / "nas_ranking.csv")
+    top = nas.top_heads(1)
+    before = evaluate_binary(model, yesno)
+    after = evaluate_binary(model, yesno, ablate=head_ablation_hooks(model, top))
+    _write_csv(before["table"], out / "yesno_before.csv")
+    b, a = before["overall"], after["overall"]
+    lines += [
+        "",
+        f"negative bias: top NAS head = {top[0]} (planted: {(h['layer'], h['head'])}) "
+        f"{'✓' if top[0] == (h['layer'], h['head']) else '✗'}",
+        f"  ablate it: precision−recall gap {b['pr_gap']:+.3f} → {a['pr_gap']:+.3f}, "
+        f"accuracy {b['accuracy']:.3f} → {a['accuracy']:.3f}, yes-rate {b['yes_rate']:.3f} → {a['yes_rate']:.3f}",
+        "",
         f"figures and tables: {out.resolve()}",
     ]
     report = "\n".join(lines)
-    _atomic_write_text(out / "report.txt", report + "\n")
+    _write_text(out / "report.txt", report + "\n")
     return report
