@@ -1,0 +1,152 @@
+"""CRISPR bias neurons (Yang et al., ACL 2024, "Mitigating Biases for Instruction-following Language
+Models via Bias Neurons Elimination").
+
+For an instance x with gold option y, the biased output is ŷ = argmax_{o ≠ y} P(o | x, instruction)
+and its confusion score P(ŷ | x, instruction) (P normalised over the options). For every MLP
+neuron i and token t, the attribution of an option o is A_i,t(o) = h_i,t · ∂P_seq(o | x)/∂h_i,t
+with P_seq the model's probability of the option's tokens after the prompt (one forward +
+backward per batch). Aggregation: max over tokens (input or option tokens), skill
+disentanglement B_i = A_i(ŷ) − λ·max(A_i(y), 0), confusion-weighted mean over instances, mean
+over instructions. The top neurons are pruned: by zero-ablating `mlp.hook_post` (a hook), or
+permanently by zeroing the neuron's output weights (its row of W_out). Zeroing W_out makes the
+neuron's contribution exactly zero for every input — the same function as the zero-ablation
+hook — while its input weights stay as they were, so an exported model behaves identically.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .bbq import INSTRUCTIONS, format_mc_prompt, option_logprobs
+from .errors import LensBiasError
+from .patching import ComponentScores
+
+
+def _seq_batch(tok, prompts: list[str], options: list[str], device):
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    seqs, spans = [], []
+    for p, o in zip(prompts, options):
+        p_ids = bos + tok(p, add_special_tokens=False)["input_ids"]
+        o_ids = tok(" " + o, add_special_tokens=False)["input_ids"]
+        if not o.strip() or not o_ids:
+            raise LensBiasError(f"option {o!r} tokenises to nothing (prompt {p!r})")
+        seqs.append(p_ids + o_ids)
+        spans.append((len(p_ids), len(o_ids)))
+    width = max(map(len, seqs))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device), spans, seqs
+
+
+def option_attributions(model, prompts: list[str], options: list[str], tokens: str = "input") -> Tensor:
+    """A(o) per prompt and neuron, max over tokens: [n, layer, d_mlp], from one forward+backward.
+
+    tokens: 'input' (the prompt's tokens), 'option' (the tokens that predict the option) or 'all'.
+    """
+    if tokens not in ("input", "option", "all"):
+        raise LensBiasError(f"tokens must be 'input', 'option' or 'all', not {tokens!r}")
+    device = next(model.parameters()).device
+    ids, mask, spans, seqs = _seq_batch(model.tokenizer, prompts, options, device)
+    L = model.cfg.n_layers
+    acts, grads = {}, {}
+
+    def keep(x, hook, l):
+        acts[l] = x.detach()
+        x.register_hook(lambda g: grads.__setitem__(l, g.detach()))
+        return x
+
+    hooks = [(f"blocks.{l}.mlp.hook_post", (lambda l: lambda x, hook: keep(x, hook, l))(l)) for l in range(L)]
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        logp = model(ids, attention_mask=mask).float().log_softmax(-1)
+        p_seq = []
+        for i, (start, n) in enumerate(spans):
+            pos = torch.arange(start - 1, start - 1 + n, device=device)
+            p_seq.append(logp[i, pos, ids[i, start: start + n]].sum().exp())
+        torch.stack(p_seq).sum().backward()  # rows are independent: one backward gives every row's gradient
+    model.zero_grad(set_to_none=True)
+    out = torch.empty(len(prompts), L, acts[0].shape[-1])
+    for i, (start, n) in enumerate(spans):
+        lo, hi = {"input": (0, start), "option": (start - 1, start - 1 + n), "all": (0, start + n - 1)}[tokens]
+        for l in range(L):
+            out[i, l] = (acts[l][i, lo:hi] * grads[l][i, lo:hi]).amax(0).float().cpu()
+    return out
+
+
+def crispr_scores(model, items: list[dict], instructions: list[str] | None = None, *, lam: float = 1.0,
+                  tokens: str = "input", batch_size: int = 8, progress: bool = True) -> ComponentScores:
+    """Bias score B of every MLP neuron [layer, d_mlp]: confusion-weighted mean over instances of
+    A(ŷ) − λ·max(A(y), 0), averaged over instructions. Instances the model already answers with
+    ŷ far below y still count, weighted by their (small) confusion score."""
+    if not items:
+        raise LensBiasError("no BBQ items to attribute")
+    instructions = instructions or INSTRUCTIONS
+    L, D = model.cfg.n_layers, model.cfg.d_mlp
+    per_instruction = []
+    for ins in tqdm(instructions, desc="CRISPR", disable=not progress):
+        total, weight = torch.zeros(L, D), 0.0
+        for s in range(0, len(items), batch_size):
+            chunk = items[s: s + batch_size]
+            prompts = [format_mc_prompt(ins, it["context"], it["question"], [it["ans0"], it["ans1"], it["ans2"]])
+                       for it in chunk]
+            opts = [[it["ans0"], it["ans1"], it["ans2"]] for it in chunk]
+            lp, _ = option_logprobs(model, prompts, opts, batch_size=3 * batch_size)
+            probs = lp.softmax(-1)
+            gold = torch.tensor([int(it["label"]) for it in chunk])
+            wrong = probs.clone()
+            wrong[torch.arange(len(chunk)), gold] = -1
+            y_hat = wrong.argmax(-1)
+            conf = probs[torch.arange(len(chunk)), y_hat]
+            a_hat = option_attributions(model, prompts, [o[k] for o, k in zip(opts, y_hat.tolist())], tokens)
+            a_gold = option_attributions(model, prompts, [o[k] for o, k in zip(opts, gold.tolist())], tokens)
+            b = a_hat - lam * a_gold.clamp(min=0)
+            total += (conf[:, None, None] * b).sum(0)
+            weight += conf.sum().item()
+        per_instruction.append(total / max(weight, 1e-12))
+    vals = torch.stack(per_instruction).mean(0)
+    if torch.isnan(vals).any():
+        raise LensBiasError("NaN in neuron scores: check the model's dtype and inputs")
+    return ComponentScores(vals, ("layer", "neuron"), "neuron", "crispr",
+                           extra={"lambda": lam, "tokens": tokens, "n_instructions": len(instructions)})
+
+
+def top_neurons(scores: ComponentScores, n: int) -> list[tuple[int, int]]:
+    """The n neurons with the highest bias score, as (layer, neuron)."""
+    total = scores.values.numel()
+    if not 0 < n <= total:
+        raise LensBiasError(f"n = {n} neurons asked for, but the model has {total} MLP neurons")
+    flat = scores.values.reshape(-1).topk(n).indices
+    D = scores.values.shape[1]
+    return [(int(i) // D, int(i) % D) for i in flat]
+
+
+def random_neurons(model, n: int, seed: int = 0, exclude=()) -> list[tuple[int, int]]:
+    pool = [(l, i) for l in range(model.cfg.n_layers) for i in range(model.cfg.d_mlp) if (l, i) not in set(exclude)]
+    if n > len(pool):
+        raise LensBiasError(f"n = {n} neurons asked for, but only {len(pool)} are available")
+    return random.Random(seed).sample(pool, n)
+
+
+def prune_neurons(model, neurons: list[tuple[int, int]], *, inplace: bool = False):
+    """Zero each neuron's output weights (its W_out row) — a permanent weight edit equal to
+    zero-ablating it; on a deep copy unless `inplace`."""
+    target = model if inplace else copy.deepcopy(model)
+    d_mlp = target.cfg.d_mlp
+    for l, i in neurons:
+        if not (0 <= l < target.cfg.n_layers and 0 <= i < d_mlp):
+            raise LensBiasError(f"neuron ({l}, {i}) out of range (layers {target.cfg.n_layers}, d_mlp {d_mlp})")
+        w = target.blocks[l].mlp.W_out  # shares storage with the HF parameter
+        with torch.no_grad():
+            if w.shape[0] == d_mlp:
+                w[i].zero_()
+            else:
+                w[:, i].zero_()
+    return target
