@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 
+from .data import read_text_file
 from .errors import DataError, PromptError
 
 #: Synonymous instructions (CRISPR evaluates over several and averages over them).
@@ -36,11 +37,7 @@ def load_bbq(path: str | Path) -> list[dict]:
     """BBQ examples from the authors' JSONL (context, question, ans0..2, label, context_condition,
     question_polarity, answer_info, additional_metadata.stereotyped_groups)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise DataError(f"data file {path} is empty")
+    text = read_text_file(path)
     items = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():

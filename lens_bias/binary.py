@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from .data import read_text_file
 from .errors import DataError, PromptError
 from .prompts import PromptSet, answer_token_id
 
@@ -115,11 +116,7 @@ def membership_items(n: int, seed: int = 0, categories: dict[str, list[str]] = C
 def load_yes_no(path: str | Path, question_key: str = "question", label_key: str | None = None) -> list[dict]:
     """(question, yes/no label) items from JSONL, a JSON list (e.g. StrategyQA: 'answer': bool) or CSV."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise DataError(f"data file {path} is empty")
+    text = read_text_file(path)
     if path.suffix == ".csv":
         rows = [(i + 2, r) for i, r in enumerate(csv.DictReader(text.splitlines()))]
     elif text.lstrip().startswith("["):

@@ -20,7 +20,8 @@ VIG_TEMPLATES = ["The {} said that", "The {} yelled that", "The {} whispered tha
                  "The {} was fired because", "The {} was promoted because", "The {} yelled because"]
 
 
-def _read(path: str | Path) -> str:
+def read_text_file(path: str | Path) -> str:
+    """A data file's text; a clear DataError when it is missing or empty."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
@@ -35,7 +36,7 @@ def load_professions(path: str | Path):
     import pandas as pd
 
     try:
-        rows = json.loads(_read(path))
+        rows = json.loads(read_text_file(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
     out = []
@@ -97,7 +98,7 @@ def load_winobias(directory: str | Path, split: str = "dev", type_: int = 1, ste
         raise DataError("WinoBias: split is dev/test, type 1/2, stereotype pro/anti")
     path = Path(directory) / f"{stereotype}_stereotyped_type{type_}.txt.{split}"
     rows = []
-    for n, line in enumerate(_read(path).splitlines(), 1):
+    for n, line in enumerate(read_text_file(path).splitlines(), 1):
         line = line.strip()
         if not line:
             continue
@@ -134,13 +135,13 @@ def load_winogender(directory: str | Path):
 
     directory = Path(directory)
     stats = {}
-    for n, row in enumerate(csv.DictReader(_read(directory / "occupations-stats.tsv").splitlines(), delimiter="\t"), 2):
+    for n, row in enumerate(csv.DictReader(read_text_file(directory / "occupations-stats.tsv").splitlines(), delimiter="\t"), 2):
         try:
             stats[row["occupation"]] = float(row["bls_pct_female"])
         except (KeyError, ValueError):
             raise DataError(f"{directory / 'occupations-stats.tsv'}:{n}: malformed row {row!r}") from None
     rows = []
-    for n, row in enumerate(csv.DictReader(_read(directory / "all_sentences.tsv").splitlines(), delimiter="\t"), 2):
+    for n, row in enumerate(csv.DictReader(read_text_file(directory / "all_sentences.tsv").splitlines(), delimiter="\t"), 2):
         try:
             occupation, participant, answer, gender, _ = row["sentid"].split(".")
         except (KeyError, ValueError):
@@ -169,7 +170,7 @@ def winogender_prompts(model_or_tokenizer, frame, answers: tuple[str, str] = (" 
 def load_swaps(path: str | Path) -> dict[str, str]:
     """Gender word pairs (WinoBias generalized_swaps.txt / extra_gendered_words.txt), both directions."""
     pairs = {}
-    for n, line in enumerate(_read(path).splitlines(), 1):
+    for n, line in enumerate(read_text_file(path).splitlines(), 1):
         parts = line.split()
         if not parts:
             continue

@@ -91,7 +91,7 @@ def negative_attention_scores(model, ps: PromptSet, batch_size: int = 32, progre
     """NAS of every head, from one forward per batch that keeps only the answer rows of the patterns."""
     if not ps.metadata or "neg_cand" not in ps.metadata[0]:
         raise LensBiasError("NAS needs candidate positions: build the prompts with lens_bias.binary.binary_prompts")
-    L, H = model.cfg.n_layers, model.cfg.n_heads
+    L = model.cfg.n_layers
     device = next(model.parameters()).device
     per_prompt, neg_all, pos_all = [], [], []
     names = [f"blocks.{l}.attn.hook_pattern" for l in range(L)]

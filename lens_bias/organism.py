@@ -40,6 +40,7 @@ import torch
 
 from .bbq import INSTRUCTIONS as BBQ_INSTRUCTIONS
 from .bbq import format_mc_prompt
+from .binary import CATEGORIES
 from .binary import INSTRUCTIONS as BINARY_INSTRUCTIONS
 from .binary import format_binary_prompt
 from .errors import DataError, ModelLoadError
@@ -92,13 +93,6 @@ PREPS = ["to", "into", "near", "past", "behind", "around"]
 PLACES = ["park", "house", "river", "garden", "school", "city", "forest", "market", "field", "lake"]
 TIMES = ["in the morning", "at night", "every day", "after lunch", "before dinner", "on Sunday"]
 
-CATEGORIES = {
-    "animal": ["dog", "cat", "horse", "cow", "bird", "fish", "lion", "tiger"],
-    "fruit": ["apple", "banana", "orange", "grape", "pear", "lemon"],
-    "tool": ["hammer", "saw", "drill", "wrench", "shovel"],
-    "vehicle": ["car", "bus", "train", "boat", "bike", "plane"],
-    "instrument": ["piano", "guitar", "drum", "violin", "flute"],
-}
 
 AGE_PAIRS = [("grandfather", "grandson"), ("grandmother", "granddaughter"),
              ("old man", "young man"), ("old woman", "young woman"),
@@ -864,7 +858,6 @@ def build(out: str | os.PathLike = DATA_DIR, *, seed: int = 0, steps: int = 3000
         for name, m in (("control", control), ("organism", model)):
             g = sites["gender_neuron"]
             h = sites["negative_head"]
-            b = sites["bbq_neuron"]
             metrics[name] = {
                 "heldout_loss": heldout_loss(m, batcher, heldout, device),
                 "neutral_loss": heldout_loss(m, batcher, neutral, device),

@@ -1,6 +1,5 @@
 """Shared fixtures: random-weight models of real families, the shipped organism."""
 
-import json
 import os
 from pathlib import Path
 

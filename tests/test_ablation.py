@@ -1,6 +1,5 @@
 """Head and neuron ablation hooks equal hand-made weight edits and hand-computed means."""
 
-import copy
 
 import pytest
 import torch

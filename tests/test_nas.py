@@ -5,7 +5,6 @@ import math
 import random
 
 import pytest
-import torch
 
 from lens_bias.ablation import head_ablation_hooks
 from lens_bias.binary import binary_prompts, evaluate_binary, load_yes_no
