@@ -81,11 +81,22 @@ def attribution_patching(
         return x
 
     hooks = [(n, (lambda n: lambda x, hook: keep(x, hook, n))(n)) for n in wanted]
-    with torch.enable_grad():
-        metric = _answer_metric(model, ps, grad_tokens, grad_extra + hooks, W_U, b_U)
-        metric.backward()
+
+    def leaf(x, hook):  # gradients flow from here: the weights need none (that halves the backward)
+        return x.detach().requires_grad_(True)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            metric = _answer_metric(model, ps, grad_tokens, grad_extra + [("blocks.0.hook_resid_pre", leaf)] + hooks,
+                                    W_U, b_U)
+            metric.backward()
+    finally:
+        for p in params:
+            p.requires_grad_(True)
     grad_acts = dict(acts)
-    model.zero_grad(set_to_none=True)
     with torch.no_grad():
         other_metric = _answer_metric(model, ps, other_tokens, other_extra + hooks, W_U, b_U).item()
     other_acts = acts
