@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -32,7 +33,8 @@ def read_text_file(path: str | Path) -> str:
 
 
 def load_professions(path: str | Path):
-    """Vig et al.'s professions JSON ([name, definitional, stereotypical]; <0 female, >0 male) → DataFrame."""
+    """Vig et al.'s professions JSON ([name, definitional, stereotypical]; <0 female, >0 male) → DataFrame
+    with columns name ('_' → ' '), definitional, stereotypical."""
     import pandas as pd
 
     try:
@@ -43,7 +45,12 @@ def load_professions(path: str | Path):
     for i, r in enumerate(rows):
         if not (isinstance(r, list) and len(r) == 3 and isinstance(r[0], str)):
             raise DataError(f"{path}: entry {i} is not [name, definitional, stereotypical]: {r!r}")
-        out.append({"profession": r[0].replace("_", " "), "definitional": float(r[1]), "stereotypical": float(r[2])})
+        try:
+            out.append({"name": r[0].replace("_", " "), "definitional": float(r[1]), "stereotypical": float(r[2])})
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: entry {i} has non-numeric scores: {r!r}") from None
+    if not out:
+        raise DataError(f"{path}: no professions")
     return pd.DataFrame(out)
 
 
@@ -55,22 +62,33 @@ def professions_prompts(
     model_or_tokenizer,
     professions,
     templates: Sequence[str] = VIG_TEMPLATES,
-    answers: tuple[str, str] = (" she", " he"),
+    answers: tuple[str, str] = (" he", " she"),
     corrupt_with: str | None = "man",
     single_token_only: bool = True,
 ) -> PromptSet:
-    """'The {profession} said that' prompts with answers (' she', ' he') and counterfactual twins
-    in which the profession is replaced by `corrupt_with` ('man', 'woman', 'person'); pairs of
-    different token length are dropped with a warning. `professions` is a DataFrame from
-    load_professions or a list of words; multi-token professions are skipped when
-    `single_token_only` (so positions align across prompts)."""
+    """'The {profession} said that' prompts with answers (' he', ' she') and counterfactual twins in
+    which the profession is replaced by `corrupt_with` (a gendered word 'man'/'woman' or the
+    neutral baseline 'person'; None: no twins). `professions` is a DataFrame from
+    load_professions or a list of words. Pairs whose clean and corrupted prompts tokenise to
+    different lengths are dropped with a warning giving the count; with `single_token_only`
+    professions that are not one token are skipped (warning with the count), so positions align.
+    Metadata per prompt: profession, definitional, stereotypical, template."""
     tok = getattr(model_or_tokenizer, "tokenizer", None) or model_or_tokenizer
     if hasattr(professions, "to_dict"):
         rows = professions.to_dict("records")
+        rows = [{"profession": r.get("name", r.get("profession")), **{k: v for k, v in r.items() if k != "name"}}
+                for r in rows]
     else:
         rows = [{"profession": p} for p in professions]
+    if not rows:
+        raise DataError("no professions given")
+    if not templates or any(t.count("{}") != 1 for t in templates):
+        raise DataError("templates must each contain exactly one '{}' for the profession")
     if single_token_only:
-        rows = [r for r in rows if _single_token(tok, r["profession"])]
+        kept = [r for r in rows if _single_token(tok, r["profession"])]
+        if len(kept) < len(rows):
+            warnings.warn(f"skipped {len(rows) - len(kept)} of {len(rows)} professions that are not single tokens")
+        rows = kept
     if not rows:
         raise DataError("no professions left (are they single tokens for this tokenizer?)")
     prompts, corrupted, subjects, meta = [], [], [], []
@@ -91,7 +109,8 @@ SWAP = {"he": "she", "she": "he", "him": "her", "his": "her", "her": "his", "her
 
 
 def load_winobias(directory: str | Path, split: str = "dev", type_: int = 1, stereotype: str = "pro"):
-    """WinoBias sentences (Zhao et al. 2018) → DataFrame(sentence, entity, pronoun, gender, stereotype)."""
+    """WinoBias sentences (Zhao et al. 2018) of `split` dev/test, type 1/2, stereotype pro/anti →
+    DataFrame(sentence, entity, occupation, pronoun, gender, stereotype, type, line, prefix)."""
     import pandas as pd
 
     if split not in ("dev", "test") or type_ not in (1, 2) or stereotype not in ("pro", "anti"):
@@ -110,7 +129,10 @@ def load_winobias(directory: str | Path, split: str = "dev", type_: int = 1, ste
         pronoun = marks[1].strip()
         if pronoun.lower() not in PRONOUNS:
             raise DataError(f"{path}:{n}: bracketed pronoun {pronoun!r} is not a gendered pronoun")
-        rows.append({"sentence": _BRACKET.sub(r"\1", text), "entity": marks[0].strip(), "pronoun": pronoun,
+        entity = marks[0].strip()
+        occupation = re.sub(r"^(the|a|an)\s+", "", entity, flags=re.IGNORECASE)
+        rows.append({"sentence": _BRACKET.sub(r"\1", text), "entity": entity, "occupation": occupation,
+                     "pronoun": pronoun,
                      "gender": PRONOUNS[pronoun.lower()], "stereotype": stereotype, "type": type_, "line": n,
                      "prefix": _BRACKET.sub(r"\1", text[: found[1].start()]).rstrip()})
     if not rows:
@@ -126,7 +148,10 @@ def winobias_prompts(model_or_tokenizer, frame) -> PromptSet:
     if not rows:
         raise DataError("no WinoBias rows with a pronoun to predict")
     answers = [(" " + r["pronoun"].lower(), " " + SWAP[r["pronoun"].lower()]) for r in rows]
-    return PromptSet.build(tok, [r["prefix"] for r in rows], answers, metadata=rows)
+    subjects = [r["occupation"] for r in rows]
+    if not all(s in r["prefix"] for s, r in zip(subjects, rows)):
+        subjects = None
+    return PromptSet.build(tok, [r["prefix"] for r in rows], answers, metadata=rows, subjects=subjects)
 
 
 def load_winogender(directory: str | Path):
@@ -151,19 +176,25 @@ def load_winogender(directory: str | Path):
     return pd.DataFrame(rows)
 
 
-def winogender_prompts(model_or_tokenizer, frame, answers: tuple[str, str] = (" she", " he")) -> PromptSet:
-    """Male/female nominative-pronoun sentences, cut before the pronoun (one prompt per template
-    and occupation), answers (' she', ' he'); metadata keeps the occupation's % female (BLS)."""
+#: Winogender male pronoun → (female, male) answer words of the same case
+WINOGENDER_ANSWERS = {"he": (" she", " he"), "him": (" her", " him"), "his": (" her", " his")}
+
+
+def winogender_prompts(model_or_tokenizer, frame, answers: tuple[str, str] | None = None) -> PromptSet:
+    """Each male Winogender sentence cut before its pronoun (one prompt per template and
+    occupation); answers (female, male) of the pronoun's case — (' she', ' he'), (' her', ' him')
+    or (' her', ' his') — or `answers` for all. Metadata keeps the occupation's % female (BLS)."""
     tok = getattr(model_or_tokenizer, "tokenizer", None) or model_or_tokenizer
-    rows = []
+    rows, ans = [], []
     for r in frame[frame["gender"] == "male"].to_dict("records"):
-        m = re.search(r"\b(he)\b", r["sentence"])
-        if m is None:
+        m = re.search(r"\b(he|him|his)\b", r["sentence"], flags=re.IGNORECASE)
+        if m is None or m.start() == 0:
             continue
-        rows.append({**r, "prefix": r["sentence"][: m.start()].rstrip()})
+        rows.append({**r, "pronoun": m.group(1).lower(), "prefix": r["sentence"][: m.start()].rstrip()})
+        ans.append(answers or WINOGENDER_ANSWERS[m.group(1).lower()])
     if not rows:
-        raise DataError("no Winogender sentences with a nominative pronoun")
-    return PromptSet.build(tok, [r["prefix"] for r in rows], answers, metadata=rows,
+        raise DataError("no Winogender sentences with a male pronoun to predict")
+    return PromptSet.build(tok, [r["prefix"] for r in rows], ans, metadata=rows,
                            subjects=[r["occupation"] for r in rows])
 
 
