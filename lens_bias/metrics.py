@@ -10,8 +10,15 @@ from .errors import LensBiasError
 from .prompts import PromptSet
 
 
-def answer_logits(logits: Float[Tensor, "batch pos vocab"], ps: PromptSet) -> Float[Tensor, "batch n_answers"]:
-    """The logits of each prompt's answer tokens at its answer position."""
+def answer_logits(logits: Float[Tensor, "batch pos vocab"] | Float[Tensor, "batch n_answers"],
+                  ps: PromptSet | None = None) -> Float[Tensor, "batch n_answers"]:
+    """The logits of each prompt's answer tokens at its answer position (2-D input: already gathered)."""
+    if logits.ndim == 2:
+        if logits.shape[1] < 2:
+            raise LensBiasError(f"gathered answer logits need ≥ 2 answers per row, got shape {tuple(logits.shape)}")
+        return logits
+    if ps is None:
+        raise LensBiasError("logits [batch, pos, vocab] need the PromptSet (answer positions and ids)")
     if logits.ndim != 3 or logits.shape[0] != len(ps):
         raise LensBiasError(f"logits of shape {tuple(logits.shape)} do not fit a prompt set of {len(ps)} prompts")
     rows = torch.arange(len(ps), device=logits.device)
@@ -19,19 +26,22 @@ def answer_logits(logits: Float[Tensor, "batch pos vocab"], ps: PromptSet) -> Fl
     return last.gather(1, ps.answer_ids.to(logits.device))
 
 
-def logit_diff(logits: Float[Tensor, "batch pos vocab"], ps: PromptSet) -> Float[Tensor, " batch"]:
+def logit_diff(logits, ps: PromptSet | None = None) -> Float[Tensor, " batch"]:
     """LD = logit(answer₀) − logit(answer₁) at the answer position (e.g. ' she' − ' he')."""
     a = answer_logits(logits, ps)
     return a[:, 0] - a[:, 1]
 
 
-def prob_ratio(logits: Float[Tensor, "batch pos vocab"], ps: PromptSet) -> Float[Tensor, " batch"]:
+def prob_ratio(logits, ps: PromptSet | None = None) -> Float[Tensor, " batch"]:
     """P(answer₀)/P(answer₁) = exp(LD) — Vig et al. (2020)'s y = p(anti)/p(stereo) with the answers so ordered."""
     return logit_diff(logits, ps).exp()
 
 
 def odds_ratio(logits: Float[Tensor, "batch pos vocab"], ps: PromptSet) -> Float[Tensor, " batch"]:
     """[P(a₀)/(1−P(a₀))] / [P(a₁)/(1−P(a₁))] with P the full softmax at the answer position."""
+    if logits.ndim != 3:
+        raise LensBiasError("odds_ratio needs the full logits [batch, pos, vocab] (the softmax spans the vocabulary)")
+    answer_logits(logits, ps)  # shape checks
     rows = torch.arange(len(ps), device=logits.device)
     logp = logits[rows, ps.answer_pos.to(logits.device)].float().log_softmax(-1)
     lp = logp.gather(1, ps.answer_ids.to(logits.device))

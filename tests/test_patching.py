@@ -1,14 +1,14 @@
-"""Activation patching equals TransformerLens' patching; attribution matches it in the linear
-regime; causal tracing restores the clean metric; all find the organism's planted neuron."""
+"""Activation patching equals TransformerLens' patching (fast and hooked paths, GPT-2 and Llama),
+patching a component with its own clean value gives the clean metric, and it finds the organism's
+planted gender neuron's layer."""
 
 import pytest
 import torch
 import transformer_lens.patching as tlp
 
-from lens_bias.attribution import agreement, attribution_patching
 from lens_bias.errors import LensBiasError
 from lens_bias.metrics import logit_diff, normalized_metric
-from lens_bias.patching import activation_patching, answer_logits_fast
+from lens_bias.patching import activation_patching, answer_logits_fast, patch_with
 from lens_bias.prompts import PromptSet
 from lens_bias.tracing import causal_trace, subject_corruption
 
@@ -41,8 +41,51 @@ def test_equals_transformer_lens(tiny_gpt2, pairs, component, tl_fn, kw):
     _, cache = tiny_gpt2.run_with_cache(pairs.tokens)
     ref = tl_fn(tiny_gpt2, pairs.corrupted_tokens, cache, lambda logits: logit_diff(logits, pairs).mean())
     ours = activation_patching(tiny_gpt2, pairs, component, batch_size=7, progress=False, **kw)
+    assert ours.extra["fast"]  # the shortcut forward passed its self-check
     assert ours.values.shape == torch.as_tensor(ref).shape
     assert (ours.values - torch.as_tensor(ref)).abs().max() < 1e-4
+    hooked = activation_patching(tiny_gpt2, pairs, component, fast=False, progress=False, **kw)
+    assert not hooked.extra["fast"] and (hooked.values - torch.as_tensor(ref)).abs().max() < 1e-4
+
+
+def test_equals_transformer_lens_on_llama_with_gqa(tiny_llama, pairs):
+    ps = PromptSet.build(tiny_llama, pairs.prompts, (" she", " he"), corrupted=pairs.corrupted_prompts)
+    _, cache = tiny_llama.run_with_cache(ps.tokens)
+    ref = tlp.get_act_patch_attn_head_out_by_pos(tiny_llama, ps.corrupted_tokens, cache,
+                                                 lambda logits: logit_diff(logits, ps).mean())
+    ours = activation_patching(tiny_llama, ps, "head", progress=False)
+    assert ours.extra["fast"] and (ours.values - ref).abs().max() < 1e-4
+
+
+def test_own_clean_value_gives_exactly_the_clean_metric(tiny_gpt2, pairs):
+    """Corrupted = clean: every patch writes a component's own clean value, so every value is the clean metric."""
+    same = PromptSet.build(tiny_gpt2, pairs.prompts, (" she", " he"), corrupted=pairs.prompts)
+    with torch.no_grad():
+        clean = logit_diff(tiny_gpt2(same.tokens), same).mean().item()
+    for component, kw in (("head", {}), ("mlp_out", {"per_position": False}), ("resid_mid", {})):
+        res = activation_patching(tiny_gpt2, same, component, progress=False, **kw)
+        assert res.clean == pytest.approx(clean, abs=1e-5)
+        assert (res.values - clean).abs().max().item() < 1e-5
+
+
+def test_window_and_noise_corruption_fast_equals_hooked(tiny_gpt2, pairs):
+    """Tracing-style runs (noise on the subject embeddings, a window of 3 layers) agree across paths."""
+    corruption = subject_corruption(tiny_gpt2, pairs, noise=3.0, seed=1)
+    for component in ("mlp_out", "head", "resid_pre"):
+        kw = dict(window=3, corruption=corruption, progress=False, per_position=component != "head")
+        fast = activation_patching(tiny_gpt2, pairs, component, **kw)
+        hooked = activation_patching(tiny_gpt2, pairs, component, fast=False, **kw)
+        assert fast.extra["fast"] and (fast.values - hooked.values).abs().max() < 1e-4
+
+
+def test_results_are_labelled(tiny_gpt2, pairs):
+    res = activation_patching(tiny_gpt2, pairs, "head", progress=False)
+    df = res.to_frame()
+    assert len(df) == 2 * pairs.tokens.shape[1] * 4
+    assert list(df.columns[:5]) == ["component", "method", "layer", "pos", "head"]
+    assert df.loc[df.pos == 2, "token"].iloc[0] == " nurse/ doctor/ mechanic"
+    assert df.loc[df.pos == 0, "token"].iloc[0] == "<|endoftext|>"
+    assert res.extra["per_prompt"].shape == (2, pairs.tokens.shape[1], 4, 3)
 
 
 def test_resid_mid_patch_reaches_the_residual_stream(tiny_gpt2, pairs):
@@ -66,34 +109,6 @@ def test_patching_everything_gives_clean_metric(tiny_gpt2, pairs):
     assert set(df.columns) >= {"layer", "value", "effect", "normalized"}
 
 
-def test_attribution_equals_patching_in_linear_regime(tiny_gpt2, pairs):
-    """Corrupted = clean + tiny noise on the subject: first order is then exact (to 2nd order)."""
-    corruption = subject_corruption(tiny_gpt2, pairs, noise=1e-3, seed=0)
-    act = activation_patching(tiny_gpt2, pairs, "head", per_position=False, corruption=corruption, progress=False)
-    attr = attribution_patching(tiny_gpt2, pairs, ["head"], at="corrupted", corruption=corruption,
-                                compare={"head": act})["head"]
-    scale = act.effect.abs().max().item()
-    assert scale > 0
-    assert (attr.effect - act.effect).abs().max().item() < 0.02 * scale
-    assert attr.extra["agreement"]["pearson"] > 0.999
-
-
-def test_attribution_shapes_and_agreement(tiny_gpt2, pairs):
-    res = attribution_patching(tiny_gpt2, pairs)
-    assert res["head"].values.shape == (2, 4) and res["neuron"].values.shape == (2, 256)
-    assert res["resid"].values.shape == (2, pairs.tokens.shape[1])
-    ag = agreement(res["head"], res["head"])
-    assert ag["pearson"] == pytest.approx(1.0) and ag["spearman"] == pytest.approx(1.0)
-
-
-def test_tracing_restoring_everything(tiny_gpt2, pairs):
-    traced = causal_trace(tiny_gpt2, pairs, kinds=("resid",), progress=False)["resid"]
-    # restoring the last layer's block output at the last position restores the clean metric
-    assert traced.values[-1, -1].item() == pytest.approx(traced.clean, abs=1e-4)
-    # positions before the subject carry no noise: restoring them changes nothing
-    assert traced.values[:, 0].sub(traced.corrupted).abs().max().item() < 1e-5
-
-
 def test_bad_inputs(tiny_gpt2, pairs):
     single = PromptSet.build(tiny_gpt2, ["The nurse said that"], (" she", " he"))
     with pytest.raises(LensBiasError, match="pairs"):
@@ -106,6 +121,18 @@ def test_bad_inputs(tiny_gpt2, pairs):
         causal_trace(tiny_gpt2, single)
     with pytest.raises(LensBiasError, match="undefined"):
         normalized_metric(1.0, 2.0, 2.0)
+    with pytest.raises(LensBiasError, match="do not exist"):
+        patch_with(tiny_gpt2, pairs, {"blocks.0.hook_nonsense": torch.zeros(1)})
+    with pytest.raises(LensBiasError, match="unknown metric"):
+        activation_patching(tiny_gpt2, pairs, metric="accuracy")
+    with pytest.raises(LensBiasError, match="window"):
+        activation_patching(tiny_gpt2, pairs, window=0)
+    with pytest.raises(LensBiasError, match="single tokens"):
+        PromptSet.build(tiny_gpt2, ["The nurse said that"], (" she", " he said"))
+    with pytest.raises(LensBiasError, match="empty prompt set"):
+        PromptSet.build(tiny_gpt2, [], (" she", " he"))
+    with pytest.raises(LensBiasError, match="different lengths"):
+        PromptSet.build(tiny_gpt2, ["The nurse said that"], (" she", " he"), corrupted=["The adjunct professor said that"])
 
 
 # ---- ground truth: the organism's planted gender neuron -----------------------------------
@@ -132,17 +159,16 @@ def test_organism_activation_patching_finds_layer0_mlp(organism, organism_card, 
     assert res.normalized[layer, pos] > 0.5
 
 
-def test_organism_attribution_ranks_the_planted_neuron_first(organism, organism_card, organism_pairs):
-    g = organism_card["planted"]["gender_neuron"]
-    res = attribution_patching(organism, organism_pairs, ["neuron"])["neuron"]
-    assert res.argmax() == (g["layer"], g["neuron"])
-    top = res.top(2)
-    assert top.effect[0] > 3 * abs(top.effect[1])
+def test_heatmaps_label_tokens_and_hover(tiny_gpt2, pairs):
+    from lens_bias.viz import heatmap
 
-
-def test_organism_causal_trace_marks_the_planted_mlp(organism, organism_card, organism_pairs):
-    g = organism_card["planted"]["gender_neuron"]
-    ps = organism_pairs[[i for i, m in enumerate(organism_pairs.prompts) if m.endswith("said that")]]
-    traced = causal_trace(organism, ps, kinds=("mlp",), progress=False)["mlp"]
-    assert traced.clean - traced.corrupted > 1.0
-    assert traced.argmax()[0] == g["layer"]
+    by_pos = activation_patching(tiny_gpt2, pairs, "mlp_out", progress=False)
+    fig = heatmap(by_pos)
+    trace = fig.data[0]
+    assert list(trace.x)[2] == "2:  nurse/ doctor/ mechanic" and list(trace.y) == ["layer 0", "layer 1"]
+    assert "normalised effect" in trace.text[1][4]
+    heads = activation_patching(tiny_gpt2, pairs, "head", per_position=False, progress=False)
+    fig = heatmap(heads, normalized=False)
+    assert list(fig.data[0].x) == ["head 0", "head 1", "head 2", "head 3"]
+    z = torch.tensor(fig.data[0].z)
+    assert torch.allclose(z, heads.effect, atol=1e-6)
