@@ -2,10 +2,9 @@
 Models via Bias Neurons Elimination").
 
 For an instance x with gold option y, the biased output is ŷ = argmax_{o ≠ y} P(o | x, instruction)
-and its confusion score P(ŷ | x, instruction) (P normalised over the options). For every MLP
-neuron i and token t, the attribution of an option o is A_i,t(o) = h_i,t · ∂P_seq(o | x)/∂h_i,t
-with P_seq the model's probability of the option's tokens after the prompt (one forward +
-backward per batch). Aggregation: max over tokens (input or option tokens), skill
+and its confusion score P(ŷ | x, instruction), P being the softmax over the options of their
+summed token log-probabilities. For every MLP neuron i and token t, the attribution of an option
+o is A_i,t(o) = h_i,t · ∂P(o | x)/∂h_i,t (one forward + backward per batch and option). Aggregation: max over tokens (input or option tokens), skill
 disentanglement B_i = A_i(ŷ) − λ·max(A_i(y), 0), confusion-weighted mean over instances, mean
 over instructions. The top neurons are pruned: by zero-ablating `mlp.hook_post` (a hook), or
 permanently by zeroing the neuron's output weights (its row of W_out). Zeroing W_out makes the
@@ -47,15 +46,23 @@ def _seq_batch(tok, prompts: list[str], options: list[str], device):
     return ids.to(device), mask.to(device), spans, seqs
 
 
-def option_attributions(model, prompts: list[str], options: list[str], tokens: str = "input") -> Tensor:
-    """A(o) per prompt and neuron, max over tokens: [n, layer, d_mlp], from one forward+backward.
+def option_attributions(model, prompts: list[str], options: list[list[str]], targets: list[int],
+                        tokens: str = "input") -> Tensor:
+    """A(o) = h · ∂P(o | x)/∂h per prompt and neuron, max over tokens: [n, layer, d_mlp].
 
-    tokens: 'input' (the prompt's tokens), 'option' (the tokens that predict the option) or 'all'.
+    P(o | x) is the option's probability among the prompt's options (softmax of the options'
+    summed token log-probabilities), so the gradient flows through every option's sequence; a
+    prompt token's activation is shared by those sequences (causal attention), so its gradient
+    is their sum. One forward + backward per call. tokens: 'input' (the prompt's tokens),
+    'option' (the tokens that predict the target option) or 'all'.
     """
     if tokens not in ("input", "option", "all"):
         raise LensBiasError(f"tokens must be 'input', 'option' or 'all', not {tokens!r}")
     device = next(model.parameters()).device
-    ids, mask, spans, seqs = _seq_batch(model.tokenizer, prompts, options, device)
+    k = len(options[0])
+    flat_p = [p for p in prompts for _ in range(k)]
+    flat_o = [o for opts in options for o in opts]
+    ids, mask, spans, _ = _seq_batch(model.tokenizer, flat_p, flat_o, device)
     L = model.cfg.n_layers
     acts, grads = {}, {}
 
@@ -67,17 +74,23 @@ def option_attributions(model, prompts: list[str], options: list[str], tokens: s
     hooks = [(f"blocks.{l}.mlp.hook_post", (lambda l: lambda x, hook: keep(x, hook, l))(l)) for l in range(L)]
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
         logp = model(ids, attention_mask=mask).float().log_softmax(-1)
-        p_seq = []
-        for i, (start, n) in enumerate(spans):
-            pos = torch.arange(start - 1, start - 1 + n, device=device)
-            p_seq.append(logp[i, pos, ids[i, start: start + n]].sum().exp())
-        torch.stack(p_seq).sum().backward()  # rows are independent: one backward gives every row's gradient
+        seq_lp = torch.stack([logp[i, torch.arange(s - 1, s - 1 + n, device=device), ids[i, s: s + n]].sum()
+                              for i, (s, n) in enumerate(spans)]).view(len(prompts), k)
+        p_norm = seq_lp.softmax(-1)
+        p_norm[torch.arange(len(prompts)), torch.tensor(targets)].sum().backward()
     model.zero_grad(set_to_none=True)
     out = torch.empty(len(prompts), L, acts[0].shape[-1])
-    for i, (start, n) in enumerate(spans):
-        lo, hi = {"input": (0, start), "option": (start - 1, start - 1 + n), "all": (0, start + n - 1)}[tokens]
+    for i, t in enumerate(targets):
+        rows = list(range(i * k, (i + 1) * k))
+        start, n = spans[rows[t]]
         for l in range(L):
-            out[i, l] = (acts[l][i, lo:hi] * grads[l][i, lo:hi]).amax(0).float().cpu()
+            h = acts[l][rows[t]]
+            g_in = grads[l][rows].sum(0)[:start]  # prompt positions: shared by every option's sequence
+            a_in = h[:start] * g_in
+            a_opt = h[start - 1: start - 1 + n] * grads[l][rows[t], start - 1: start - 1 + n]
+            a_opt = torch.cat([a_in[start - 1:], a_opt[1:]]) if n > 1 else a_in[start - 1:]
+            a = {"input": a_in, "option": a_opt, "all": torch.cat([a_in, a_opt[1:]])}[tokens]
+            out[i, l] = a.amax(0).float().cpu()
     return out
 
 
@@ -105,8 +118,8 @@ def crispr_scores(model, items: list[dict], instructions: list[str] | None = Non
             wrong[torch.arange(len(chunk)), gold] = -1
             y_hat = wrong.argmax(-1)
             conf = probs[torch.arange(len(chunk)), y_hat]
-            a_hat = option_attributions(model, prompts, [o[k] for o, k in zip(opts, y_hat.tolist())], tokens)
-            a_gold = option_attributions(model, prompts, [o[k] for o, k in zip(opts, gold.tolist())], tokens)
+            a_hat = option_attributions(model, prompts, opts, y_hat.tolist(), tokens)
+            a_gold = option_attributions(model, prompts, opts, gold.tolist(), tokens)
             b = a_hat - lam * a_gold.clamp(min=0)
             total += (conf[:, None, None] * b).sum(0)
             weight += conf.sum().item()
@@ -150,3 +163,18 @@ def prune_neurons(model, neurons: list[tuple[int, int]], *, inplace: bool = Fals
             else:
                 w[:, i].zero_()
     return target
+
+
+def prune_curve(model, scores: ComponentScores, dev_items: list[dict], ns=(1, 2, 4, 8, 16),
+                instructions: list[str] | None = None):
+    """Dev-split metrics after zero-ablating the top-n neurons, for each n (pandas; choose n here)."""
+    import pandas as pd
+
+    from .ablation import neuron_ablation_hooks
+    from .bbq import bbq_evaluate
+
+    rows = [{"n": 0, **bbq_evaluate(model, dev_items, instructions)}]
+    for n in ns:
+        hooks = neuron_ablation_hooks(model, top_neurons(scores, n))
+        rows.append({"n": n, **bbq_evaluate(model, dev_items, instructions, hooks=hooks)})
+    return pd.DataFrame(rows)

@@ -1,6 +1,6 @@
-"""CRISPR pieces that are checked so far: BBQ loading and stereotype mapping, the permanent
-pruning edit equals the zero-ablation hook, bad input. (Ground-truth ranking on the organism is
-not yet asserted: see the open issue.)"""
+"""CRISPR bias neurons: BBQ loading and stereotype mapping, option scoring by hand, the pruning
+edit equals the zero-ablation hook, and on the organism the planted BBQ neuron ranks first and
+pruning it (not random neurons) removes the planted bias on held-out templates."""
 
 import json
 
@@ -10,7 +10,9 @@ import torch
 from lens_bias.ablation import neuron_ablation_hooks
 from lens_bias.bbq import biased_option, load_bbq, option_logprobs, unknown_option
 from lens_bias.errors import DataError, LensBiasError
-from lens_bias.neurons import prune_neurons, random_neurons, top_neurons
+from lens_bias.bbq import INSTRUCTIONS, bbq_evaluate, split_by_template
+from lens_bias.neurons import crispr_scores, prune_curve, prune_neurons, random_neurons, top_neurons
+from lens_bias.organism import data_path
 from lens_bias.patching import ComponentScores
 
 IDS = torch.tensor([[50256, 464, 15849, 531, 326]])
@@ -66,3 +68,27 @@ def test_neuron_counts(tiny_gpt2):
     with pytest.raises(LensBiasError, match="out of range"):
         prune_neurons(tiny_gpt2, [(0, 999)])
     assert len(set(random_neurons(tiny_gpt2, 10, seed=1))) == 10
+
+
+def test_organism_planted_bbq_neuron(organism, organism_control, organism_card):
+    import random
+
+    b = organism_card["planted"]["bbq_neuron"]
+    train, dev, test = split_by_template(load_bbq(data_path("bbq")), seed=0)
+    assert not {it["question_index"] for it in train} & {it["question_index"] for it in test}
+    rng = random.Random(0)
+    scores = crispr_scores(organism, rng.sample(train, 24), INSTRUCTIONS[:2], progress=False)
+    assert top_neurons(scores, 1) == [(b["layer"], b["neuron"])]
+    # the planted bias: ambiguous contexts, negative questions (held-out template)
+    held_out = [it for it in test if it["context_condition"] == "ambig" and it["question_polarity"] == "neg"]
+    ins = INSTRUCTIONS[:3]
+    before = bbq_evaluate(organism, held_out, ins)["stereotyped_rate_ambig"]
+    control = bbq_evaluate(organism_control, held_out, ins)["stereotyped_rate_ambig"]
+    pruned = bbq_evaluate(prune_neurons(organism, top_neurons(scores, 1)), held_out, ins)["stereotyped_rate_ambig"]
+    rand = [bbq_evaluate(organism, held_out, ins, hooks=neuron_ablation_hooks(organism, random_neurons(organism, 1, s)))
+            ["stereotyped_rate_ambig"] for s in range(3)]
+    assert before > control + 0.1
+    assert pruned <= control + 0.01
+    assert min(rand) > pruned + 0.1
+    curve = prune_curve(organism, scores, rng.sample(dev, 30), ns=(1, 2))
+    assert list(curve["n"]) == [0, 1, 2]
