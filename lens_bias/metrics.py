@@ -76,3 +76,76 @@ def get_metric(metric):
     if metric not in METRICS:
         raise LensBiasError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)} or pass a function")
     return METRICS[metric]
+
+
+def _lines(texts) -> list[str]:
+    if isinstance(texts, str):
+        texts = texts.splitlines()
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise LensBiasError("no text to evaluate: the text is empty")
+    return texts
+
+
+def text_loss(model, texts: str | list[str], *, batch_size: int = 32, max_tokens: int | None = None,
+              hooks: list | None = None) -> float:
+    """Capability kept: mean next-token cross-entropy (nats/token) over lines of neutral text
+    (BOS + line), padding ignored; `hooks` (e.g. an ablation) are active during the forward."""
+    tok = model.tokenizer
+    dev = next(model.parameters()).device
+    max_tokens = max_tokens or model.cfg.n_ctx
+    total, count = 0.0, 0
+    texts = _lines(texts)
+    for i in range(0, len(texts), batch_size):
+        enc = [([tok.bos_token_id] if tok.bos_token_id is not None else []) +
+               tok(t, add_special_tokens=False)["input_ids"] for t in texts[i:i + batch_size]]
+        enc = [e[:max_tokens] for e in enc]
+        width = max(len(e) for e in enc)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.tensor([e + [pad] * (width - len(e)) for e in enc], device=dev)
+        labels = torch.tensor([e + [-100] * (width - len(e)) for e in enc], device=dev)
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks or []):
+            logits = model(ids, attention_mask=(labels != -100).long())
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+        total += loss.item()
+        count += int((labels[:, 1:] != -100).sum())
+    if count == 0:
+        raise LensBiasError("no tokens to score: every line is a single token")
+    return total / count
+
+
+def cloze_accuracy(model, items: list[dict], *, batch_size: int = 32, hooks: list | None = None) -> dict:
+    """Capability kept: share of cloze items ({'prompt', 'answer'}) whose top-1 next token is the
+    answer's (single) token, overall and per 'kind'."""
+    from collections import defaultdict
+
+    from .prompts import PromptSet
+
+    if not items:
+        raise LensBiasError("no cloze items to evaluate")
+    hits: dict[str, list[bool]] = defaultdict(list)
+    dev = next(model.parameters()).device
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        ps = PromptSet.build(model, [it["prompt"] for it in chunk], [(it["answer"],) for it in chunk]).to(dev)
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks or []):
+            logits = model(ps.tokens, attention_mask=ps.attention_mask)
+        top = logits[torch.arange(len(ps), device=dev), ps.answer_pos].argmax(-1)
+        for it, t, a in zip(chunk, top.tolist(), ps.answer_ids[:, 0].tolist()):
+            hits["overall"].append(t == a)
+            hits[it.get("kind", "all")].append(t == a)
+    return {k: sum(v) / len(v) for k, v in hits.items()}
+
+
+def compare_models(models: dict, measures: dict):
+    """Tidy before/after table: one row per (model, measure) with its value — e.g. models
+    {'original': m, 'edited': e, 'random': r} and measures {'bias': fn, 'neutral loss': fn}, each
+    fn(model) → float."""
+    import pandas as pd
+
+    if not models or not measures:
+        raise LensBiasError("compare_models needs at least one model and one measure")
+    rows = [{"model": mn, "measure": name, "value": float(fn(m))} for mn, m in models.items()
+            for name, fn in measures.items()]
+    return pd.DataFrame(rows)

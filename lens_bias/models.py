@@ -191,3 +191,29 @@ def save_random_model(
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def clone_model(model: TransformerBridge) -> TransformerBridge:
+    """An independent copy of a bridge (or a Hugging Face model) with the same weights, device and dtype.
+
+    Use this, not copy.deepcopy: the bridge's split q/k/v parameters are views of the fused HF
+    weight (GPT-2's c_attn), and deepcopy turns them into separate tensors, so an edit of the
+    fused weight in the copy would no longer reach its forward pass.
+    """
+    from .export import to_hf_model
+
+    if not hasattr(model, "original_model"):  # a plain Hugging Face model: no views to keep
+        import copy
+
+        return copy.deepcopy(model)
+    source = getattr(model, "lens_bias_source", None) or model.original_model.config._name_or_path
+    param = next(model.original_model.parameters())
+    hf = to_hf_model(model, attn_implementation="eager")
+    try:
+        clone = TransformerBridge.boot_transformers(str(source), hf_model=hf, tokenizer=model.tokenizer,
+                                                    device=param.device, dtype=param.dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"could not copy the model (its source {source!r} must stay readable): {e}") from None
+    clone.eval()
+    clone.lens_bias_source = source
+    return clone

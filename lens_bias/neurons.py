@@ -14,7 +14,6 @@ hook — while its input weights stay as they were, so an exported model behaves
 
 from __future__ import annotations
 
-import copy
 import random
 
 import torch
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .bbq import INSTRUCTIONS, format_mc_prompt, option_logprobs
 from .errors import LensBiasError
+from .models import clone_model
 from .patching import ComponentScores
 
 
@@ -151,7 +151,7 @@ def random_neurons(model, n: int, seed: int = 0, exclude=()) -> list[tuple[int, 
 def prune_neurons(model, neurons: list[tuple[int, int]], *, inplace: bool = False):
     """Zero each neuron's output weights (its W_out row) — a permanent weight edit equal to
     zero-ablating it; on a deep copy unless `inplace`."""
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else clone_model(model)
     d_mlp = target.cfg.d_mlp
     for l, i in neurons:
         if not (0 <= l < target.cfg.n_layers and 0 <= i < d_mlp):

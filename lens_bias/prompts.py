@@ -213,8 +213,15 @@ class PromptSet:
             raise PromptError("empty selection from a prompt set")
         t = torch.tensor(idx, dtype=torch.long)
 
+        # drop trailing columns that are padding in every selected row (right padding), so a
+        # sub-set of equal-length prompts has same_length
+        width = int(self.attention_mask[t.to(self.attention_mask.device)].cumsum(1).argmax(1).max()) + 1
+
         def pick(x):
-            return None if x is None else x[t.to(x.device)]
+            if x is None:
+                return None
+            x = x[t.to(x.device)]
+            return x[:, :width] if x.ndim == 2 and x.shape[1] == self.tokens.shape[1] and x.dtype == torch.long else x
 
         return replace(
             self,
