@@ -178,3 +178,27 @@ def prune_curve(model, scores: ComponentScores, dev_items: list[dict], ns=(1, 2,
         hooks = neuron_ablation_hooks(model, top_neurons(scores, n))
         rows.append({"n": n, **bbq_evaluate(model, dev_items, instructions, hooks=hooks)})
     return pd.DataFrame(rows)
+
+
+def crispr_report(model, neurons: list[tuple[int, int]], test_items: list[dict], *, neutral_text=None,
+                  instructions: list[str] | None = None, random_seeds=(0, 1, 2)):
+    """Before/after table on a held-out split: the original model, the top-n `neurons` pruned, and n
+    random neurons pruned (one row per seed) — BBQ accuracy (ambig/disambig/overall), bias scores,
+    the stereotyped rate in ambiguous contexts and, with `neutral_text`, capability (loss on it)."""
+    import pandas as pd
+
+    from .ablation import neuron_ablation_hooks
+    from .bbq import bbq_evaluate
+    from .metrics import text_loss
+
+    def row(name, hooks, seed=None):
+        r = {"condition": name, "seed": seed, "n_neurons": 0 if name == "original" else len(neurons),
+             **bbq_evaluate(model, test_items, instructions, hooks=hooks)}
+        if neutral_text is not None:
+            r["neutral_loss"] = text_loss(model, neutral_text, hooks=hooks)
+        return r
+
+    rows = [row("original", []), row("pruned", neuron_ablation_hooks(model, neurons))]
+    for s in random_seeds:
+        rows.append(row("random", neuron_ablation_hooks(model, random_neurons(model, len(neurons), s, exclude=neurons)), s))
+    return pd.DataFrame(rows)

@@ -11,7 +11,7 @@ from lens_bias.ablation import neuron_ablation_hooks
 from lens_bias.bbq import biased_option, load_bbq, option_logprobs, unknown_option
 from lens_bias.errors import DataError, LensBiasError
 from lens_bias.bbq import INSTRUCTIONS, bbq_evaluate, split_by_template
-from lens_bias.neurons import crispr_scores, prune_curve, prune_neurons, random_neurons, top_neurons
+from lens_bias.neurons import crispr_report, crispr_scores, prune_curve, prune_neurons, random_neurons, top_neurons
 from lens_bias.organism import data_path
 from lens_bias.patching import ComponentScores
 
@@ -92,3 +92,10 @@ def test_organism_planted_bbq_neuron(organism, organism_control, organism_card):
     assert min(rand) > pruned + 0.1
     curve = prune_curve(organism, scores, rng.sample(dev, 30), ns=(1, 2))
     assert list(curve["n"]) == [0, 1, 2]
+    report = crispr_report(organism, top_neurons(scores, 1), held_out, neutral_text=data_path("neutral").read_text(),
+                           instructions=ins, random_seeds=(0, 1))
+    assert list(report["condition"]) == ["original", "pruned", "random", "random"]
+    by = report.set_index("condition")
+    assert by.loc["pruned", "stereotyped_rate_ambig"] == pytest.approx(pruned)
+    assert by.loc["original", "stereotyped_rate_ambig"] == pytest.approx(before)
+    assert abs(by.loc["pruned", "neutral_loss"] - by.loc["original", "neutral_loss"]) < 0.01 * by.loc["original", "neutral_loss"]
