@@ -1,12 +1,14 @@
-"""`lens-bias demo`: locate → mitigate → verify on the shipped model organism, offline.
+"""`lens-bias demo`: locate → mitigate → verify → export on the shipped model organism, offline.
 
 The same calls a notebook makes: gender bias located by activation patching, attribution
-patching and causal tracing; the negative head located by NAS and ablated; each step checked
+patching and causal tracing, removed by pruning and by an LSDM weight edit that is exported as
+a Hugging Face directory; the negative head located by NAS and ablated; each step checked
 against the organism's recorded ground truth. Figures (HTML) and tables (CSV) go to `out`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -16,6 +18,9 @@ import torch
 from .ablation import head_ablation_hooks, neuron_ablation_hooks
 from .attribution import attribution_patching
 from .binary import binary_prompts, evaluate_binary, load_yes_no
+from .export import export_model, save_edit, weight_edit
+from .lsdm import bias_values, lsdm_edit, trace_sites
+from .metrics import cloze_accuracy, compare_models, text_loss
 from .models import load_model
 from .nas import nas_heatmap, negative_attention_scores
 from .organism import data_path, load_card
@@ -51,6 +56,12 @@ def gender_pairs(model, card: dict, templates: int = 3) -> PromptSet:
             corrupted.append(t.format(neutral[i % len(neutral)]))
             subjects.append(occ)
     return PromptSet.build(model, prompts, (" she", " he"), corrupted=corrupted, subjects=subjects)
+
+
+def occupation_prompts(model, occupations, templates) -> PromptSet:
+    """'The {occupation} said that' prompts with answers (' she', ' he') and subject spans."""
+    return PromptSet.build(model, [t.format(o) for o in occupations for t in templates], (" she", " he"),
+                           subjects=[o for o in occupations for _ in templates])
 
 
 def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: int = 0, progress: bool = False) -> str:
@@ -90,6 +101,34 @@ def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: i
         a = answer_logits_fast(model, s.tokens, s.answer_pos, s.answer_ids, neuron_ablation_hooks(model, [found]))
     pruned = (a[:, 0] - a[:, 1]).mean().item()
     lines.append(f"  prune neuron {found}: bias {mlp.clean:+.2f} → {pruned:+.2f}")
+
+    # ---- mitigate by weight edit (LSDM), verify on unseen prompts and capability, export ----
+    F, M, N, T = g["occupations"], g["male_occupations"], g["neutral_occupations"], g["templates"]
+    edit_set = occupation_prompts(model, F[:6] + M[:4] + N[:4], T[:6])
+    unseen = occupation_prompts(model, F[6:], T[6:12])
+    site = trace_sites(model, occupation_prompts(model, F[:5], T[:2]), seed=seed).iloc[0]
+    neutral = data_path("neutral").read_text()
+    edited, res = lsdm_edit(model, edit_set, neutral, layers=[int(site["layer"])], position=str(site["position"]),
+                            progress=progress)
+    cloze = [json.loads(line) for line in data_path("cloze").read_text().splitlines()]
+    table = compare_models({"original": model, "lsdm": edited}, {
+        "bias_unseen": lambda m: bias_values(m, unseen).mean().item(),
+        "neutral_loss": lambda m: text_loss(m, neutral),
+        "cloze_accuracy": lambda m: cloze_accuracy(m, cloze)["overall"]})
+    _write_csv(table, out / "lsdm_before_after.csv")
+    v = table.pivot(index="measure", columns="model", values="value")
+    exported = export_model(edited, out / "organism-lsdm", overwrite=True)
+    diff = json.loads((exported / "lens_bias_export.json").read_text())["max_abs_logit_diff"]
+    save_edit(weight_edit(model, edited, meta={"method": "lsdm", "layers": res.layers}), out / "lsdm_edit.safetensors")
+    loss = v.loc["neutral_loss"]
+    lines += [
+        f"  LSDM edit of MLP layer {res.layers[0]} W_out at the {res.position} token (traced): bias on unseen "
+        f"occupations/templates {v.loc['bias_unseen', 'original']:+.2f} → {v.loc['bias_unseen', 'lsdm']:+.2f}; "
+        f"neutral loss {loss['original']:.3f} → {loss['lsdm']:.3f} "
+        f"({100 * (loss['lsdm'] - loss['original']) / loss['original']:+.2f}%), cloze accuracy "
+        f"{v.loc['cloze_accuracy', 'original']:.2f} → {v.loc['cloze_accuracy', 'lsdm']:.2f}",
+        f"  exported to {exported.name}/ (transformers reloads it: max |Δlogit| {diff:.1e}); edit file lsdm_edit.safetensors",
+    ]
 
     # ---- locate negative bias (NAS) and mitigate by head ablation --------------------------
     h = truth["negative_head"]

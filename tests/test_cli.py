@@ -10,8 +10,14 @@ def test_demo_finds_planted_components(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
     report = capsys.readouterr().out
     assert report.count("✓") == 2 and "✗" not in report
-    for name in ("report.txt", "patching_mlp.html", "nas_heads.html", "nas_ranking.csv", "patching_mlp.csv"):
+    for name in ("report.txt", "patching_mlp.html", "nas_heads.html", "nas_ranking.csv", "patching_mlp.csv",
+                 "lsdm_before_after.csv", "lsdm_edit.safetensors", "organism-lsdm/model.safetensors"):
         assert (tmp_path / "out" / name).stat().st_size > 0
+    import pandas as pd
+
+    lsdm = pd.read_csv(tmp_path / "out" / "lsdm_before_after.csv").pivot(index="measure", columns="model", values="value")
+    assert lsdm.loc["bias_unseen", "original"] > 1.5 and abs(lsdm.loc["bias_unseen", "lsdm"]) < 0.3
+    assert "LSDM edit of MLP layer 0" in report and "exported to organism-lsdm/" in report
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
 
 
