@@ -85,3 +85,27 @@ def test_bad_input(tiny_gpt2):
         head_ablation_hooks(tiny_gpt2, [(0, 0)], "mean")
     with pytest.raises(LensBiasError, match="unknown ablation method"):
         head_ablation_hooks(tiny_gpt2, [(0, 0)], "shuffle")
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
+def test_prune_heads_equals_zero_ablation_and_exports(fixture, request, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lens_bias.ablation import prune_heads
+    from lens_bias.export import export_model
+
+    model = request.getfixturevalue(fixture)
+    heads = [(0, 1), (1, 3)]
+    pruned = prune_heads(model, heads)
+    with torch.no_grad():
+        with ablate_heads(model, heads):
+            hooked = model(IDS)
+        plain = model(IDS)
+        ours = pruned(IDS)
+    assert (ours - hooked).abs().max() < 1e-5 and (ours - plain).abs().max() > 1e-4
+    out = export_model(pruned, tmp_path / "pruned")
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)(input_ids=IDS).logits
+    assert (theirs - ours).abs().max() < 1e-4
+    with pytest.raises(LensBiasError, match="out of range"):
+        prune_heads(model, [(0, 4)])
