@@ -1,0 +1,148 @@
+"""One mitigation end to end — apply, evaluate before/after, save the edit, export — as `lens-bias
+mitigate` and `lens-bias export` run it. Each step is a public function of its own module; this
+only strings them together and writes the files (atomically)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+from .errors import DataError, LensBiasError
+
+METHODS = ("prune-neurons", "prune-heads", "lsdm", "nasa")
+
+
+def parse_units(text: str | None, what: str = "unit") -> list[tuple[int, int]]:
+    """'0:103,2:1' → [(0, 103), (2, 1)] — (layer, neuron) or (layer, head) pairs."""
+    if not text:
+        return []
+    out = []
+    for part in text.split(","):
+        try:
+            l, i = part.strip().split(":")
+            out.append((int(l), int(i)))
+        except ValueError:
+            raise LensBiasError(f"cannot read {what} {part.strip()!r}: write LAYER:INDEX, e.g. 0:103") from None
+    return out
+
+
+def _write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _occupation_prompts(model, data, seed):
+    """Edit/evaluation prompt sets for LSDM: from a professions file (Vig et al. JSON or one word per
+    line) with Vig's templates, or, for the organism, its card's occupations and templates."""
+    from .data import VIG_TEMPLATES, load_professions, read_text_file
+    from .demo import occupation_prompts
+    from .organism import load_card
+
+    if data is None:
+        try:
+            g = load_card(model)["planted"]["gender_neuron"]
+        except Exception:
+            raise DataError("lsdm needs --data: a professions file (Vig et al.'s JSON, or one occupation per line)") from None
+        words, templates = g["occupations"] + g["male_occupations"] + g["neutral_occupations"], g["templates"]
+    else:
+        path = Path(data)
+        words = (list(load_professions(path)["name"]) if path.suffix == ".json"
+                 else [w.strip() for w in read_text_file(path).splitlines() if w.strip()])
+        templates = list(VIG_TEMPLATES)
+        tok = model.tokenizer
+        words = [w for w in words if len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1]
+        if len(words) < 2:
+            raise DataError(f"{path}: fewer than 2 occupations are single tokens for this tokenizer")
+    rng = random.Random(seed)
+    words, templates = words[:], templates[:]
+    rng.shuffle(words)
+    rng.shuffle(templates)
+    cut_w, cut_t = max(1, int(0.7 * len(words))), max(1, len(templates) // 2)
+    edit = occupation_prompts(model, words[:cut_w], templates[:cut_t])
+    held_out = occupation_prompts(model, words[cut_w:] or words, templates[cut_t:] or templates)
+    return edit, held_out
+
+
+def mitigate(model, method: str, out: str | os.PathLike, *, units=None, data=None, neutral=None, top_k: int = 1,
+             steps: int = 100, seed: int = 0, export: bool = True, overwrite: bool = False,
+             progress: bool = True) -> str:
+    """Apply `method` ('prune-neurons', 'prune-heads' with `units`; 'lsdm' on occupations; 'nasa' on
+    yes/no data with `units` heads or the top-k NAS heads), write before_after.csv, edit.safetensors,
+    the exported model (out/model) and report.txt; return the report."""
+    from .ablation import prune_heads
+    from .binary import binary_prompts, evaluate_binary, load_yes_no
+    from .export import export_model, save_edit, weight_edit
+    from .lsdm import bias_values, lsdm_edit
+    from .metrics import compare_models, text_loss
+    from .nas import negative_attention_scores
+    from .nasa import nasa_train
+    from .neurons import prune_neurons
+    from .organism import data_path
+
+    if method not in METHODS:
+        raise LensBiasError(f"unknown mitigation {method!r}; choose one of {METHODS}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise LensBiasError(f"output directory {out} exists and is not empty; pass --overwrite to replace its files")
+    neutral_text = Path(neutral).read_text() if neutral else data_path("neutral").read_text()
+    units = list(units or [])
+    measures = {"neutral_loss": lambda m: text_loss(m, neutral_text)}
+    lines = [f"lens-bias mitigate: {method} on {getattr(model, 'lens_bias_source', 'model')}"]
+    if method in ("prune-neurons", "prune-heads"):
+        if not units:
+            raise LensBiasError(f"{method} needs the components to prune (--units LAYER:INDEX,...)")
+        edited = (prune_neurons if method == "prune-neurons" else prune_heads)(model, units)
+        lines.append(f"pruned {len(units)} {'neurons' if method == 'prune-neurons' else 'heads'}: {units}")
+    elif method == "lsdm":
+        edit_set, held_out = _occupation_prompts(model, data, seed)
+        edited, res = lsdm_edit(model, edit_set, neutral_text, progress=progress)
+        measures["bias_held_out"] = lambda m: bias_values(m, held_out).mean().item()
+        measures["abs_bias_held_out"] = lambda m: bias_values(m, held_out).abs().mean().item()
+        lines.append(f"LSDM edit of MLP layer(s) {res.layers} at the {res.position} token, ‖Δ‖ = "
+                     f"{sum(v ** 2 for v in res.delta_norms.values()) ** 0.5:.3f}; edit prompts LD "
+                     f"{res.bias_before:+.3f} → {res.bias_after:+.3f}")
+    else:
+        items = load_yes_no(data or data_path("yesno"))
+        random.Random(seed).shuffle(items)
+        n = len(items)
+        if n < 10:
+            raise DataError(f"nasa needs at least 10 yes/no items, got {n}")
+        a, b = int(0.6 * n), int(0.8 * n)
+        train, dev, test = (binary_prompts(model, part) for part in (items[:a], items[a:b], items[b:]))
+        heads = units or negative_attention_scores(model, train, progress=progress).top_heads(top_k)
+        result = nasa_train(model, heads, train, dev, steps=steps, seed=seed, progress=progress)
+        edited = result.model
+        for k in ("pr_gap", "accuracy", "yes_rate"):
+            measures[f"test_{k}"] = (lambda k: lambda m: evaluate_binary(m, test)["overall"][k])(k)
+        lines.append(f"NASA on heads {heads}: LoRA trained {result.history[-1].get('best_step')} steps (best dev gap)")
+    table = compare_models({"original": model, "mitigated": edited}, measures)
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".before_after.csv.")
+    os.close(fd)
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, out / "before_after.csv")
+    wide = table.pivot(index="measure", columns="model", values="value")
+    for name, row in wide.iterrows():
+        lines.append(f"  {name}: {row['original']:.4f} → {row['mitigated']:.4f}")
+    edit = weight_edit(model, edited, meta={"method": method, "units": [list(u) for u in units]})
+    save_edit(edit, out / "edit.safetensors")
+    lines.append(f"edit: {len(edit.changes)} weights changed, ‖Δ‖ = {edit.norm:.3f} → edit.safetensors")
+    if export:
+        export_model(edited, out / "model", overwrite=True)
+        lines.append("exported (transformers reloads it with the same logits) → model/")
+    report = "\n".join(lines)
+    _write(out / "report.txt", report + "\n")
+    _write(out / "report.json", json.dumps({"method": method, "table": table.to_dict("records")}, indent=2))
+    return report
+
+
+def export_edit(model, edit_file: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False):
+    """Re-apply a saved edit to its original model and export the result as a Hugging Face directory."""
+    from .export import apply_edit, export_model, load_edit
+
+    return export_model(apply_edit(model, load_edit(edit_file)), out, overwrite=overwrite)
