@@ -41,6 +41,33 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_attribute(args) -> int:
+    from .runs import attribute_dataset, distributed, read_manifest, result_frame
+
+    options = {"components": args.components.split(",") if args.components else None,
+               "templates": args.template, "answers": args.answers, "instructions": args.instructions}
+    options = {k: v for k, v in options.items() if v is not None}
+    with distributed(args.device) as (rank, _, device):
+        result = attribute_dataset(args.model, args.method, args.data, args.out, chunk_size=args.chunk_size,
+                                   batch_size=args.batch_size, seed=args.seed, options=options, device=device,
+                                   dtype=args.dtype, progress=not args.quiet)
+    if rank != 0:
+        return 0
+    if result is None:
+        print(f"this job's chunks are done; other jobs' chunks are still missing in {args.out}")
+        return 0
+    m = read_manifest(args.out)
+    last = m["last_start"]
+    n = m["n_chunks"]
+    print(f"{args.method} on {m['args']['n_prompts']} prompts, {n} chunk{'s' * (n != 1)} "
+          f"({len(last['computed'])} computed now, {len(last['skipped'])} already done)")
+    df = result_frame(result)
+    order = (df["nas"] if "nas" in df else df["effect"].abs()).sort_values(ascending=False).index
+    print(df.loc[order].head(10).to_string(index=False))
+    print(f"table, heatmaps and manifest: {Path(args.out).resolve()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lens-bias",
@@ -55,7 +82,58 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", default="organism", help="shipped name, local HF directory or hub name")
     _common(i)
     i.set_defaults(func=cmd_info)
+    _attribute_parser(sub)
     return parser
+
+
+_DATA_FORMATS = """data formats (--data):
+  patching, attribution, tracing:
+    .json   Vig et al.'s professions list [[name, definitional, stereotypical], ...]
+    .txt    one profession a line
+            → prompts from --template (default: Vig et al.'s 17 templates; tracing: "The {} said that"),
+              answers --answers (default ' he' ' she'), corrupted by 'man' (tracing corrupts the subject)
+    .jsonl  one JSON object a line: prompt, corrupted (patching, attribution), subject (tracing),
+            answers (optional, e.g. [" she", " he"]: logit difference = first − second)
+    .csv    the same columns; answers as ' she| he'
+  nas:      yes/no questions: JSONL, a JSON list (StrategyQA) or CSV with question and label/answer
+            (yes/no, true/false, 1/0); one prompt per question × instruction naming ' Yes' and ' No'
+  neurons:  BBQ JSONL as its authors publish it (context, question, ans0..2, label, ...)
+
+outputs (--out): chunks/chunk-NNNNN.pt (per-chunk sums and counts), manifest.json (arguments,
+finished chunks), scores.csv and scores.parquet (tidy table), heatmap-*.html (plotly).
+Run again with the same arguments to resume: finished chunks are skipped.
+Several GPUs or processes: torchrun --nproc_per_node N -m lens_bias.cli attribute ...
+(each rank takes every N-th chunk; the sums are all-reduced; rank 0 writes the outputs)."""
+
+
+def _attribute_parser(sub) -> None:
+    from .runs import METHODS
+
+    methods = "\n".join(f"  {k:<12}{v}" for k, v in METHODS.items())
+    a = sub.add_parser("attribute", help="locate bias over a whole data set: chunked, resumable, multi-GPU",
+                       description="Run one locate method over a data set in chunks; finished chunks are saved "
+                                   "and skipped on a restart.\n\nmethods (--method):\n" + methods,
+                       epilog=_DATA_FORMATS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("--model", required=True, help="shipped name ('organism'), local HF directory or hub name")
+    a.add_argument("--data", required=True, help="data file (formats below)")
+    a.add_argument("--method", required=True, choices=list(METHODS), help="locate method (see above)")
+    a.add_argument("--out", required=True, help="output folder (chunks, manifest, table, heatmaps)")
+    a.add_argument("--chunk-size", type=int, default=32, help="prompts per saved chunk (default 32)")
+    a.add_argument("--batch-size", type=int, default=None,
+                   help="prompts per forward pass (patching, tracing: patched rows); default: the method's own")
+    a.add_argument("--components", default=None,
+                   help="comma-separated: patching resid_pre,resid_mid,resid_post,attn_out,mlp_out,head "
+                        "(default resid_pre,attn_out,mlp_out,head); attribution head,neuron,resid,attn_out,"
+                        "mlp_out (default head,neuron,resid); tracing resid,mlp,attn (default all)")
+    a.add_argument("--template", action="append", default=None,
+                   help="prompt template with {} for the profession (repeatable; .json/.txt data)")
+    a.add_argument("--answers", nargs=2, default=None, metavar=("A", "B"),
+                   help="answer words for .json/.txt data and rows without answers (default ' he' ' she')")
+    a.add_argument("--instructions", type=int, default=None,
+                   help="neurons: average over the first N of the 10 BBQ instructions (default all)")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
+    _common(a)
+    a.set_defaults(func=cmd_attribute)
 
 
 def main(argv=None) -> int:
