@@ -4,7 +4,7 @@ The public API is re-exported here; each method lives in a module of its own.
 """
 
 from .ablation import (ablate_heads, ablate_neurons, combine_hooks, head_ablation_hooks,
-                       neuron_ablation_hooks, prune_heads)
+                       neuron_ablation_hooks, prune_heads, random_heads)
 from .attribution import agreement, attribution_patching
 from .bbq import bbq_evaluate, load_bbq, option_logprobs, split_by_template
 from .binary import (arithmetic_items, binary_prompts, comparison_items, decision_metrics, evaluate_binary,
@@ -33,7 +33,7 @@ from .viz import heatmap, save_figure, top_bar
 __version__ = "0.1.0"
 
 __all__ = [
-    "ablate_heads", "ablate_neurons", "combine_hooks", "head_ablation_hooks", "neuron_ablation_hooks", "prune_heads",
+    "ablate_heads", "ablate_neurons", "combine_hooks", "head_ablation_hooks", "neuron_ablation_hooks", "prune_heads", "random_heads",
     "agreement", "attribution_patching",
     "arithmetic_items", "binary_prompts", "comparison_items", "decision_metrics", "evaluate_binary",
     "load_yes_no", "membership_items", "negation_items",

@@ -138,3 +138,13 @@ def prune_heads(model, heads: Sequence[tuple[int, int]], *, inplace: bool = Fals
                 w[:, h * d_head:(h + 1) * d_head].zero_()
     hf_state_dict(target)  # the edited weights must stay reachable under Hugging Face names
     return target
+
+
+def random_heads(model, n: int, seed: int = 0, exclude=()) -> list[tuple[int, int]]:
+    """n distinct random (layer, head) pairs not in `exclude` — the baseline for a head selection."""
+    import random
+
+    pool = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads) if (l, h) not in set(exclude)]
+    if not 0 < n <= len(pool):
+        raise LensBiasError(f"n = {n} heads asked for, but only {len(pool)} are available")
+    return random.Random(seed).sample(pool, n)

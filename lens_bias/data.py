@@ -63,12 +63,13 @@ def professions_prompts(
     professions,
     templates: Sequence[str] = VIG_TEMPLATES,
     answers: tuple[str, str] = (" he", " she"),
-    corrupt_with: str | None = "man",
+    corrupt_with: str | Sequence[str] | None = "man",
     single_token_only: bool = True,
 ) -> PromptSet:
     """'The {profession} said that' prompts with answers (' he', ' she') and counterfactual twins in
     which the profession is replaced by `corrupt_with` (a gendered word 'man'/'woman' or the
-    neutral baseline 'person'; None: no twins). `professions` is a DataFrame from
+    neutral baseline 'person'; a list of words — e.g. neutral occupations — is cycled over the
+    professions; None: no twins). `professions` is a DataFrame from
     load_professions or a list of words. Pairs whose clean and corrupted prompts tokenise to
     different lengths are dropped with a warning giving the count; with `single_token_only`
     professions that are not one token are skipped (warning with the count), so positions align.
@@ -91,14 +92,18 @@ def professions_prompts(
         rows = kept
     if not rows:
         raise DataError("no professions left (are they single tokens for this tokenizer?)")
+    if isinstance(corrupt_with, (list, tuple)) and not corrupt_with:
+        raise DataError("corrupt_with is an empty list")
     prompts, corrupted, subjects, meta = [], [], [], []
-    for r in rows:
+    for k, r in enumerate(rows):
+        other = corrupt_with if corrupt_with is None or isinstance(corrupt_with, str) else \
+            corrupt_with[k % len(corrupt_with)]
         for t in templates:
             prompts.append(t.format(r["profession"]))
             subjects.append(r["profession"])
             meta.append({**r, "template": t})
-            if corrupt_with is not None:
-                corrupted.append(t.format(corrupt_with))
+            if other is not None:
+                corrupted.append(t.format(other))
     return PromptSet.build(tok, prompts, answers, corrupted if corrupt_with is not None else None,
                            subjects=subjects, metadata=meta, on_length_mismatch="drop")
 

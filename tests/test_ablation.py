@@ -109,3 +109,12 @@ def test_prune_heads_equals_zero_ablation_and_exports(fixture, request, tmp_path
     assert (theirs - ours).abs().max() < 1e-4
     with pytest.raises(LensBiasError, match="out of range"):
         prune_heads(model, [(0, 4)])
+
+
+def test_random_heads(tiny_gpt2):
+    from lens_bias.ablation import random_heads
+
+    heads = random_heads(tiny_gpt2, 5, seed=3, exclude=[(0, 0)])
+    assert len(set(heads)) == 5 and (0, 0) not in heads and heads == random_heads(tiny_gpt2, 5, seed=3, exclude=[(0, 0)])
+    with pytest.raises(LensBiasError, match="only 7 are available"):
+        random_heads(tiny_gpt2, 8, exclude=[(0, 0)])

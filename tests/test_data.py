@@ -95,3 +95,12 @@ def test_bad_files(tmp_path):
     (tmp_path / "occupations-stats.tsv").write_text("occupation\tbls_pct_female\nnurse\tlots\n")
     with pytest.raises(DataError, match="occupations-stats.tsv:2"):
         load_winogender(tmp_path)
+
+
+def test_professions_corrupted_by_a_list_of_words(organism, organism_card):
+    from lens_bias.data import professions_prompts
+
+    g = organism_card["planted"]["gender_neuron"]
+    ps = professions_prompts(organism, g["occupations"][:3], templates=["The {} said that"], answers=(" she", " he"),
+                             corrupt_with=g["neutral_occupations"][:2])
+    assert ps.corrupted_prompts == [f"The {w} said that" for w in (g["neutral_occupations"][:2] + g["neutral_occupations"][:1])]
