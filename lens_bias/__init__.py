@@ -27,6 +27,7 @@ from .neurons import (crispr_report, crispr_scores, option_attributions, prune_c
 from .patching import (COMPONENTS, FAST_METRICS, ComponentScores, activation_patching, answer_logits_fast,
                        check_hook_names, patch_with, position_labels)
 from .prompts import PromptSet, answer_token_id
+from .runs import attribute_dataset, distributed, load_run_data, read_manifest, result_frame
 from .tracing import causal_trace, embedding_std, subject_corruption, subject_noise
 from .viz import heatmap, save_figure, top_bar
 
@@ -52,6 +53,7 @@ __all__ = [
     "COMPONENTS", "FAST_METRICS", "ComponentScores", "activation_patching", "answer_logits_fast",
     "check_hook_names", "patch_with", "position_labels",
     "PromptSet", "answer_token_id",
+    "attribute_dataset", "distributed", "load_run_data", "read_manifest", "result_frame",
     "causal_trace", "embedding_std", "subject_corruption", "subject_noise",
     "heatmap", "save_figure", "top_bar",
 ]

@@ -68,6 +68,75 @@ def cmd_attribute(args) -> int:
     return 0
 
 
+def cmd_mitigate(args) -> int:
+    from .mitigate import mitigate, parse_units
+    from .models import load_model
+
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    report = mitigate(model, args.method, args.out, units=parse_units(args.units, "component"), data=args.data,
+                      neutral=args.neutral, top_k=args.top_k, steps=args.steps, seed=args.seed,
+                      export=not args.no_export, overwrite=args.overwrite, progress=not args.quiet)
+    print(report)
+    print(f"report, before/after table, edit file and model: {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .mitigate import export_edit
+    from .models import load_model
+
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    out = export_edit(model, args.edit, args.out, overwrite=args.overwrite)
+    print(f"exported {args.model} + {args.edit} → {out.resolve()} (transformers reloads it with the same logits)")
+    return 0
+
+
+_MITIGATIONS = """methods (--method):
+  prune-neurons  zero the W_out rows of --units LAYER:NEURON,... (= zero ablation; Yang et al. 2024, CRISPR)
+  prune-heads    zero the W_O slices of --units LAYER:HEAD,... (= zero ablation of hook_z)
+  lsdm           causal tracing + closed-form least-squares edit of an MLP's W_out (Cai et al. 2024);
+                 --data: professions (Vig et al. .json, or .txt one a line); default for the organism:
+                 its card's occupations and templates; 70% of the occupations and half the templates
+                 are edited on, the rest are the held-out evaluation
+  nasa           LoRA restricted to --units LAYER:HEAD,... (default: the --top-k heads by NAS) trained with
+                 the NASA loss (Yu et al. 2024); --data: yes/no JSONL/JSON/CSV (default: the organism's);
+                 split 60/20/20 (train / dev for early stopping / test)
+
+outputs (--out): report.txt and report.json, before_after.csv (bias and capability: loss on --neutral
+text, default the shipped neutral.txt), edit.safetensors (the changed weights only; re-apply with
+`lens-bias export`), model/ (Hugging Face directory, reload checked; skip with --no-export)."""
+
+
+def _mitigate_parsers(sub) -> None:
+    m = sub.add_parser("mitigate", help="apply one mitigation, evaluate before/after, save the edit, export",
+                       description="Apply one mitigation to a model, evaluate it before and after (bias and "
+                                   "capability), save the edit as a small file and export the edited model.",
+                       epilog=_MITIGATIONS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("--model", default="organism", help="shipped name, local HF directory or hub name")
+    m.add_argument("--method", required=True, choices=["prune-neurons", "prune-heads", "lsdm", "nasa"])
+    m.add_argument("--out", required=True, help="output folder")
+    m.add_argument("--units", default=None, help="LAYER:INDEX,... neurons or heads (see methods)")
+    m.add_argument("--data", default=None, help="data file for lsdm / nasa (see methods)")
+    m.add_argument("--neutral", default=None, help="neutral text for the capability check (one line per text)")
+    m.add_argument("--top-k", type=int, default=1, help="nasa: heads to train when --units is not given")
+    m.add_argument("--steps", type=int, default=100, help="nasa: training steps at most (early stopping)")
+    m.add_argument("--no-export", action="store_true", help="do not write the Hugging Face directory")
+    m.add_argument("--overwrite", action="store_true", help="replace the files of an existing --out")
+    m.add_argument("--quiet", action="store_true", help="no progress bars")
+    _common(m)
+    m.set_defaults(func=cmd_mitigate)
+    e = sub.add_parser("export", help="re-apply a saved edit (edit.safetensors) to its model and export it",
+                       description="Apply an edit file written by `lens-bias mitigate` (or lens_bias.save_edit) to "
+                                   "the model it was made on, and write a Hugging Face directory that transformers "
+                                   "loads with the same logits. GPT-2 and Llama architectures.")
+    e.add_argument("--model", default="organism", help="the original model: shipped name, HF directory or hub name")
+    e.add_argument("--edit", required=True, help="edit file (.safetensors)")
+    e.add_argument("--out", required=True, help="output directory (must be new or empty unless --overwrite)")
+    e.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    _common(e)
+    e.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lens-bias",
@@ -83,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(i)
     i.set_defaults(func=cmd_info)
     _attribute_parser(sub)
+    _mitigate_parsers(sub)
     return parser
 
 

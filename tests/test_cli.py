@@ -27,3 +27,41 @@ def test_cli_errors_are_clear(tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "lens_bias.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "demo" in r.stdout
+
+
+def test_mitigate_then_export_an_edit(tmp_path, capsys):
+    import pandas as pd
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "prune"
+    assert main(["mitigate", "--method", "prune-neurons", "--units", "0:103", "--out", str(out), "--quiet"]) == 0
+    assert "pruned 1 neurons: [(0, 103)]" in capsys.readouterr().out
+    table = pd.read_csv(out / "before_after.csv")
+    assert set(table["model"]) == {"original", "mitigated"} and (out / "model" / "config.json").exists()
+    # the edit file re-applied to the original model gives the exported model back
+    assert main(["export", "--edit", str(out / "edit.safetensors"), "--out", str(tmp_path / "again")]) == 0
+    ids = torch.tensor([[0, 31, 200, 7, 12]])
+    a = AutoModelForCausalLM.from_pretrained(out / "model", local_files_only=True)(input_ids=ids).logits
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "again", local_files_only=True)(input_ids=ids).logits
+    assert torch.equal(a, b)
+    # refusals are one clear line, exit code 2
+    assert main(["mitigate", "--method", "prune-heads", "--out", str(tmp_path / "x")]) == 2
+    assert "needs the components to prune" in capsys.readouterr().err
+    assert main(["mitigate", "--method", "prune-heads", "--units", "2:9", "--out", str(tmp_path / "y")]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert main(["mitigate", "--method", "prune-neurons", "--units", "0:103", "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["export", "--edit", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "z")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_mitigate_lsdm_on_the_organism(tmp_path, capsys):
+    import pandas as pd
+
+    assert main(["mitigate", "--method", "lsdm", "--out", str(tmp_path / "lsdm"), "--no-export", "--quiet"]) == 0
+    t = pd.read_csv(tmp_path / "lsdm" / "before_after.csv").pivot(index="measure", columns="model", values="value")
+    assert t.loc["abs_bias_held_out", "mitigated"] < t.loc["abs_bias_held_out", "original"] / 3
+    loss = t.loc["neutral_loss"]
+    assert abs(loss["mitigated"] - loss["original"]) / loss["original"] < 0.01
+    assert not (tmp_path / "lsdm" / "model").exists()
