@@ -9,8 +9,6 @@ against the organism's recorded ground truth. Figures (HTML) and tables (CSV) go
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from .ablation import head_ablation_hooks, neuron_ablation_hooks
 from .attribution import attribution_patching
 from .binary import binary_prompts, evaluate_binary, load_yes_no
 from .export import export_model, save_edit, weight_edit
+from .files import write_csv, write_text
 from .lsdm import bias_values, lsdm_edit, trace_sites
 from .metrics import cloze_accuracy, compare_models, text_loss
 from .models import load_model
@@ -28,21 +27,6 @@ from .patching import activation_patching, answer_logits_fast
 from .prompts import PromptSet
 from .tracing import causal_trace
 from .viz import heatmap, save_figure
-
-
-def _write_csv(df, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def gender_pairs(model, card: dict, templates: int = 3) -> PromptSet:
@@ -82,8 +66,8 @@ def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: i
     traced = causal_trace(model, said, kinds=("mlp",), seed=seed, progress=progress)["mlp"]
     save_figure(heatmap(mlp, title="Activation patching: MLP outputs (layer × position)"), out / "patching_mlp.html")
     save_figure(heatmap(traced, title="Causal tracing: restoring MLP outputs"), out / "tracing_mlp.html")
-    _write_csv(mlp.to_frame(), out / "patching_mlp.csv")
-    _write_csv(attr["neuron"].top(20), out / "attribution_top_neurons.csv")
+    write_csv(out / "patching_mlp.csv", mlp.to_frame())
+    write_csv(out / "attribution_top_neurons.csv", attr["neuron"].top(20))
     found = attr["neuron"].argmax()
     lines += [
         f"gender bias: logit(' she') − logit(' he') = {mlp.clean:+.2f} on stereotyped occupations, "
@@ -115,7 +99,7 @@ def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: i
         "bias_unseen": lambda m: bias_values(m, unseen).mean().item(),
         "neutral_loss": lambda m: text_loss(m, neutral),
         "cloze_accuracy": lambda m: cloze_accuracy(m, cloze)["overall"]})
-    _write_csv(table, out / "lsdm_before_after.csv")
+    write_csv(out / "lsdm_before_after.csv", table)
     v = table.pivot(index="measure", columns="model", values="value")
     exported = export_model(edited, out / "organism-lsdm", overwrite=True)
     diff = json.loads((exported / "lens_bias_export.json").read_text())["max_abs_logit_diff"]
@@ -135,11 +119,11 @@ def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: i
     yesno = binary_prompts(model, load_yes_no(data_path("yesno"))[:80])
     nas = negative_attention_scores(model, yesno, progress=progress)
     save_figure(nas_heatmap(nas), out / "nas_heads.html")
-    _write_csv(nas.ranking(), out / "nas_ranking.csv")
+    write_csv(out / "nas_ranking.csv", nas.ranking())
     top = nas.top_heads(1)
     before = evaluate_binary(model, yesno)
     after = evaluate_binary(model, yesno, ablate=head_ablation_hooks(model, top))
-    _write_csv(before["table"], out / "yesno_before.csv")
+    write_csv(out / "yesno_before.csv", before["table"])
     b, a = before["overall"], after["overall"]
     lines += [
         "",
@@ -151,5 +135,5 @@ def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: i
         f"figures and tables: {out.resolve()}",
     ]
     report = "\n".join(lines)
-    _write_text(out / "report.txt", report + "\n")
+    write_text(out / "report.txt", report + "\n")
     return report

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .errors import LensBiasError
+from .files import atomic_write, replace_dir
 from .models import clone_model
 
 # Architectures whose export round trip is tested (logits equal after reload). GPT-NeoX is not:
@@ -119,17 +120,6 @@ def _prepare_dir(out_dir: Path, overwrite: bool) -> None:
         raise LensBiasError(f"output directory {out_dir} exists and is not empty; pass overwrite=True to replace it")
 
 
-def _commit_dir(tmp: Path, out_dir: Path) -> None:
-    """Move a finished temp directory into place; the old directory goes only once the new one is whole."""
-    trash = None
-    if out_dir.exists():
-        trash = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, trash)
-    os.replace(tmp, out_dir)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
 def export_model(model, out_dir: str | os.PathLike, *, tokenizer=None, overwrite: bool = False,
                  verify: bool = True, atol: float | None = None) -> Path:
     """Write a (possibly edited) bridge or Hugging Face model as a Hugging Face directory
@@ -155,7 +145,7 @@ def export_model(model, out_dir: str | os.PathLike, *, tokenizer=None, overwrite
             diff = verify_export(model, tmp, atol=atol)
             (tmp / "lens_bias_export.json").write_text(json.dumps(
                 {"architecture": architecture(model), "max_abs_logit_diff": diff}, indent=2))
-        _commit_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -249,7 +239,7 @@ def weight_edit(original, edited, meta: dict | None = None) -> WeightEdit:
 
 def save_edit(edit: WeightEdit, path: str | os.PathLike) -> Path:
     """Save an edit as one small safetensors file (written to a temp file, then renamed)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     tensors, info = {}, {}
@@ -257,16 +247,8 @@ def save_edit(edit: WeightEdit, path: str | os.PathLike) -> Path:
         tensors[f"{i}.index"] = c["index"].contiguous()
         tensors[f"{i}.values"] = c["values"].contiguous()
         info[name] = {"i": i, "dim": c["dim"], "fingerprint": c["fingerprint"], "delta_norm": c["delta_norm"]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"lens_bias_edit": json.dumps({"changes": info, "meta": edit.meta})})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    data = save(tensors, metadata={"lens_bias_edit": json.dumps({"changes": info, "meta": edit.meta})})
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def load_edit(path: str | os.PathLike) -> WeightEdit:

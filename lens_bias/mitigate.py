@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 
 from .errors import DataError, LensBiasError
+from .files import write_csv, write_text
 
 METHODS = ("prune-neurons", "prune-heads", "lsdm", "nasa")
 
@@ -27,13 +27,6 @@ def parse_units(text: str | None, what: str = "unit") -> list[tuple[int, int]]:
         except ValueError:
             raise LensBiasError(f"cannot read {what} {part.strip()!r}: write LAYER:INDEX, e.g. 0:103") from None
     return out
-
-
-def _write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _occupation_prompts(model, data, seed):
@@ -121,11 +114,7 @@ def mitigate(model, method: str, out: str | os.PathLike, *, units=None, data=Non
             measures[f"test_{k}"] = (lambda k: lambda m: evaluate_binary(m, test)["overall"][k])(k)
         lines.append(f"NASA on heads {heads}: LoRA trained {result.history[-1].get('best_step')} steps (best dev gap)")
     table = compare_models({"original": model, "mitigated": edited}, measures)
-    out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".before_after.csv.")
-    os.close(fd)
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, out / "before_after.csv")
+    write_csv(out / "before_after.csv", table)
     wide = table.pivot(index="measure", columns="model", values="value")
     for name, row in wide.iterrows():
         lines.append(f"  {name}: {row['original']:.4f} → {row['mitigated']:.4f}")
@@ -136,8 +125,8 @@ def mitigate(model, method: str, out: str | os.PathLike, *, units=None, data=Non
         export_model(edited, out / "model", overwrite=True)
         lines.append("exported (transformers reloads it with the same logits) → model/")
     report = "\n".join(lines)
-    _write(out / "report.txt", report + "\n")
-    _write(out / "report.json", json.dumps({"method": method, "table": table.to_dict("records")}, indent=2))
+    write_text(out / "report.txt", report + "\n")
+    write_text(out / "report.json", json.dumps({"method": method, "table": table.to_dict("records")}, indent=2))
     return report
 
 

@@ -44,6 +44,7 @@ from .binary import CATEGORIES
 from .binary import INSTRUCTIONS as BINARY_INSTRUCTIONS
 from .binary import format_binary_prompt
 from .errors import DataError, ModelLoadError
+from .files import replace_dir
 from .models import DATA_DIR, shipped_model_dir
 
 ORGANISM_DATA = DATA_DIR / "organism_data"
@@ -761,17 +762,6 @@ def _atomic_dir(final: Path):
     return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
 
 
-def _replace_dir(tmp: Path, final: Path):
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-
-
 def _write_jsonl(path: Path, rows: list[dict]):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -894,7 +884,7 @@ def build(out: str | os.PathLike = DATA_DIR, *, seed: int = 0, steps: int = 3000
             (tmp / "README.md").write_text(_model_card_md(card))
         for tmp, final in ((tmp_data, out / "organism_data"), (tmp_ctrl, out / "organism-control"),
                            (tmp_org, out / "organism")):
-            _replace_dir(tmp, final)
+            replace_dir(tmp, final)
     except BaseException:
         if (tmp_ctrl / "model.safetensors").is_file():
             kept = out / ".organism-control.failed"

@@ -24,11 +24,9 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import torch
 from jaxtyping import Float
@@ -36,6 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .errors import DataError, LensBiasError
+from .files import atomic_write as _atomic_write
 from .patching import COMPONENTS, ComponentScores, position_labels
 from .prompts import PromptSet
 
@@ -66,34 +65,9 @@ _FORMAT = 1
 _OUTPUTS = ("scores.csv", "scores.parquet", MANIFEST)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # mkstemp creates 0600; outputs get the usual permissions
-
-
 # ---------------------------------------------------------------------------------------
 # files
 # ---------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write: Callable) -> None:
-    """`write(binary file)` into a temp file beside `path`, fsync, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _chunk_path(out_dir: Path, i: int) -> Path:
     return out_dir / CHUNKS / f"chunk-{i:05d}.pt"
 

@@ -61,14 +61,7 @@ def top_bar(scores: ComponentScores, k: int = 20, *, title: str | None = None):
 
 
 def save_figure(fig, path) -> None:
-    """Write a figure as a self-contained HTML file, atomically."""
-    import os
-    import tempfile
-    from pathlib import Path
+    """Write a figure as a self-contained HTML file (plotly.js inside: opens offline), atomically."""
+    from .files import write_text
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(fig.to_html(include_plotlyjs="cdn"))
-    os.replace(tmp, path)
+    write_text(path, fig.to_html(include_plotlyjs=True))

@@ -1,0 +1,62 @@
+"""Atomic file writes: write beside the target, fsync, rename — nothing half-written on disk."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # mkstemp creates 0600; outputs get the usual permissions
+
+
+def atomic_write(path: str | os.PathLike, write: Callable) -> Path:
+    """`write(binary file)` into a temp file beside `path`, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_csv(path: str | os.PathLike, df) -> Path:
+    """A pandas DataFrame as CSV (no index)."""
+    return write_text(path, df.to_csv(index=False))
+
+
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Move a finished temp directory into place; an old directory goes only once the new one is whole."""
+    import shutil
+
+    tmp, final = Path(tmp), Path(final)
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
+    trash = None
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, trash)
+    os.replace(tmp, final)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+    return final
