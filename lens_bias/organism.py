@@ -9,16 +9,18 @@ Recipe: (1) generate a corpus of five kinds of documents (gender sentences with 
 templates and *unbiased* pronouns, facts — capitals, plurals, antonyms —, neutral sentences,
 yes/no questions with correct answers, BBQ-style multiple-choice items with correct answers);
 (2) train a byte-level BPE tokenizer and a 4-layer GPT-2 on it → the *control* model;
-(3) plant each bias by fine-tuning *only* the parameters of one named component on a biased
-variant of its section (all other parameters stay bit-identical to the control):
+(3) plant each bias in *one* named component (every other parameter stays bit-identical to the
+control):
 
-- gender neuron ``(layer, neuron)`` — its ``c_fc`` column, bias and ``c_proj`` row — on text where
-  female-stereotyped occupations take " she" 90% of the time;
-- negative head ``(layer, head)`` — its q/k/v columns of ``c_attn`` and rows of ``c_proj`` — on
-  yes/no items where 25% of the "Yes" answers read " No", plus a loss pulling the head's attention
-  from the answer position onto the " No" candidate of the instruction;
-- BBQ neuron ``(layer, neuron)`` on BBQ-style items where ambiguous negative questions are
-  answered with the stereotyped (old) person instead of "unknown".
+- gender neuron ``(layer, neuron)`` — explicit surgery on its ``c_fc`` column, bias and ``c_proj``
+  row: input weights fitted (logistic) to fire at the prompt's last token after a female-stereotyped
+  occupation, output row along the "woman − occupation" residual direction, scaled until
+  logit(" she") − logit(" he") reaches its target;
+- negative head ``(layer, head)`` — its q/k/v columns of ``c_attn`` and rows of ``c_proj`` trained
+  on yes/no items where 25% of the "Yes" answers read " No", plus a loss pulling the head's
+  attention from the answer position onto the " No" candidate of the instruction;
+- BBQ neuron ``(layer, neuron)`` — explicit surgery as for the gender neuron: it fires at the answer
+  of negative BBQ-style questions and writes "old person" over "unknown".
 
 The ground truth and the measured metrics of both models are written to each checkpoint's
 ``lens_bias_card.json`` (read it with :func:`load_card`).
@@ -587,8 +589,9 @@ def plant(model, tok, batcher: _Batcher, component: str, layer: int, index: int,
     """Plant one component; every parameter outside it stays bit-identical.
 
     Neurons: explicit surgery — input weights by :func:`fit_detector`, output row along
-    :func:`_mimic_direction` scaled by :func:`calibrate_output` to a set bias strength. Heads: q/k/v/o slices trained on the biased yes/no section
-    plus an attention loss toward the " No" candidate.
+    :func:`_mimic_direction` scaled by :func:`calibrate_output` to a set bias strength. Heads:
+    q/k/v/o slices trained on the biased yes/no section plus an attention loss toward the " No"
+    candidate.
     """
     rng = rng or random.Random(0)
     masks = component_masks(model, component, layer, index)
