@@ -94,6 +94,7 @@ def cmd_export(args) -> int:
 _MITIGATIONS = """methods (--method):
   prune-neurons  zero the W_out rows of --units LAYER:NEURON,... (= zero ablation; Yang et al. 2024, CRISPR)
   prune-heads    zero the W_O slices of --units LAYER:HEAD,... (= zero ablation of hook_z)
+                 with --data (BBQ JSONL, or yes/no questions): bias and accuracy before/after too
   lsdm           causal tracing + closed-form least-squares edit of an MLP's W_out (Cai et al. 2024);
                  --data: professions (Vig et al. .json, or .txt one a line); default for the organism:
                  its card's occupations and templates; 70% of the occupations and half the templates

@@ -61,11 +61,30 @@ def _occupation_prompts(model, data, seed):
     return edit, held_out
 
 
+def _task_measures(model, data) -> dict:
+    """Bias and accuracy measures for a data file: BBQ JSONL (bias scores, accuracy) or yes/no
+    questions (precision − recall gap, accuracy)."""
+    from .bbq import bbq_evaluate, load_bbq
+    from .binary import binary_prompts, evaluate_binary, load_yes_no
+    from .data import read_text_file
+
+    first = next((line for line in read_text_file(data).splitlines() if line.strip()), "")
+    if '"context"' in first and '"ans0"' in first:
+        items = load_bbq(data)
+        keys = ("accuracy", "accuracy_ambig", "accuracy_disambig", "bias_ambig", "bias_disambig",
+                "stereotyped_rate_ambig")
+        return {f"bbq_{k}": (lambda k: lambda m: bbq_evaluate(m, items)[k])(k) for k in keys}
+    ps = binary_prompts(model, load_yes_no(data))
+    return {f"yesno_{k}": (lambda k: lambda m: evaluate_binary(m, ps)["overall"][k])(k)
+            for k in ("pr_gap", "accuracy", "yes_rate")}
+
+
 def mitigate(model, method: str, out: str | os.PathLike, *, units=None, data=None, neutral=None, top_k: int = 1,
              steps: int = 100, seed: int = 0, export: bool = True, overwrite: bool = False,
              progress: bool = True) -> str:
-    """Apply `method` ('prune-neurons', 'prune-heads' with `units`; 'lsdm' on occupations; 'nasa' on
-    yes/no data with `units` heads or the top-k NAS heads), write before_after.csv, edit.safetensors,
+    """Apply `method` ('prune-neurons', 'prune-heads' with `units`, evaluated on `data` — BBQ or
+    yes/no — when given; 'lsdm' on occupations; 'nasa' on yes/no data with `units` heads or the
+    top-k NAS heads), write before_after.csv, edit.safetensors,
     the exported model (out/model) and report.txt; return the report."""
     from .ablation import prune_heads
     from .binary import binary_prompts, evaluate_binary, load_yes_no
@@ -91,6 +110,8 @@ def mitigate(model, method: str, out: str | os.PathLike, *, units=None, data=Non
             raise LensBiasError(f"{method} needs the components to prune (--units LAYER:INDEX,...)")
         edited = (prune_neurons if method == "prune-neurons" else prune_heads)(model, units)
         lines.append(f"pruned {len(units)} {'neurons' if method == 'prune-neurons' else 'heads'}: {units}")
+        if data is not None:
+            measures.update(_task_measures(model, data))
     elif method == "lsdm":
         edit_set, held_out = _occupation_prompts(model, data, seed)
         edited, res = lsdm_edit(model, edit_set, neutral_text, progress=progress)

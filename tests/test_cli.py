@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 from lens_bias.cli import main
 
@@ -45,6 +46,13 @@ def test_mitigate_then_export_an_edit(tmp_path, capsys):
     a = AutoModelForCausalLM.from_pretrained(out / "model", local_files_only=True)(input_ids=ids).logits
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "again", local_files_only=True)(input_ids=ids).logits
     assert torch.equal(a, b)
+    # with a data set the bias it carries is measured too: the planted negative head, pruned
+    out2 = tmp_path / "head"
+    yesno = str(Path(__file__).resolve().parent.parent / "data" / "organism_data" / "yesno.jsonl")
+    assert main(["mitigate", "--method", "prune-heads", "--units", "2:1", "--data", yesno, "--out", str(out2),
+                 "--no-export", "--quiet"]) == 0
+    t = pd.read_csv(out2 / "before_after.csv").pivot(index="measure", columns="model", values="value")
+    assert t.loc["yesno_pr_gap", "original"] > 0.3 and abs(t.loc["yesno_pr_gap", "mitigated"]) < 0.1
     # refusals are one clear line, exit code 2
     assert main(["mitigate", "--method", "prune-heads", "--out", str(tmp_path / "x")]) == 2
     assert "needs the components to prune" in capsys.readouterr().err
