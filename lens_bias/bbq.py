@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from torch import Tensor
 
 from .data import read_text_file
 from .errors import DataError, PromptError
@@ -75,11 +76,9 @@ def unknown_option(item: dict) -> int | None:
     return None
 
 
-def option_logprobs(model, prompts: list[str], options: list[list[str]], batch_size: int = 16):
-    """log P(' option' | prompt) summed over the option's tokens, and the option's token count:
-    two tensors [n_prompts, n_options]."""
-    tok = model.tokenizer
-    device = next(model.parameters()).device
+def option_sequences(tok, prompts: list[str], options: list[list[str]]) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """Token ids of BOS + prompt + ' option' for every (prompt, option), flat, and each option's
+    (start, n_tokens) in its sequence."""
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     seqs, spans = [], []
     for p, opts in zip(prompts, options):
@@ -90,24 +89,57 @@ def option_logprobs(model, prompts: list[str], options: list[list[str]], batch_s
                 raise PromptError(f"option {o!r} tokenises to nothing (prompt {p!r})")
             seqs.append(p_ids + o_ids)
             spans.append((len(p_ids), len(o_ids)))
+    return seqs, spans
+
+
+def sequence_logprobs(model, seqs: list[list[int]], spans: list[tuple[int, int]]) -> Tensor:
+    """Σ log P(option tokens | prefix) per sequence, differentiable when grad is enabled.
+
+    Only the positions that predict option tokens are unembedded (the forward stops at the last
+    block): the full [batch, pos, vocab] logits never exist, which bounds memory."""
+    from .patching import _Stop
+
+    device = next(model.parameters()).device
+    tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    out = torch.zeros(len(seqs))
-    for s in range(0, len(seqs), batch_size):
-        chunk = seqs[s: s + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, q in enumerate(chunk):
-            ids[i, : len(q)] = torch.tensor(q)
-            mask[i, : len(q)] = 1
-        with torch.no_grad():
-            lp = model(ids.to(device), attention_mask=mask.to(device)).float().log_softmax(-1).cpu()
-        for i, q in enumerate(chunk):
-            start, n = spans[s + i]
-            pos = torch.arange(start - 1, start - 1 + n)
-            out[s + i] = lp[i, pos, torch.tensor(q[start: start + n])].sum()
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, q in enumerate(seqs):
+        ids[i, : len(q)] = torch.tensor(q)
+        mask[i, : len(q)] = 1
+    store = {}
+
+    def grab(x, hook):
+        store["resid"] = x
+        raise _Stop
+
+    try:
+        with model.hooks(fwd_hooks=[(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", grab)]):
+            model(ids.to(device), attention_mask=mask.to(device))
+    except _Stop:
+        pass
+    rows = torch.tensor([i for i, (s, n) in enumerate(spans) for _ in range(n)], device=device)
+    pos = torch.tensor([s - 1 + j for s, n in spans for j in range(n)], device=device)
+    target = torch.tensor([seqs[i][s + j] for i, (s, n) in enumerate(spans) for j in range(n)], device=device)
+    x = model.ln_final(store["resid"][rows, pos][None])[0]
+    logits = x @ model.W_U
+    if getattr(model, "b_U", None) is not None:
+        logits = logits + model.b_U
+    lp = logits.float().log_softmax(-1).gather(1, target[:, None])[:, 0]
+    return torch.zeros(len(seqs), device=device, dtype=lp.dtype).index_add(0, rows, lp)
+
+
+def option_logprobs(model, prompts: list[str], options: list[list[str]], batch_size: int = 16):
+    """log P(' option' | prompt) summed over the option's tokens, and the option's token count:
+    two tensors [n_prompts, n_options]."""
+    seqs, spans = option_sequences(model.tokenizer, prompts, options)
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(seqs), batch_size):
+            out.append(sequence_logprobs(model, seqs[s: s + batch_size], spans[s: s + batch_size]).cpu())
     k = len(options[0])
-    return out.view(len(prompts), k), torch.tensor([n for _, n in spans], dtype=torch.float).view(len(prompts), k)
+    return torch.cat(out).view(len(prompts), k), torch.tensor([n for _, n in spans], dtype=torch.float).view(len(prompts), k)
 
 
 def bbq_evaluate(model, items: list[dict], instructions: list[str] | None = None, normalize: bool = False,

@@ -20,30 +20,59 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .bbq import INSTRUCTIONS, format_mc_prompt, option_logprobs
+from .bbq import INSTRUCTIONS, format_mc_prompt, option_sequences, sequence_logprobs
 from .errors import LensBiasError
 from .models import clone_model
 from .patching import ComponentScores
 
 
-def _seq_batch(tok, prompts: list[str], options: list[str], device):
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    seqs, spans = [], []
-    for p, o in zip(prompts, options):
-        p_ids = bos + tok(p, add_special_tokens=False)["input_ids"]
-        o_ids = tok(" " + o, add_special_tokens=False)["input_ids"]
-        if not o.strip() or not o_ids:
-            raise LensBiasError(f"option {o!r} tokenises to nothing (prompt {p!r})")
-        seqs.append(p_ids + o_ids)
-        spans.append((len(p_ids), len(o_ids)))
-    width = max(map(len, seqs))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device), spans, seqs
+def _attribute(model, prompts: list[str], options: list[list[str]], tokens: str, choose) -> tuple[Tensor, dict]:
+    """One forward over every (prompt, option) sequence, then per target set `name` (from
+    `choose(P)`, P = option probabilities [n, k]) the attribution A = h · ∂P(target | x)/∂h of every
+    MLP neuron, max over the selected tokens: (P, {name: [n, layer, d_mlp]})."""
+    if tokens not in ("input", "option", "all"):
+        raise LensBiasError(f"tokens must be 'input', 'option' or 'all', not {tokens!r}")
+    k = len(options[0])
+    n = len(prompts)
+    seqs, spans = option_sequences(model.tokenizer, prompts, options)
+    L = model.cfg.n_layers
+    acts = {}
+
+    def keep(x, hook, l):
+        acts[l] = x
+        return x
+
+    hooks = [(f"blocks.{l}.mlp.hook_post", (lambda l: lambda x, hook: keep(x, hook, l))(l)) for l in range(L)]
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        probs = sequence_logprobs(model, seqs, spans).view(n, k).softmax(-1)
+        targets = choose(probs.detach().cpu())
+        xs = [acts[l] for l in range(L)]
+        out = {}
+        for j, (name, t) in enumerate(targets.items()):
+            t = torch.as_tensor(t, dtype=torch.long)
+            obj = probs[torch.arange(n), t.to(probs.device)].sum()
+            grads = torch.autograd.grad(obj, xs, retain_graph=j < len(targets) - 1)
+            out[name] = _reduce(xs, grads, spans, t.tolist(), k, tokens)
+    return probs.detach().cpu(), out
+
+
+def _reduce(acts, grads, spans, targets, k, tokens) -> Tensor:
+    """h · g at the selected tokens, max over them, per prompt and layer. A prompt token's
+    activation is shared by its k option sequences (causal attention): its gradient is their sum."""
+    L = len(acts)
+    out = torch.empty(len(targets), L, acts[0].shape[-1])
+    for i, t in enumerate(targets):
+        rows = list(range(i * k, (i + 1) * k))
+        start, n = spans[rows[t]]
+        for l in range(L):
+            h = acts[l][rows[t]].detach()
+            g_in = grads[l][rows].sum(0)[:start]
+            a_in = h[:start] * g_in
+            a_opt = h[start - 1: start - 1 + n] * grads[l][rows[t], start - 1: start - 1 + n]
+            a_opt = torch.cat([a_in[start - 1:], a_opt[1:]]) if n > 1 else a_in[start - 1:]
+            a = {"input": a_in, "option": a_opt, "all": torch.cat([a_in, a_opt[1:]])}[tokens]
+            out[i, l] = a.amax(0).float().cpu()
+    return out
 
 
 def option_attributions(model, prompts: list[str], options: list[list[str]], targets: list[int],
@@ -51,47 +80,11 @@ def option_attributions(model, prompts: list[str], options: list[list[str]], tar
     """A(o) = h · ∂P(o | x)/∂h per prompt and neuron, max over tokens: [n, layer, d_mlp].
 
     P(o | x) is the option's probability among the prompt's options (softmax of the options'
-    summed token log-probabilities), so the gradient flows through every option's sequence; a
-    prompt token's activation is shared by those sequences (causal attention), so its gradient
-    is their sum. One forward + backward per call. tokens: 'input' (the prompt's tokens),
-    'option' (the tokens that predict the target option) or 'all'.
+    summed token log-probabilities), so the gradient flows through every option's sequence.
+    One forward + backward per call. tokens: 'input' (the prompt's tokens), 'option' (the tokens
+    that predict the target option) or 'all'.
     """
-    if tokens not in ("input", "option", "all"):
-        raise LensBiasError(f"tokens must be 'input', 'option' or 'all', not {tokens!r}")
-    device = next(model.parameters()).device
-    k = len(options[0])
-    flat_p = [p for p in prompts for _ in range(k)]
-    flat_o = [o for opts in options for o in opts]
-    ids, mask, spans, _ = _seq_batch(model.tokenizer, flat_p, flat_o, device)
-    L = model.cfg.n_layers
-    acts, grads = {}, {}
-
-    def keep(x, hook, l):
-        acts[l] = x.detach()
-        x.register_hook(lambda g: grads.__setitem__(l, g.detach()))
-        return x
-
-    hooks = [(f"blocks.{l}.mlp.hook_post", (lambda l: lambda x, hook: keep(x, hook, l))(l)) for l in range(L)]
-    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-        logp = model(ids, attention_mask=mask).float().log_softmax(-1)
-        seq_lp = torch.stack([logp[i, torch.arange(s - 1, s - 1 + n, device=device), ids[i, s: s + n]].sum()
-                              for i, (s, n) in enumerate(spans)]).view(len(prompts), k)
-        p_norm = seq_lp.softmax(-1)
-        p_norm[torch.arange(len(prompts)), torch.tensor(targets)].sum().backward()
-    model.zero_grad(set_to_none=True)
-    out = torch.empty(len(prompts), L, acts[0].shape[-1])
-    for i, t in enumerate(targets):
-        rows = list(range(i * k, (i + 1) * k))
-        start, n = spans[rows[t]]
-        for l in range(L):
-            h = acts[l][rows[t]]
-            g_in = grads[l][rows].sum(0)[:start]  # prompt positions: shared by every option's sequence
-            a_in = h[:start] * g_in
-            a_opt = h[start - 1: start - 1 + n] * grads[l][rows[t], start - 1: start - 1 + n]
-            a_opt = torch.cat([a_in[start - 1:], a_opt[1:]]) if n > 1 else a_in[start - 1:]
-            a = {"input": a_in, "option": a_opt, "all": torch.cat([a_in, a_opt[1:]])}[tokens]
-            out[i, l] = a.amax(0).float().cpu()
-    return out
+    return _attribute(model, prompts, options, tokens, lambda p: {"a": targets})[1]["a"]
 
 
 def crispr_scores(model, items: list[dict], instructions: list[str] | None = None, *, lam: float = 1.0,
@@ -104,26 +97,31 @@ def crispr_scores(model, items: list[dict], instructions: list[str] | None = Non
     instructions = instructions or INSTRUCTIONS
     L, D = model.cfg.n_layers, model.cfg.d_mlp
     per_instruction = []
-    for ins in tqdm(instructions, desc="CRISPR", disable=not progress):
+    bar = tqdm(total=len(instructions) * len(items), desc="CRISPR", unit="item", disable=not progress)
+    for ins in instructions:
         total, weight = torch.zeros(L, D), 0.0
         for s in range(0, len(items), batch_size):
             chunk = items[s: s + batch_size]
             prompts = [format_mc_prompt(ins, it["context"], it["question"], [it["ans0"], it["ans1"], it["ans2"]])
                        for it in chunk]
             opts = [[it["ans0"], it["ans1"], it["ans2"]] for it in chunk]
-            lp, _ = option_logprobs(model, prompts, opts, batch_size=3 * batch_size)
-            probs = lp.softmax(-1)
             gold = torch.tensor([int(it["label"]) for it in chunk])
-            wrong = probs.clone()
-            wrong[torch.arange(len(chunk)), gold] = -1
-            y_hat = wrong.argmax(-1)
+
+            def choose(probs):
+                wrong = probs.clone()
+                wrong[torch.arange(len(chunk)), gold] = -1
+                return {"hat": wrong.argmax(-1), "gold": gold}
+
+            probs, a = _attribute(model, prompts, opts, tokens, choose)  # one forward, two backwards
+            y_hat = choose(probs)["hat"]
             conf = probs[torch.arange(len(chunk)), y_hat]
-            a_hat = option_attributions(model, prompts, opts, y_hat.tolist(), tokens)
-            a_gold = option_attributions(model, prompts, opts, gold.tolist(), tokens)
+            a_hat, a_gold = a["hat"], a["gold"]
             b = a_hat - lam * a_gold.clamp(min=0)
             total += (conf[:, None, None] * b).sum(0)
             weight += conf.sum().item()
+            bar.update(len(chunk))
         per_instruction.append(total / max(weight, 1e-12))
+    bar.close()
     vals = torch.stack(per_instruction).mean(0)
     if torch.isnan(vals).any():
         raise LensBiasError("NaN in neuron scores: check the model's dtype and inputs")
