@@ -2,7 +2,6 @@
 planted gender neuron first."""
 
 import pytest
-import torch
 
 from lens_bias.attribution import agreement, attribution_patching
 from lens_bias.errors import LensBiasError
