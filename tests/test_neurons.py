@@ -99,3 +99,14 @@ def test_organism_planted_bbq_neuron(organism, organism_control, organism_card):
     assert by.loc["pruned", "stereotyped_rate_ambig"] == pytest.approx(pruned)
     assert by.loc["original", "stereotyped_rate_ambig"] == pytest.approx(before)
     assert abs(by.loc["pruned", "neutral_loss"] - by.loc["original", "neutral_loss"]) < 0.01 * by.loc["original", "neutral_loss"]
+
+
+def test_bbq_table_matches_the_scores(organism):
+    items = load_bbq(data_path("bbq"))[:30]
+    r = bbq_evaluate(organism, items, INSTRUCTIONS[:2], table=True)
+    t = r["table"]
+    assert len(t) == 60 == r["n_answers"]
+    assert r["accuracy"] == pytest.approx((t["pred"] == t["label"]).mean())
+    amb = t[t["condition"] == "ambig"]
+    assert r["accuracy_ambig"] == pytest.approx((amb["pred"] == amb["label"]).mean())
+    assert "table" not in bbq_evaluate(organism, items[:3])
