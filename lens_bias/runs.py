@@ -29,8 +29,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from jaxtyping import Float
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from .errors import DataError, LensBiasError
@@ -317,31 +315,8 @@ def _chunk_attribution(model, data, lo, hi, opts, batch_size, state):
     return sums, meta, hi - lo, {}
 
 
-def _noise_stream(spans: list[tuple[int, int]], n_pos: int, d_model: int, scale: float, seed: int):
-    """take(lo, hi) → subject noise [hi − lo, pos, d_model] of rows lo..hi, equal to
-    tracing.subject_noise over the whole (repeated) set: one seeded generator, rows drawn in
-    order, so a chunk's noise does not depend on where the chunks start (rows before `lo` are
-    drawn and dropped)."""
-    gen = torch.Generator().manual_seed(seed)
-    cursor = 0
-
-    def take(lo: int, hi: int) -> Float[Tensor, "rows pos d_model"]:
-        nonlocal cursor
-        if lo < cursor:
-            raise RuntimeError("subject noise must be taken in increasing row order")
-        for a, b in spans[cursor:lo]:
-            torch.randn(b - a, d_model, generator=gen)
-        out = torch.zeros(hi - lo, n_pos, d_model)
-        for r, (a, b) in enumerate(spans[lo:hi]):
-            out[r, a:b] = torch.randn(b - a, d_model, generator=gen) * scale
-        cursor = hi
-        return out
-
-    return take
-
-
 def _prepare_tracing(model, data: PromptSet, opts, seed):
-    """Checks as causal_trace makes them, the noise scale from the whole data set, the noise stream."""
+    """The noise scale from the whole data set (chunks then trace with the same noise as one run)."""
     from .tracing import embedding_std
 
     if data.subject_spans is None:
@@ -349,38 +324,21 @@ def _prepare_tracing(model, data: PromptSet, opts, seed):
     if not data.same_length:
         raise LensBiasError("causal tracing averages over positions: every prompt must have the same number of "
                             "tokens (use one template)")
-    if opts["samples"] < 1:
-        raise LensBiasError(f"samples must be ≥ 1, got {opts['samples']}")
-    scale = embedding_std(model, data, opts["std"])
-    k = opts["samples"]
-    spans = [tuple(s) for s in data.subject_spans.tolist() for _ in range(k)]
-    noise = _noise_stream(spans, data.tokens.shape[1], model.cfg.d_model, opts["noise"] * scale, seed)
-    return {"scale": scale, "seed": seed, "noise": noise}
+    return {"scale": embedding_std(model, data, opts["std"]), "seed": seed}
 
 
 def _chunk_tracing(model, data, lo, hi, opts, batch_size, state):
-    """causal_trace of prompts lo..hi with the whole set's noise scale and noise (so chunks are exact)."""
-    from .patching import activation_patching
-    from .tracing import TRACE_KINDS
+    """causal_trace of prompts lo..hi with the whole set's noise scale; its per-row seeded noise
+    (first_row) makes the chunks exact."""
+    from .tracing import causal_trace
 
-    k = opts["samples"]
-    sub = data[[i for i in range(lo, hi) for _ in range(k)]]
-    device = next(model.parameters()).device
-    eps = state["noise"](lo * k, hi * k).to(device)
-
-    def corruption(prompt_idx: Tensor):  # as tracing.subject_corruption, with this chunk's rows of the noise
-        rows = eps[prompt_idx.to(device)]
-        return [("hook_embed", lambda x, hook: x + rows.to(x.dtype))]
-
+    res = causal_trace(model, data[lo:hi], tuple(opts["components"]), noise=opts["noise"], std=state["scale"],
+                       samples=opts["samples"], seed=state["seed"], window=opts["window"], metric=opts["metric"],
+                       batch_size=batch_size, progress=False, first_row=lo * opts["samples"])
     sums, meta = {}, {}
-    for kind in opts["components"]:
-        res = activation_patching(model, sub, TRACE_KINDS[kind], per_position=True, metric=opts["metric"],
-                                  window=opts["window"] if kind != "resid" else 1, corruption=corruption,
-                                  batch_size=batch_size, progress=False)
-        res.method = "tracing"
-        res.extra.update({"noise": opts["noise"], "embedding_std": state["scale"], "samples": k,
-                          "seed": state["seed"], "kind": kind, "subject_span": list(sub.subject_spans[0].tolist())})
-        _scores_sums(kind, res, len(sub), sums, meta)
+    for kind, r in res.items():
+        r.extra["embedding_std"] = state["scale"]
+        _scores_sums(kind, r, (hi - lo) * opts["samples"], sums, meta)
     return sums, meta, hi - lo, {}
 
 

@@ -37,23 +37,29 @@ def embedding_std(model, ps: PromptSet | None = None, std: str | float = "subjec
     return W_E[ids.to(W_E.device)].std().item()
 
 
-def subject_noise(model, ps: PromptSet, noise: float = 3.0, seed: int = 0, std: str | float = "subject") -> Tensor:
-    """Seeded Gaussian noise [batch, pos, d_model] of std `noise` × embedding_std, zero outside the subject spans."""
+def subject_noise(model, ps: PromptSet, noise: float = 3.0, seed: int = 0, std: str | float = "subject",
+                  first_row: int = 0) -> Tensor:
+    """Seeded Gaussian noise [batch, pos, d_model] of std `noise` × embedding_std, zero outside the subject spans.
+
+    Row r draws from a generator seeded by (seed, first_row + r), so a prompt's noise does not
+    depend on the other prompts: a data set traced in chunks (first_row = the chunk's start, std
+    fixed from the whole set) gets the same noise as traced at once."""
     if ps.subject_spans is None:
         raise LensBiasError("causal tracing needs subject spans: build the PromptSet with subjects=[...]")
     scale = noise * embedding_std(model, ps, std)
-    gen = torch.Generator().manual_seed(seed)
     n, p, d = len(ps), ps.tokens.shape[1], model.cfg.d_model
     out = torch.zeros(n, p, d)
     for i, (a, b) in enumerate(ps.subject_spans.tolist()):
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + first_row + i)
         out[i, a:b] = torch.randn(b - a, d, generator=gen) * scale
     return out
 
 
-def subject_corruption(model, ps: PromptSet, noise: float = 3.0, seed: int = 0, std: str | float = "subject"):
+def subject_corruption(model, ps: PromptSet, noise: float = 3.0, seed: int = 0, std: str | float = "subject",
+                       first_row: int = 0):
     """A `corruption` for activation_patching: add subject noise to the token embeddings (hook_embed)."""
     device = next(model.parameters()).device
-    eps = subject_noise(model, ps, noise, seed, std).to(device)
+    eps = subject_noise(model, ps, noise, seed, std, first_row).to(device)
 
     def corruption(prompt_idx: Tensor):
         rows_noise = eps[prompt_idx.to(device)]
@@ -79,6 +85,7 @@ def causal_trace(
     metric: str = "logit_diff",
     batch_size: int | None = None,
     progress: bool = True,
+    first_row: int = 0,
 ) -> dict[str, ComponentScores]:
     """Indirect effect of restoring each (layer, token) state, per kind ('resid', 'mlp', 'attn').
 
@@ -86,7 +93,8 @@ def causal_trace(
     (ROME uses 10). `window` > 1 restores mlp/attn outputs in a window of layers centred on each
     layer (ROME uses 10; the residual is always restored at one layer). Returns ComponentScores
     [layer, pos] per kind; `.effect` is IE = metric(restored) − metric(corrupted), `.normalized`
-    divides by the total effect metric(clean) − metric(corrupted).
+    divides by the total effect metric(clean) − metric(corrupted). To trace a data set in chunks,
+    pass each chunk's start × samples as `first_row` and the whole set's embedding_std as `std`.
     """
     unknown = [k for k in kinds if k not in TRACE_KINDS]
     if unknown or not kinds:
@@ -103,7 +111,7 @@ def causal_trace(
     scale = embedding_std(model, ps, std)
     if samples > 1:
         ps = ps[[i for i in range(len(ps)) for _ in range(samples)]]
-    corruption = subject_corruption(model, ps, noise, seed, scale)
+    corruption = subject_corruption(model, ps, noise, seed, scale, first_row)
     out = {}
     for kind in kinds:
         res = activation_patching(model, ps, TRACE_KINDS[kind], per_position=True, metric=metric,
