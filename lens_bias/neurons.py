@@ -96,7 +96,7 @@ def crispr_scores(model, items: list[dict], instructions: list[str] | None = Non
         raise LensBiasError("no BBQ items to attribute")
     instructions = instructions or INSTRUCTIONS
     L, D = model.cfg.n_layers, model.cfg.d_mlp
-    per_instruction = []
+    per_instruction, totals, weights = [], [], []
     bar = tqdm(total=len(instructions) * len(items), desc="CRISPR", unit="item", disable=not progress)
     for ins in instructions:
         total, weight = torch.zeros(L, D), 0.0
@@ -121,12 +121,16 @@ def crispr_scores(model, items: list[dict], instructions: list[str] | None = Non
             weight += conf.sum().item()
             bar.update(len(chunk))
         per_instruction.append(total / max(weight, 1e-12))
+        totals.append(total)
+        weights.append(weight)
     bar.close()
     vals = torch.stack(per_instruction).mean(0)
     if torch.isnan(vals).any():
         raise LensBiasError("NaN in neuron scores: check the model's dtype and inputs")
     return ComponentScores(vals, ("layer", "neuron"), "neuron", "crispr",
-                           extra={"lambda": lam, "tokens": tokens, "n_instructions": len(instructions)})
+                           extra={"lambda": lam, "tokens": tokens, "n_instructions": len(instructions),
+                                  # Σ_items c·B and Σ_items c per instruction: sums that combine across chunks
+                                  "totals": torch.stack(totals), "weights": torch.tensor(weights)})
 
 
 def top_neurons(scores: ComponentScores, n: int) -> list[tuple[int, int]]:

@@ -352,22 +352,6 @@ def _chunk_nas(model, data, lo, hi, opts, batch_size, state):
     return sums, {}, n, {"per_prompt": res.per_prompt}
 
 
-def _confusion_weight(model, items: list[dict], instruction: str, batch_size: int) -> float:
-    """Σ confusion score P(ŷ | x) over items: the weight crispr_scores divides by (same batches)."""
-    from .bbq import format_mc_prompt, option_logprobs
-
-    total = 0.0
-    for s in range(0, len(items), batch_size):
-        chunk = items[s: s + batch_size]
-        opts = [[it["ans0"], it["ans1"], it["ans2"]] for it in chunk]
-        prompts = [format_mc_prompt(instruction, it["context"], it["question"], o) for it, o in zip(chunk, opts)]
-        probs = option_logprobs(model, prompts, opts, batch_size=3 * batch_size)[0].softmax(-1)
-        gold = torch.tensor([int(it["label"]) for it in chunk])
-        probs[torch.arange(len(chunk)), gold] = -1
-        total += probs.amax(-1).sum().item()
-    return total
-
-
 def _instructions(opts) -> list[str]:
     from .bbq import INSTRUCTIONS
 
@@ -376,19 +360,13 @@ def _instructions(opts) -> list[str]:
 
 
 def _chunk_neurons(model, data, lo, hi, opts, batch_size, state):
-    """Per instruction: crispr_scores × its confusion weight = the weighted sum, so chunks combine
+    """Per instruction: crispr_scores' confusion-weighted sum and its weight, so chunks combine
     as crispr_scores' confusion-weighted mean over all items."""
     from .neurons import crispr_scores
 
-    items, bs = data[lo:hi], batch_size or 8
-    totals, weights = [], []
-    for ins in _instructions(opts):
-        res = crispr_scores(model, items, [ins], lam=opts["lam"], tokens=opts["tokens"], batch_size=bs,
-                            progress=False)
-        w = _confusion_weight(model, items, ins, bs)
-        totals.append(res.values.double() * max(w, 1e-12))
-        weights.append(w)
-    sums = {"totals": torch.stack(totals), "weights": torch.tensor(weights, dtype=torch.float64)}
+    res = crispr_scores(model, data[lo:hi], _instructions(opts), lam=opts["lam"], tokens=opts["tokens"],
+                        batch_size=batch_size or 8, progress=False)
+    sums = {"totals": res.extra["totals"].double(), "weights": res.extra["weights"].double()}
     return sums, {}, hi - lo, {}
 
 
