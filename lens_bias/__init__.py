@@ -15,7 +15,7 @@ from .data import (VIG_TEMPLATES, WINOGENDER_ANSWERS, load_professions, load_swa
 from .errors import DataError, LensBiasError, ModelLoadError, PromptError
 from .export import (SUPPORTED_ARCHITECTURES, WeightEdit, apply_edit, export_model, hf_state_dict, load_edit,
                      load_hf_weights, save_edit, to_hf_model, verify_export, weight_edit)
-from .lsdm import LSDMResult, bias_values, lsdm_delta, lsdm_edit, trace_sites
+from .lsdm import LSDMResult, bias_table, bias_values, lsdm_delta, lsdm_edit, trace_sites
 from .metrics import (answer_logits, cloze_accuracy, compare_models, get_metric, logit_diff, normalized_metric,
                       odds_ratio, prob_ratio, text_loss, total_effect)
 from .models import clone_model, load_model, resolve_device, resolve_dtype, save_random_model, shipped_model_dir
@@ -43,7 +43,7 @@ __all__ = [
     "professions_prompts", "swap_gender", "swapped_pairs", "winobias_prompts", "winogender_prompts",
     "SUPPORTED_ARCHITECTURES", "WeightEdit", "apply_edit", "export_model", "hf_state_dict", "load_edit",
     "load_hf_weights", "save_edit", "to_hf_model", "verify_export", "weight_edit",
-    "LSDMResult", "bias_values", "lsdm_delta", "lsdm_edit", "trace_sites",
+    "LSDMResult", "bias_table", "bias_values", "lsdm_delta", "lsdm_edit", "trace_sites",
     "DataError", "LensBiasError", "ModelLoadError", "PromptError",
     "answer_logits", "cloze_accuracy", "compare_models", "get_metric", "logit_diff", "text_loss", "normalized_metric", "odds_ratio", "prob_ratio", "total_effect",
     "clone_model", "load_model", "resolve_device", "resolve_dtype", "save_random_model", "shipped_model_dir",

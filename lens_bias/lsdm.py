@@ -5,7 +5,8 @@ outputs on other text (ROME/MEMIT's key–value view of an MLP).
 
 Derivation. An MLP's output layer maps keys k = hook_post activations (d_mlp) to values
 v = k W_out (d_model). Collect keys H (n × d_mlp) at the edit position of the bias prompts and
-preservation keys H₀ (n₀ × d_mlp) at every token of neutral text. For each bias prompt i find the
+preservation keys H₀ (n₀ × d_mlp) at every token of neutral text and at the bias prompts' other
+tokens (so the edit does not leak into them). For each bias prompt i find the
 change r_i of the MLP output that moves its bias metric (logit difference ' she' − ' he') to
 the target (0, or the anti-stereotype mirror −LD): r_i = α_i ĝ along the gender direction ĝ
 (the mean gradient of the logit difference with respect to the MLP output, unit length), α_i by
@@ -85,18 +86,25 @@ def w_out(model, layer: int) -> Float[Tensor, "d_mlp d_model"]:
     return w if type(hf).__name__ == "Conv1D" else w.T
 
 
-def mlp_keys(model, ps: PromptSet, layer: int, positions: Tensor, batch_size: int = 32) -> Float[Tensor, "n d_mlp"]:
-    """MLP hidden activations (hook_post) of `layer` at one position per prompt."""
+def mlp_keys(model, ps: PromptSet, layer: int, positions: Tensor,
+             batch_size: int = 32) -> tuple[Float[Tensor, "n d_mlp"], Float[Tensor, "m d_mlp"]]:
+    """MLP hidden activations (hook_post) of `layer`: at one position per prompt (the edit keys),
+    and at the prompts' other real tokens after BOS (context keys, to be preserved)."""
     name = f"blocks.{layer}.mlp.hook_post"
     dev = next(model.parameters()).device
-    out = []
+    keys, context = [], []
     for start in range(0, len(ps), batch_size):
         b = ps[list(range(start, min(start + batch_size, len(ps))))].to(dev)
         pos = positions[start:start + len(b)].to(dev)
         with torch.no_grad():
             _, cache = model.run_with_cache(b.tokens, attention_mask=b.attention_mask, names_filter=[name])
-        out.append(cache[name][torch.arange(len(b), device=dev), pos].float())
-    return torch.cat(out)
+        rows = torch.arange(len(b), device=dev)
+        keys.append(cache[name][rows, pos].float())
+        other = b.attention_mask.bool().clone()
+        other[rows, pos] = False
+        other[:, 0] = False
+        context.append(cache[name][other].float())
+    return torch.cat(keys), torch.cat(context)
 
 
 def preservation_keys(model, texts: str | list[str], layer: int, *, max_keys: int = 20000,
@@ -271,8 +279,10 @@ def lsdm_edit(
         raise LensBiasError(f"unknown target {target!r}; use 'zero', 'mirror' or a number")
     norms = {}
     for j, layer in enumerate(tqdm(layers, desc="LSDM layers", disable=not progress)):
-        keys = mlp_keys(target_model, ps_dev, layer, pos_dev, batch_size)
-        keys0 = preservation_keys(target_model, preserve, layer, batch_size=batch_size).to(dev)
+        keys, context = mlp_keys(target_model, ps_dev, layer, pos_dev, batch_size)
+        # preserve the neutral text's outputs and the edit prompts' own other tokens (the edit must
+        # not leak into them, e.g. into the answer position when editing at the subject)
+        keys0 = torch.cat([preservation_keys(target_model, preserve, layer, batch_size=batch_size).to(dev), context])
         g = gender_direction(target_model, ps_dev, layer, pos_dev, batch_size)
         alphas = []
         for s in range(0, len(ps), batch_size):
@@ -293,3 +303,19 @@ def lsdm_edit(
                         abs_bias_before=float(ld0.abs().mean()), abs_bias_after=float(ld1.abs().mean()),
                         extra={"target": target, "lam": lam, "ridge": ridge})
     return target_model, result
+
+
+def bias_table(models: dict, sets: dict[str, PromptSet], batch_size: int = 32):
+    """Tidy gender-bias table: per model and prompt set, mean LD = logit(a₀) − logit(a₁) and mean |LD|
+    (e.g. sets from professions_prompts, winobias_prompts, winogender_prompts)."""
+    import pandas as pd
+
+    if not models or not sets:
+        raise LensBiasError("bias_table needs at least one model and one prompt set")
+    rows = []
+    for mn, m in models.items():
+        for sn, ps in sets.items():
+            ld = bias_values(m, ps, batch_size)
+            rows.append({"model": mn, "set": sn, "n": len(ps), "mean_ld": ld.mean().item(),
+                         "mean_abs_ld": ld.abs().mean().item()})
+    return pd.DataFrame(rows)

@@ -114,3 +114,37 @@ def test_lsdm_bad_input(organism, setup):
         lsdm_edit(organism, no_spans, setup["neutral"], layers=[0], position="subject", progress=False)
     with pytest.raises(LensBiasError, match="empty"):
         lsdm_edit(organism, train, "   \n", layers=[0], position="last", progress=False)
+
+
+def test_lsdm_on_real_data_sets(tiny_gpt2, shared_data):
+    """The whole pipeline on the real data (GPT-2 tokenizer, random weights): edit on Vig et al.'s
+    professions, report professions, WinoBias and Winogender before/after."""
+    from lens_bias.data import (load_professions, load_winobias, load_winogender, professions_prompts,
+                                winobias_prompts, winogender_prompts)
+    from lens_bias.lsdm import bias_table
+
+    profs = load_professions(shared_data / "professions" / "professions.json")
+    with pytest.warns(UserWarning, match="not single tokens"):
+        edit = professions_prompts(tiny_gpt2, profs.iloc[:40], templates=["The {} said that"], corrupt_with=None)
+        held = professions_prompts(tiny_gpt2, profs.iloc[40:80], templates=["The {} yelled that"], corrupt_with=None)
+    edited, r = lsdm_edit(tiny_gpt2, edit, data_path("neutral").read_text(), layers=[0], position="subject",
+                          progress=False)
+    # random weights carry no shared gender direction, so this checks the pipeline, not the effect
+    # (the organism tests above check the effect): only layer 0's W_out changed
+    from lens_bias.export import weight_edit
+
+    assert list(weight_edit(tiny_gpt2, edited).changes) == ["transformer.h.0.mlp.c_proj.weight"]
+    sets = {"professions (held out)": held,
+            "winobias": winobias_prompts(tiny_gpt2, load_winobias(shared_data / "winobias")),
+            "winogender": winogender_prompts(tiny_gpt2, load_winogender(shared_data / "winogender"))}
+    table = bias_table({"original": tiny_gpt2, "lsdm": edited}, sets)
+    assert len(table) == 6 and table["n"].min() > 10 and table["mean_abs_ld"].notna().all()
+    wb = table[(table.model == "original") & (table.set == "winobias")].iloc[0]
+    assert wb["mean_ld"] == pytest.approx(bias_values(tiny_gpt2, sets["winobias"]).mean().item())
+
+
+def test_a_site_that_cannot_carry_the_bias_is_refused(tiny_gpt2):
+    ps = PromptSet.build(tiny_gpt2, ["The nurse said that"], (" she", " he"), subjects=["nurse"])
+    # the last layer's MLP at the subject token reaches no later attention: no effect on the answer
+    with pytest.raises(LensBiasError, match="does not depend on layer 1's MLP output"):
+        lsdm_edit(tiny_gpt2, ps, "Some neutral text here.", layers=[1], position="subject", progress=False)
