@@ -6,7 +6,7 @@ The public API is re-exported here; each method lives in a module of its own.
 from .ablation import (ablate_heads, ablate_neurons, combine_hooks, head_ablation_hooks,
                        neuron_ablation_hooks, prune_heads, random_heads)
 from .attribution import agreement, attribution_patching
-from .bbq import bbq_evaluate, load_bbq, option_logprobs, split_by_template
+from .bbq import bbq_evaluate, load_bbq, load_multiple_choice, option_logprobs, split_by_template
 from .binary import (arithmetic_items, binary_prompts, comparison_items, decision_metrics, evaluate_binary,
                      load_yes_no, membership_items, negation_items)
 from .data import (VIG_TEMPLATES, WINOGENDER_ANSWERS, load_professions, load_swaps, load_winobias,
@@ -38,7 +38,7 @@ __all__ = [
     "agreement", "attribution_patching",
     "arithmetic_items", "binary_prompts", "comparison_items", "decision_metrics", "evaluate_binary",
     "load_yes_no", "membership_items", "negation_items",
-    "bbq_evaluate", "load_bbq", "option_logprobs", "split_by_template",
+    "bbq_evaluate", "load_bbq", "load_multiple_choice", "option_logprobs", "split_by_template",
     "VIG_TEMPLATES", "WINOGENDER_ANSWERS", "read_text_file", "load_professions", "load_swaps", "load_winobias", "load_winogender",
     "professions_prompts", "swap_gender", "swapped_pairs", "winobias_prompts", "winogender_prompts",
     "SUPPORTED_ARCHITECTURES", "WeightEdit", "apply_edit", "export_model", "hf_state_dict", "load_edit",

@@ -55,6 +55,58 @@ def load_bbq(path: str | Path) -> list[dict]:
     return items
 
 
+def load_multiple_choice(path: str | Path, *, context: str = "context", question: str = "question",
+                         options: str = "options", label: str = "label") -> list[dict]:
+    """Any multiple-choice set — JSONL, a JSON list or CSV with a context, a question, a list of
+    options (CSV: 'a|b|c') and the gold option's index — as items every BBQ function takes
+    (context_condition 'disambig' unless the row says otherwise; no stereotype metadata)."""
+    import csv
+
+    path = Path(path)
+    text = read_text_file(path)
+    if path.suffix == ".csv":
+        rows = [(n, r) for n, r in enumerate(csv.DictReader(text.splitlines()), 2)]
+    elif text.lstrip().startswith("["):
+        try:
+            rows = list(enumerate(json.loads(text), 1))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
+    items = []
+    for n, r in rows:
+        missing = [k for k in (question, options, label) if k not in r]
+        if missing:
+            raise DataError(f"{path}:{n}: missing field(s) {missing}")
+        opts = r[options].split("|") if isinstance(r[options], str) else list(r[options])
+        try:
+            gold = int(r[label])
+        except (TypeError, ValueError):
+            raise DataError(f"{path}:{n}: label {r[label]!r} is not an option index") from None
+        if len(opts) < 2 or not 0 <= gold < len(opts):
+            raise DataError(f"{path}:{n}: needs ≥ 2 options and a label in 0..{len(opts) - 1}, got {len(opts)} "
+                            f"options and label {gold}")
+        items.append({"context": str(r.get(context, "")), "question": str(r[question]), "options": opts,
+                      "label": gold, "context_condition": r.get("context_condition", "disambig"),
+                      **{f"ans{i}": o for i, o in enumerate(opts)}})
+    if not items:
+        raise DataError(f"{path}: no items")
+    if len({len(it["options"]) for it in items}) > 1:
+        raise DataError(f"{path}: every item needs the same number of options")
+    return items
+
+
+def item_options(item: dict) -> list[str]:
+    """The item's answer options: 'options', or BBQ's ans0, ans1, ans2."""
+    return list(item["options"]) if "options" in item else [item["ans0"], item["ans1"], item["ans2"]]
+
+
 def biased_option(item: dict) -> int | None:
     """Index of the answer that follows the stereotype: for a negative question the stereotyped
     group's option, for a non-negative one the other non-unknown option (None if undecidable)."""
@@ -158,9 +210,9 @@ def bbq_evaluate(model, items: list[dict], instructions: list[str] | None = None
     rows = []
     with model.hooks(fwd_hooks=list(hooks or [])):
         for t, ins in enumerate(instructions):
-            prompts = [format_mc_prompt(ins, it["context"], it["question"], [it["ans0"], it["ans1"], it["ans2"]])
+            prompts = [format_mc_prompt(ins, it["context"], it["question"], item_options(it))
                        for it in items]
-            lp, n = option_logprobs(model, prompts, [[it["ans0"], it["ans1"], it["ans2"]] for it in items], batch_size)
+            lp, n = option_logprobs(model, prompts, [item_options(it) for it in items], batch_size)
             pred = (lp / n if normalize else lp).argmax(1).tolist()
             for i, (it, p) in enumerate(zip(items, pred)):
                 rows.append({"item": i, "template": t, "condition": it["context_condition"],

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .bbq import INSTRUCTIONS, format_mc_prompt, option_sequences, sequence_logprobs
+from .bbq import INSTRUCTIONS, format_mc_prompt, item_options, option_sequences, sequence_logprobs
 from .errors import LensBiasError
 from .models import clone_model
 from .patching import ComponentScores
@@ -102,9 +102,9 @@ def crispr_scores(model, items: list[dict], instructions: list[str] | None = Non
         total, weight = torch.zeros(L, D), 0.0
         for s in range(0, len(items), batch_size):
             chunk = items[s: s + batch_size]
-            prompts = [format_mc_prompt(ins, it["context"], it["question"], [it["ans0"], it["ans1"], it["ans2"]])
+            prompts = [format_mc_prompt(ins, it["context"], it["question"], item_options(it))
                        for it in chunk]
-            opts = [[it["ans0"], it["ans1"], it["ans2"]] for it in chunk]
+            opts = [item_options(it) for it in chunk]
             gold = torch.tensor([int(it["label"]) for it in chunk])
 
             def choose(probs):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lens_bias.ablation import neuron_ablation_hooks
-from lens_bias.bbq import biased_option, load_bbq, option_logprobs, unknown_option
+from lens_bias.bbq import (INSTRUCTIONS, bbq_evaluate, biased_option, format_mc_prompt, load_bbq, option_logprobs,
+                           split_by_template, unknown_option)
 from lens_bias.errors import DataError, LensBiasError
-from lens_bias.bbq import INSTRUCTIONS, bbq_evaluate, split_by_template
 from lens_bias.neurons import crispr_report, crispr_scores, prune_curve, prune_neurons, random_neurons, top_neurons
 from lens_bias.organism import data_path
 from lens_bias.patching import ComponentScores
@@ -110,3 +110,28 @@ def test_bbq_table_matches_the_scores(organism):
     amb = t[t["condition"] == "ambig"]
     assert r["accuracy_ambig"] == pytest.approx((amb["pred"] == amb["label"]).mean())
     assert "table" not in bbq_evaluate(organism, items[:3])
+
+
+def test_generic_multiple_choice(tiny_gpt2, tmp_path):
+    from lens_bias.bbq import load_multiple_choice
+
+    rows = [{"context": "Tom has a red ball.", "question": "What colour is the ball?",
+             "options": ["red", "blue", "green", "black"], "label": 0},
+            {"context": "", "question": "Which is a fruit?", "options": ["apple", "car", "desk", "lamp"], "label": 0}]
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = load_multiple_choice(path)
+    assert items[1]["options"][0] == "apple" and items[0]["context_condition"] == "disambig"
+    r = bbq_evaluate(tiny_gpt2, items, INSTRUCTIONS[:1], table=True)
+    lp, _ = option_logprobs(tiny_gpt2, [format_mc_prompt(INSTRUCTIONS[0], it["context"], it["question"], it["options"])
+                                        for it in items], [it["options"] for it in items])
+    assert r["accuracy"] == pytest.approx((lp.argmax(1) == 0).float().mean().item())
+    scores = crispr_scores(tiny_gpt2, items, INSTRUCTIONS[:1], progress=False)
+    assert scores.values.shape == (tiny_gpt2.cfg.n_layers, tiny_gpt2.cfg.d_mlp)
+    csv = tmp_path / "mc.csv"
+    csv.write_text("question,options,label\nWhich is a fruit?,apple|car|desk,3\n")
+    with pytest.raises(DataError, match=r"mc.csv:2: needs ≥ 2 options and a label in 0..2"):
+        load_multiple_choice(csv)
+    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "options": ["a", "b"]}) + "\n")
+    with pytest.raises(DataError, match="same number of options"):
+        load_multiple_choice(path)
