@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from .data import read_text_file
+from .data import read_records
 from .errors import DataError, PromptError
 
 #: Synonymous instructions (CRISPR evaluates over several and averages over them).
@@ -38,15 +37,8 @@ def load_bbq(path: str | Path) -> list[dict]:
     """BBQ examples from the authors' JSONL (context, question, ans0..2, label, context_condition,
     question_polarity, answer_info, additional_metadata.stereotyped_groups)."""
     path = Path(path)
-    text = read_text_file(path)
     items = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
+    for n, row in read_records(path):
         missing = [k for k in ("context", "question", "ans0", "ans1", "ans2", "label", "context_condition")
                    if k not in row]
         if missing:
@@ -60,25 +52,8 @@ def load_multiple_choice(path: str | Path, *, context: str = "context", question
     """Any multiple-choice set — JSONL, a JSON list or CSV with a context, a question, a list of
     options (CSV: 'a|b|c') and the gold option's index — as items every BBQ function takes
     (context_condition 'disambig' unless the row says otherwise; no stereotype metadata)."""
-    import csv
-
     path = Path(path)
-    text = read_text_file(path)
-    if path.suffix == ".csv":
-        rows = [(n, r) for n, r in enumerate(csv.DictReader(text.splitlines()), 2)]
-    elif text.lstrip().startswith("["):
-        try:
-            rows = list(enumerate(json.loads(text), 1))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
-    else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((n, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
+    rows = read_records(path)
     items = []
     for n, r in rows:
         missing = [k for k in (question, options, label) if k not in r]

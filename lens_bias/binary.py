@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import random
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .data import read_text_file
+from .data import read_records
 from .errors import DataError, PromptError
 from .prompts import PromptSet, answer_token_id
 
@@ -116,22 +114,7 @@ def membership_items(n: int, seed: int = 0, categories: dict[str, list[str]] = C
 def load_yes_no(path: str | Path, question_key: str = "question", label_key: str | None = None) -> list[dict]:
     """(question, yes/no label) items from JSONL, a JSON list (e.g. StrategyQA: 'answer': bool) or CSV."""
     path = Path(path)
-    text = read_text_file(path)
-    if path.suffix == ".csv":
-        rows = [(i + 2, r) for i, r in enumerate(csv.DictReader(text.splitlines()))]
-    elif text.lstrip().startswith("["):
-        try:
-            rows = list(enumerate(json.loads(text), 1))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
-    else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((n, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
+    rows = read_records(path)
     items = []
     for n, r in rows:
         key = label_key or next((k for k in ("label", "answer") if k in r), None)

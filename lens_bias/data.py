@@ -32,6 +32,31 @@ def read_text_file(path: str | Path) -> str:
     return text
 
 
+def read_records(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, record) pairs from JSONL, a JSON list or CSV (by suffix / first character);
+    a malformed JSON line is a DataError naming the file and line."""
+    import csv
+
+    path = Path(path)
+    text = read_text_file(path)
+    if path.suffix == ".csv":
+        return [(n, r) for n, r in enumerate(csv.DictReader(text.splitlines()), 2)]
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+        return list(enumerate(rows, 1))
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
+    return rows
+
+
 def load_professions(path: str | Path):
     """Vig et al.'s professions JSON ([name, definitional, stereotypical]; <0 female, >0 male) → DataFrame
     with columns name ('_' → ' '), definitional, stereotypical."""

@@ -19,7 +19,6 @@ job array); a job that finds every chunk done returns and writes the combined re
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import json
 import math
@@ -159,22 +158,6 @@ def _check_same_run(out_dir: Path, manifest: dict | None, args: dict) -> None:
 # ---------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------
-def _rows_of(path: Path) -> list[tuple[int, dict]]:
-    from .data import read_text_file
-
-    text = read_text_file(path)
-    if path.suffix == ".csv":
-        return [(n, r) for n, r in enumerate(csv.DictReader(text.splitlines()), 2)]
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
-    return rows
-
-
 def _answers_of(value, where: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = json.loads(value) if value.lstrip().startswith("[") else value.split("|")
@@ -185,9 +168,11 @@ def _answers_of(value, where: str) -> tuple[str, ...]:
 
 def _prompt_pairs(model, path: Path, opts: dict, need_corrupted: bool) -> PromptSet:
     """Rows with prompt, corrupted, subject and answers (JSONL or CSV) → a PromptSet."""
+    from .data import read_records
+
     prompts, corrupted, subjects, answers, meta = [], [], [], [], []
     default = tuple(opts.get("answers") or (" he", " she"))
-    for n, r in _rows_of(path):
+    for n, r in read_records(path):
         where = f"{path}:{n}"
         if not isinstance(r, dict) or not str(r.get("prompt") or "").strip():
             raise DataError(f"{where}: every row needs a 'prompt' (and 'corrupted', 'subject', 'answers')")
