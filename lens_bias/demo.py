@@ -16,6 +16,7 @@ import torch
 from .ablation import head_ablation_hooks, neuron_ablation_hooks
 from .attribution import attribution_patching
 from .binary import binary_prompts, evaluate_binary, load_yes_no
+from .data import professions_prompts
 from .export import export_model, save_edit, weight_edit
 from .files import write_csv, write_text
 from .lsdm import bias_values, lsdm_edit, trace_sites
@@ -40,12 +41,6 @@ def gender_pairs(model, card: dict, templates: int = 3) -> PromptSet:
             corrupted.append(t.format(neutral[i % len(neutral)]))
             subjects.append(occ)
     return PromptSet.build(model, prompts, (" she", " he"), corrupted=corrupted, subjects=subjects)
-
-
-def occupation_prompts(model, occupations, templates) -> PromptSet:
-    """'The {occupation} said that' prompts with answers (' she', ' he') and subject spans."""
-    return PromptSet.build(model, [t.format(o) for o in occupations for t in templates], (" she", " he"),
-                           subjects=[o for o in occupations for _ in templates])
 
 
 def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: int = 0, progress: bool = False) -> str:
@@ -88,9 +83,12 @@ def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: i
 
     # ---- mitigate by weight edit (LSDM), verify on unseen prompts and capability, export ----
     F, M, N, T = g["occupations"], g["male_occupations"], g["neutral_occupations"], g["templates"]
-    edit_set = occupation_prompts(model, F[:6] + M[:4] + N[:4], T[:6])
-    unseen = occupation_prompts(model, F[6:], T[6:12])
-    site = trace_sites(model, occupation_prompts(model, F[:5], T[:2]), seed=seed).iloc[0]
+    def she_he(occupations, templates):
+        return professions_prompts(model, occupations, templates, answers=(" she", " he"), corrupt_with=None)
+
+    edit_set = she_he(F[:6] + M[:4] + N[:4], T[:6])
+    unseen = she_he(F[6:], T[6:12])
+    site = trace_sites(model, she_he(F[:5], T[:2]), seed=seed).iloc[0]
     neutral = data_path("neutral").read_text()
     edited, res = lsdm_edit(model, edit_set, neutral, layers=[int(site["layer"])], position=str(site["position"]),
                             progress=progress)

@@ -32,8 +32,7 @@ def parse_units(text: str | None, what: str = "unit") -> list[tuple[int, int]]:
 def _occupation_prompts(model, data, seed):
     """Edit/evaluation prompt sets for LSDM: from a professions file (Vig et al. JSON or one word per
     line) with Vig's templates, or, for the organism, its card's occupations and templates."""
-    from .data import VIG_TEMPLATES, load_professions, read_text_file
-    from .demo import occupation_prompts
+    from .data import VIG_TEMPLATES, load_professions, professions_prompts, read_text_file
     from .organism import load_card
 
     if data is None:
@@ -51,13 +50,17 @@ def _occupation_prompts(model, data, seed):
         words = [w for w in words if len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1]
         if len(words) < 2:
             raise DataError(f"{path}: fewer than 2 occupations are single tokens for this tokenizer")
+
+    def she_he(occupations, templates):
+        return professions_prompts(model, occupations, templates, answers=(" she", " he"), corrupt_with=None)
+
     rng = random.Random(seed)
     words, templates = words[:], templates[:]
     rng.shuffle(words)
     rng.shuffle(templates)
     cut_w, cut_t = max(1, int(0.7 * len(words))), max(1, len(templates) // 2)
-    edit = occupation_prompts(model, words[:cut_w], templates[:cut_t])
-    held_out = occupation_prompts(model, words[cut_w:] or words, templates[cut_t:] or templates)
+    edit = she_he(words[:cut_w], templates[:cut_t])
+    held_out = she_he(words[cut_w:] or words, templates[cut_t:] or templates)
     return edit, held_out
 
 
