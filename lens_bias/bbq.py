@@ -130,6 +130,10 @@ def sequence_logprobs(model, seqs: list[list[int]], spans: list[tuple[int, int]]
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     width = max(map(len, seqs))
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if n_ctx and width > n_ctx:
+        raise PromptError(f"a prompt with its option is {width} tokens, longer than the model's context of "
+                          f"{n_ctx}: shorten the contexts or use a model with a longer context")
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, q in enumerate(seqs):

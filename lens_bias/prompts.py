@@ -155,6 +155,11 @@ class PromptSet:
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         seqs = [enc[i][0] for i in keep]
         width = max(len(s) for s in seqs)
+        n_ctx = getattr(getattr(tokenizer_or_model, "cfg", None), "n_ctx", None)
+        if n_ctx and width > n_ctx:
+            i = keep[max(range(len(seqs)), key=lambda j: len(seqs[j]))]
+            raise PromptError(f"prompt {i} is {width} tokens, longer than the model's context of {n_ctx}: "
+                              f"{prompts[i][:80]!r}...")
 
         def padded(rows):
             out = torch.full((len(rows), width), pad, dtype=torch.long)

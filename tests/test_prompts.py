@@ -85,3 +85,13 @@ def test_selection_batches_swap_frame(tiny_gpt2):
         next(ps.batches(0))
     with pytest.raises(PromptError, match="empty selection"):
         ps[[]]
+
+
+def test_prompt_longer_than_the_context_is_refused(tiny_gpt2):
+    from lens_bias.bbq import option_logprobs
+
+    long = "The nurse said that " * 40  # 160 tokens; the tiny model's context is 128
+    with pytest.raises(PromptError, match="longer than the model's context of 128"):
+        PromptSet.build(tiny_gpt2, [long], (" he", " she"))
+    with pytest.raises(PromptError, match="longer than the model's context of 128"):
+        option_logprobs(tiny_gpt2, [long], [["yes", "no"]])
