@@ -116,25 +116,35 @@ def text_loss(model, texts: str | list[str], *, batch_size: int = 32, max_tokens
 
 
 def cloze_accuracy(model, items: list[dict], *, batch_size: int = 32, hooks: list | None = None) -> dict:
-    """Capability kept: share of cloze items ({'prompt', 'answer'}) whose top-1 next token is the
-    answer's (single) token, overall and per 'kind'."""
+    """Capability kept: share of cloze items ({'prompt', 'answer'}) the model completes greedily with
+    the answer (every answer token is the top-1 next token, teacher-forced), overall and per 'kind'."""
     from collections import defaultdict
-
-    from .prompts import PromptSet
 
     if not items:
         raise LensBiasError("no cloze items to evaluate")
-    hits: dict[str, list[bool]] = defaultdict(list)
+    tok = model.tokenizer
     dev = next(model.parameters()).device
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    hits: dict[str, list[bool]] = defaultdict(list)
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        ps = PromptSet.build(model, [it["prompt"] for it in chunk], [(it["answer"],) for it in chunk]).to(dev)
+        seqs, spans = [], []
+        for it in chunk:
+            p = bos + tok(it["prompt"], add_special_tokens=False)["input_ids"]
+            a = tok(it["answer"], add_special_tokens=False)["input_ids"]
+            if not a:
+                raise LensBiasError(f"cloze answer {it['answer']!r} tokenises to nothing (prompt {it['prompt']!r})")
+            seqs.append(p + a)
+            spans.append((len(p), len(a)))
+        width = max(map(len, seqs))
+        ids = torch.tensor([q + [0] * (width - len(q)) for q in seqs], device=dev)
+        mask = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in seqs], device=dev)
         with torch.no_grad(), model.hooks(fwd_hooks=hooks or []):
-            logits = model(ps.tokens, attention_mask=ps.attention_mask)
-        top = logits[torch.arange(len(ps), device=dev), ps.answer_pos].argmax(-1)
-        for it, t, a in zip(chunk, top.tolist(), ps.answer_ids[:, 0].tolist()):
-            hits["overall"].append(t == a)
-            hits[it.get("kind", "all")].append(t == a)
+            top = model(ids, attention_mask=mask).argmax(-1)
+        for it, q, (start, n), row in zip(chunk, seqs, spans, top):
+            ok = row[start - 1:start - 1 + n].tolist() == q[start:start + n]
+            hits["overall"].append(ok)
+            hits[it.get("kind", "all")].append(ok)
     return {k: sum(v) / len(v) for k, v in hits.items()}
 
 

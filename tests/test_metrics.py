@@ -46,3 +46,20 @@ def test_bad_shapes(ps):
         odds_ratio(torch.zeros(2, 2), ps)
     with pytest.raises(LensBiasError, match="undefined"):
         normalized_metric(1.0, 2.0, 2.0)
+
+
+def test_cloze_accuracy_multi_token_answers(tiny_gpt2):
+    from lens_bias.metrics import cloze_accuracy
+
+    tok = tiny_gpt2.tokenizer
+    prompt = "The capital of Kenya is"
+    ids = [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
+    for _ in range(2):  # the model's own greedy two-token continuation
+        with torch.no_grad():
+            ids.append(int(tiny_gpt2(torch.tensor([ids]))[0, -1].argmax()))
+    greedy = tok.decode(ids[-2:])
+    assert len(tok(greedy, add_special_tokens=False)["input_ids"]) == 2
+    wrong = tok.decode([ids[-2], (ids[-1] + 1) % 50257])  # first token right, second wrong
+    acc = cloze_accuracy(tiny_gpt2, [{"prompt": prompt, "answer": greedy, "kind": "a"},
+                                     {"prompt": prompt, "answer": wrong, "kind": "b"}])
+    assert acc == {"overall": 0.5, "a": 1.0, "b": 0.0}
