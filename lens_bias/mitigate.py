@@ -90,6 +90,7 @@ def mitigate(model, method: str, out: str | os.PathLike, *, units=None, data=Non
     top-k NAS heads), write before_after.csv, edit.safetensors,
     the exported model (out/model) and report.txt; return the report."""
     from .ablation import prune_heads
+    from .data import read_text_file
     from .binary import binary_prompts, evaluate_binary, load_yes_no
     from .export import export_model, save_edit, weight_edit
     from .lsdm import bias_values, lsdm_edit
@@ -104,7 +105,7 @@ def mitigate(model, method: str, out: str | os.PathLike, *, units=None, data=Non
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise LensBiasError(f"output directory {out} exists and is not empty; pass --overwrite to replace its files")
-    neutral_text = Path(neutral).read_text() if neutral else data_path("neutral").read_text()
+    neutral_text = read_text_file(neutral) if neutral else data_path("neutral").read_text()
     units = list(units or [])
     measures = {"neutral_loss": lambda m: text_loss(m, neutral_text)}
     lines = [f"lens-bias mitigate: {method} on {getattr(model, 'lens_bias_source', 'model')}"]

@@ -60,6 +60,11 @@ def test_mitigate_then_export_an_edit(tmp_path, capsys):
     assert "out of range" in capsys.readouterr().err
     assert main(["mitigate", "--method", "prune-neurons", "--units", "0:103", "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
+    assert main(["mitigate", "--method", "prune-neurons", "--units", "0:1", "--neutral", str(tmp_path / "no.txt"),
+                 "--out", str(tmp_path / "w")]) == 2
+    assert "no.txt does not exist" in capsys.readouterr().err
+    assert main(["mitigate", "--method", "prune-neurons", "--units", "0-1", "--out", str(tmp_path / "v")]) == 2
+    assert "write LAYER:INDEX" in capsys.readouterr().err
     assert main(["export", "--edit", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "z")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
