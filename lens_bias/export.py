@@ -104,9 +104,11 @@ def load_hf_weights(model, hf_model: torch.nn.Module, *, inplace: bool = False):
                 raise LensBiasError(f"weight {k!r} has shape {tuple(src[k].shape)}, the bridge's {tuple(w.shape)}")
             w.copy_(src[k].to(w.device, w.dtype))
         # self-check: some bridges keep copies (not views) of split weights, which a copy misses
-        tokens = _probe_tokens(target).to(next(hf_model.parameters()).device)
-        diff = (target(tokens).float() - hf_model(input_ids=tokens).logits.float()).abs().max().item()
-    tol = 1e-4 if next(hf_model.parameters()).dtype == torch.float32 else 5e-2
+        tokens = _probe_tokens(target)
+        ours = target(tokens.to(next(target.parameters()).device)).float().cpu()
+        theirs = hf_model(input_ids=tokens.to(next(hf_model.parameters()).device)).logits.float().cpu()
+        diff = (ours - theirs).abs().max().item()
+    tol = _logit_tolerance(next(hf_model.parameters()).dtype, theirs)
     if not diff <= tol:
         raise LensBiasError(f"the bridge did not take the weights of architecture {architecture(target)!r} "
                             f"(logits differ by {diff:.3g}); supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
@@ -152,6 +154,13 @@ def export_model(model, out_dir: str | os.PathLike, *, tokenizer=None, overwrite
     return out_dir
 
 
+def _logit_tolerance(dtype: torch.dtype, logits: Tensor) -> float:
+    """1e-4 in float32; in half precision relative to the logits' scale (rounding grows with it)."""
+    if dtype in (torch.float32, torch.float64):
+        return 1e-4
+    return 1e-2 * max(1.0, float(logits.float().abs().max()))
+
+
 def _probe_tokens(model, n: int = 12) -> Tensor:
     hf = _hf_module(model)
     vocab = hf.config.vocab_size
@@ -161,18 +170,19 @@ def _probe_tokens(model, n: int = 12) -> Tensor:
 
 def verify_export(model, out_dir: str | os.PathLike, tokens: Tensor | None = None, atol: float | None = None) -> float:
     """Reload an exported directory with `transformers` and return the max abs logit difference
-    from `model` on `tokens`; raise if it exceeds `atol`."""
+    from `model` on `tokens`; raise if it exceeds `atol` (default 1e-4 in float32, 1% of the largest
+    logit in half precision)."""
     from transformers import AutoModelForCausalLM
 
     hf = _hf_module(model)
     param = next(hf.parameters())
     tokens = _probe_tokens(model) if tokens is None else tokens
-    if atol is None:
-        atol = 1e-4 if param.dtype == torch.float32 else 5e-2
     reloaded = AutoModelForCausalLM.from_pretrained(str(out_dir), torch_dtype=param.dtype).to(param.device).eval()
     with torch.no_grad():
         ours = model(tokens.to(param.device)) if hasattr(model, "original_model") else hf(tokens.to(param.device)).logits
         theirs = reloaded(tokens.to(param.device)).logits
+    if atol is None:
+        atol = _logit_tolerance(param.dtype, ours)
     diff = float((ours.float() - theirs.float()).abs().max())
     if not diff <= atol:
         raise LensBiasError(f"exported model's logits differ from the edited model's by {diff:.3g} (> {atol})")
@@ -280,11 +290,20 @@ def apply_edit(model, edit: WeightEdit, *, inplace: bool = False, check: bool = 
             raise LensBiasError(f"the edit changes {name!r}, which this model does not have")
         w = state[name]
         idx = c["index"].to(w.device)
+        values = c["values"]
+        want = list(w.shape)
+        want[c["dim"]] = len(idx)
+        if c["dim"] >= w.ndim or (len(idx) and int(idx.max()) >= w.shape[c["dim"]]) or list(values.shape) != want:
+            raise LensBiasError(f"the edit of {name!r} (values {tuple(values.shape)} along dim {c['dim']}) does not "
+                                f"fit this model's weight of shape {tuple(w.shape)}: another model size")
         if check:
             fp = _fingerprint(w.detach().index_select(c["dim"], idx).cpu())
-            if any(abs(x - y) > 1e-5 * max(1.0, abs(y)) for x, y in zip(fp, c["fingerprint"])):
+            # the originals' sums, to the rounding of the coarser of the two dtypes
+            eps = max(torch.finfo(w.dtype).eps, torch.finfo(values.dtype).eps)
+            tol = max(1e-5 * max(1.0, abs(c["fingerprint"][0])), 4 * eps * c["fingerprint"][1])
+            if any(abs(x - y) > tol for x, y in zip(fp, c["fingerprint"])):
                 raise LensBiasError(f"parameter {name!r} differs from the model the edit was made on "
                                     "(pass check=False to apply anyway)")
         with torch.no_grad():
-            w.index_copy_(c["dim"], idx, c["values"].to(w.device, w.dtype))
+            w.index_copy_(c["dim"], idx, values.to(w.device, w.dtype))
     return target

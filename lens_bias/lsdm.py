@@ -12,12 +12,13 @@ the target (0, or the anti-stereotype mirror −LD): r_i = α_i ĝ along the gen
 (the mean gradient of the logit difference with respect to the MLP output, unit length), α_i by
 Newton steps on the real model. The edit Δ (d_mlp × d_model) minimises
 
-    (1/n) Σ_i ‖k_i Δ − r_i‖² + λ (1/n₀) Σ_j ‖k₀_j Δ‖² + ε ‖Δ‖²
+    (1/n) Σ_i ‖k_i Δ − r_i‖² + λ (1/n₀) Σ_j ‖k₀_j Δ‖² + ε s ‖Δ‖²
 
 — reach the targets, leave preserved outputs unchanged (λ weights C₀ = H₀ᵀH₀/n₀, the
-preservation covariance of ROME/MEMIT), ridge ε. Setting the gradient to zero:
+preservation covariance of ROME/MEMIT), ridge ε scaled by s, the mean diagonal of the key
+covariances (so ε is scale-free). Setting the gradient to zero:
 
-    Δ = (HᵀH/n + λ C₀ + ε I)⁻¹ HᵀR/n,      W_out ← W_out + Δ.
+    Δ = (HᵀH/n + λ C₀ + ε s I)⁻¹ HᵀR/n,      W_out ← W_out + Δ.
 
 With several layers the change still needed is spread over the layers left, one layer at a
 time, keys re-read after each edit (MEMIT's schedule).
@@ -25,6 +26,7 @@ time, keys re-read after each edit (MEMIT's schedule).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -89,7 +91,7 @@ def w_out(model, layer: int) -> Float[Tensor, "d_mlp d_model"]:
 def mlp_keys(model, ps: PromptSet, layer: int, positions: Tensor,
              batch_size: int = 32) -> tuple[Float[Tensor, "n d_mlp"], Float[Tensor, "m d_mlp"]]:
     """MLP hidden activations (hook_post) of `layer`: at one position per prompt (the edit keys),
-    and at the prompts' other real tokens after BOS (context keys, to be preserved)."""
+    and at the prompts' other real tokens but BOS (context keys, to be preserved)."""
     name = f"blocks.{layer}.mlp.hook_post"
     dev = next(model.parameters()).device
     keys, context = [], []
@@ -102,7 +104,9 @@ def mlp_keys(model, ps: PromptSet, layer: int, positions: Tensor,
         keys.append(cache[name][rows, pos].float())
         other = b.attention_mask.bool().clone()
         other[rows, pos] = False
-        other[:, 0] = False
+        bos = model.tokenizer.bos_token_id
+        if bos is not None:
+            other &= b.tokens != bos  # BOS keys are the same in every prompt
         context.append(cache[name][other].float())
     return torch.cat(keys), torch.cat(context)
 
@@ -298,6 +302,10 @@ def lsdm_edit(
             w.add_(delta.to(w.dtype))
         norms[layer] = float(delta.norm())
     ld1 = bias_values(target_model, ps_dev, batch_size)
+    if ld1.abs().mean() > ld0.abs().mean():
+        warnings.warn(f"the LSDM edit made the bias on its own prompts larger (mean |LD| {ld0.abs().mean():.3f} → "
+                      f"{ld1.abs().mean():.3f}): this site ({layers}, {position!r}) does not carry it; trace_sites "
+                      "ranks the sites")
     result = LSDMResult(layers=layers, position=position, delta_norms=norms,
                         bias_before=float(ld0.mean()), bias_after=float(ld1.mean()),
                         abs_bias_before=float(ld0.abs().mean()), abs_bias_after=float(ld1.abs().mean()),

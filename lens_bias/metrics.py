@@ -6,7 +6,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .errors import LensBiasError
+from .errors import LensBiasError, PromptError
 from .prompts import PromptSet
 
 
@@ -137,6 +137,10 @@ def cloze_accuracy(model, items: list[dict], *, batch_size: int = 32, hooks: lis
             seqs.append(p + a)
             spans.append((len(p), len(a)))
         width = max(map(len, seqs))
+        n_ctx = getattr(model.cfg, "n_ctx", None)
+        if n_ctx and width > n_ctx:
+            raise PromptError(f"a cloze prompt with its answer is {width} tokens, longer than the model's context "
+                              f"of {n_ctx}")
         ids = torch.tensor([q + [0] * (width - len(q)) for q in seqs], device=dev)
         mask = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in seqs], device=dev)
         with torch.no_grad(), model.hooks(fwd_hooks=hooks or []):

@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 from .errors import DataError, LensBiasError
-from .files import write_csv, write_text
+from .export import check_exportable
+from .files import replace_dir, write_csv, write_text
 
 METHODS = ("prune-neurons", "prune-heads", "lsdm", "nasa")
 
@@ -104,7 +107,9 @@ def mitigate(model, method: str, out: str | os.PathLike, *, units=None, data=Non
         raise LensBiasError(f"unknown mitigation {method!r}; choose one of {METHODS}")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise LensBiasError(f"output directory {out} exists and is not empty; pass --overwrite to replace its files")
+        raise LensBiasError(f"output directory {out} exists and is not empty; pass --overwrite to replace it")
+    if export:
+        check_exportable(model)  # refuse before any work, not after
     neutral_text = read_text_file(neutral) if neutral else data_path("neutral").read_text()
     units = list(units or [])
     measures = {"neutral_loss": lambda m: text_loss(m, neutral_text)}
@@ -139,19 +144,27 @@ def mitigate(model, method: str, out: str | os.PathLike, *, units=None, data=Non
             measures[f"test_{k}"] = (lambda k: lambda m: evaluate_binary(m, test)["overall"][k])(k)
         lines.append(f"NASA on heads {heads}: LoRA trained {result.history[-1].get('best_step')} steps (best dev gap)")
     table = compare_models({"original": model, "mitigated": edited}, measures)
-    write_csv(out / "before_after.csv", table)
-    wide = table.pivot(index="measure", columns="model", values="value")
-    for name, row in wide.iterrows():
-        lines.append(f"  {name}: {row['original']:.4f} → {row['mitigated']:.4f}")
-    edit = weight_edit(model, edited, meta={"method": method, "units": [list(u) for u in units]})
-    save_edit(edit, out / "edit.safetensors")
-    lines.append(f"edit: {len(edit.changes)} weights changed, ‖Δ‖ = {edit.norm:.3f} → edit.safetensors")
-    if export:
-        export_model(edited, out / "model", overwrite=True)
-        lines.append("exported (transformers reloads it with the same logits) → model/")
-    report = "\n".join(lines)
-    write_text(out / "report.txt", report + "\n")
-    write_text(out / "report.json", json.dumps({"method": method, "table": table.to_dict("records")}, indent=2))
+    # everything goes to a temporary sibling that replaces `out` whole at the end
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write_csv(tmp / "before_after.csv", table)
+        wide = table.pivot(index="measure", columns="model", values="value")
+        for name, row in wide.iterrows():
+            lines.append(f"  {name}: {row['original']:.4f} → {row['mitigated']:.4f}")
+        edit = weight_edit(model, edited, meta={"method": method, "units": [list(u) for u in units]})
+        save_edit(edit, tmp / "edit.safetensors")
+        lines.append(f"edit: {len(edit.changes)} weights changed, ‖Δ‖ = {edit.norm:.3f} → edit.safetensors")
+        if export:
+            export_model(edited, tmp / "model")
+            lines.append("exported (transformers reloads it with the same logits) → model/")
+        report = "\n".join(lines)
+        write_text(tmp / "report.txt", report + "\n")
+        write_text(tmp / "report.json", json.dumps({"method": method, "table": table.to_dict("records")}, indent=2))
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return report
 
 

@@ -24,7 +24,8 @@ position; NAS_h(batch) the batch mean of the head's Negative Attention Score (le
 computed differentiably from the attention pattern; NAS_balanced the mean NAS of the other,
 unselected heads on the training data before training. Training stops early when the dev
 |P−R gap| has not improved for `patience` evaluations (without losing more than `max_acc_drop`
-accuracy); the best adapter is kept.
+accuracy); the best adapter is kept. Dropout stays off during training (the model is in eval mode),
+so the attention patterns in the NAS term are the ones the model uses.
 """
 
 from __future__ import annotations
@@ -262,7 +263,8 @@ def nasa_train(
     best = (abs(before["pr_gap"]), 0, {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad})
     history = [{"step": 0, "loss": float("nan"), **{f"dev_{k}": v for k, v in before.items()}}]
     bad_evals = 0
-    peft_model.train()
+    # dropout stays off (eval mode): GPT-2's attention dropout would put noise into the NAS term
+    peft_model.eval()
     for step in tqdm(range(1, steps + 1), desc="NASA", disable=not progress):
         idx = torch.randint(0, len(train), (min(batch_size, len(train)),), generator=g).tolist()
         sub = train[idx].to(devc)
@@ -279,9 +281,7 @@ def nasa_train(
         loss.backward()
         opt.step()
         if step % eval_every == 0 or step == steps:
-            peft_model.eval()
             m = _decisions(peft_model, dev, batch_size)
-            peft_model.train()
             history.append({"step": step, "loss": loss.item(), "ce": ce.item(), "align": align.item(),
                             **{f"dev_{k}": v for k, v in m.items()}})
             ok = m["accuracy"] >= before["accuracy"] - max_acc_drop

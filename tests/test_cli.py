@@ -78,3 +78,13 @@ def test_mitigate_lsdm_on_the_organism(tmp_path, capsys):
     loss = t.loc["neutral_loss"]
     assert abs(loss["mitigated"] - loss["original"]) / loss["original"] < 0.01
     assert not (tmp_path / "lsdm" / "model").exists()
+
+
+def test_mitigate_refuses_an_unexportable_model_before_writing(tmp_path, capsys, gpt2_tokenizer_dir):
+    from lens_bias.models import save_random_model
+
+    neox = save_random_model("neox", tmp_path / "neox", gpt2_tokenizer_dir)
+    out = tmp_path / "out"
+    assert main(["mitigate", "--model", str(neox), "--method", "prune-heads", "--units", "0:1", "--out", str(out)]) == 2
+    assert "not supported" in capsys.readouterr().err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["neox"]

@@ -123,3 +123,16 @@ def test_edit_refuses_another_base_model(tiny_gpt2, tmp_path, gpt2_tokenizer_dir
     with pytest.raises(LensBiasError, match="not a lens_bias edit file"):
         (tmp_path / "bad.safetensors").write_bytes(b"garbage")
         load_edit(tmp_path / "bad.safetensors")
+
+
+def test_edit_applies_across_dtypes_and_refuses_other_sizes(tiny_llama_dir, tmp_path, gpt2_tokenizer_dir):
+    m32 = load_model(tiny_llama_dir, device="cpu")
+    edit = weight_edit(m32, prune_neurons(m32, [(0, 5), (1, 7)]))
+    m16 = load_model(tiny_llama_dir, device="cpu", dtype="bfloat16")
+    again = apply_edit(m16, edit)  # the same base weights, rounded: accepted
+    w = hf_state_dict(again)["model.layers.0.mlp.down_proj.weight"]
+    assert w.dtype == torch.bfloat16 and torch.all(w[:, 5] == 0)
+    small = load_model(save_random_model("llama", tmp_path / "small", gpt2_tokenizer_dir, d_mlp=4, n_kv_heads=2),
+                       device="cpu")
+    with pytest.raises(LensBiasError, match="does not fit this model's weight of shape"):
+        apply_edit(small, edit, check=False)

@@ -63,3 +63,11 @@ def test_cloze_accuracy_multi_token_answers(tiny_gpt2):
     acc = cloze_accuracy(tiny_gpt2, [{"prompt": prompt, "answer": greedy, "kind": "a"},
                                      {"prompt": prompt, "answer": wrong, "kind": "b"}])
     assert acc == {"overall": 0.5, "a": 1.0, "b": 0.0}
+
+
+def test_cloze_longer_than_the_context_is_refused(tiny_gpt2):
+    from lens_bias.errors import PromptError
+    from lens_bias.metrics import cloze_accuracy
+
+    with pytest.raises(PromptError, match="longer than the model's context of 128"):
+        cloze_accuracy(tiny_gpt2, [{"prompt": "word " * 200 + "The capital of France is", "answer": " Paris"}])
