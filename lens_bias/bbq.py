@@ -157,7 +157,7 @@ def sequence_logprobs(model, seqs: list[list[int]], spans: list[tuple[int, int]]
     logits = x @ model.W_U
     if getattr(model, "b_U", None) is not None:
         logits = logits + model.b_U
-    lp = logits.float().log_softmax(-1).gather(1, target[:, None])[:, 0]
+    lp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1).gather(1, target[:, None])[:, 0]
     return torch.zeros(len(seqs), device=device, dtype=lp.dtype).index_add(0, rows, lp)
 
 
