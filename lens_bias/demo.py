@@ -18,7 +18,7 @@ from .attribution import attribution_patching
 from .binary import binary_prompts, evaluate_binary, load_yes_no
 from .data import professions_prompts
 from .export import export_model, save_edit, weight_edit
-from .files import write_csv, write_text
+from .files import write_table, write_text
 from .lsdm import bias_values, lsdm_edit, trace_sites
 from .metrics import cloze_accuracy, compare_models, text_loss
 from .models import load_model
@@ -61,8 +61,8 @@ def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: i
     traced = causal_trace(model, said, kinds=("mlp",), seed=seed, progress=progress)["mlp"]
     save_figure(heatmap(mlp, title="Activation patching: MLP outputs (layer × position)"), out / "patching_mlp.html")
     save_figure(heatmap(traced, title="Causal tracing: restoring MLP outputs"), out / "tracing_mlp.html")
-    write_csv(out / "patching_mlp.csv", mlp.to_frame())
-    write_csv(out / "attribution_top_neurons.csv", attr["neuron"].top(20))
+    write_table(out / "patching_mlp", mlp.to_frame())
+    write_table(out / "attribution_top_neurons", attr["neuron"].top(20))
     found = attr["neuron"].argmax()
     lines += [
         f"gender bias: logit(' she') − logit(' he') = {mlp.clean:+.2f} on stereotyped occupations, "
@@ -97,7 +97,7 @@ def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: i
         "bias_unseen": lambda m: bias_values(m, unseen).mean().item(),
         "neutral_loss": lambda m: text_loss(m, neutral),
         "cloze_accuracy": lambda m: cloze_accuracy(m, cloze)["overall"]})
-    write_csv(out / "lsdm_before_after.csv", table)
+    write_table(out / "lsdm_before_after", table)
     v = table.pivot(index="measure", columns="model", values="value")
     exported = export_model(edited, out / "organism-lsdm", overwrite=True)
     diff = json.loads((exported / "lens_bias_export.json").read_text())["max_abs_logit_diff"]
@@ -117,11 +117,11 @@ def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: i
     yesno = binary_prompts(model, load_yes_no(data_path("yesno"))[:80])
     nas = negative_attention_scores(model, yesno, progress=progress)
     save_figure(nas_heatmap(nas), out / "nas_heads.html")
-    write_csv(out / "nas_ranking.csv", nas.ranking())
+    write_table(out / "nas_ranking", nas.ranking())
     top = nas.top_heads(1)
     before = evaluate_binary(model, yesno)
     after = evaluate_binary(model, yesno, ablate=head_ablation_hooks(model, top))
-    write_csv(out / "yesno_before.csv", before["table"])
+    write_table(out / "yesno_before", before["table"])
     b, a = before["overall"], after["overall"]
     lines += [
         "",

@@ -60,3 +60,15 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
     return final
+
+
+def write_table(path: str | os.PathLike, df) -> list[Path]:
+    """A pandas DataFrame as `path`.csv and, when pyarrow is installed, `path`.parquet."""
+    path = Path(path)
+    written = [write_csv(path.with_suffix(".csv"), df)]
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        return written
+    written.append(atomic_write(path.with_suffix(".parquet"), lambda f: df.to_parquet(f, index=False)))
+    return written

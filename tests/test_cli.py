@@ -16,6 +16,8 @@ def test_demo_finds_planted_components(tmp_path, capsys):
         assert (tmp_path / "out" / name).stat().st_size > 0
     import pandas as pd
 
+    ranking = pd.read_csv(tmp_path / "out" / "nas_ranking.csv")
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out" / "nas_ranking.parquet"), ranking)
     lsdm = pd.read_csv(tmp_path / "out" / "lsdm_before_after.csv").pivot(index="measure", columns="model", values="value")
     assert lsdm.loc["bias_unseen", "original"] > 1.5 and abs(lsdm.loc["bias_unseen", "lsdm"]) < 0.3
     assert "LSDM edit of MLP layer 0" in report and "exported to organism-lsdm/" in report
