@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .errors import DataError, LensBiasError
 from .files import atomic_write as _atomic_write
+from .files import write_table
 from .patching import COMPONENTS, ComponentScores, position_labels
 from .prompts import PromptSet
 
@@ -446,15 +447,7 @@ def _write_outputs(out_dir: Path, method: str, result) -> list[Path]:
     for col in ("layer", "pos", "head", "neuron"):
         if col in df:
             df[col] = df[col].astype("Int64")  # NaN where a component has no such axis
-    written = [out_dir / "scores.csv"]
-    _atomic_write(written[0], lambda f: f.write(df.to_csv(index=False).encode()))
-    try:
-        import pyarrow  # noqa: F401
-
-        _atomic_write(out_dir / "scores.parquet", lambda f: df.to_parquet(f, index=False))
-        written.append(out_dir / "scores.parquet")
-    except ImportError:
-        pass
+    written = write_table(out_dir / "scores", df)
     if method == "nas":
         figs = {"nas": nas_heatmap(result)}
     elif isinstance(result, dict):
