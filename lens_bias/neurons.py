@@ -26,12 +26,19 @@ from .models import clone_model
 from .patching import ComponentScores
 
 
-def _attribute(model, prompts: list[str], options: list[list[str]], tokens: str, choose) -> tuple[Tensor, dict]:
+UNITS = {"neuron": "blocks.{}.mlp.hook_post", "head": "blocks.{}.attn.hook_z"}
+
+
+def _attribute(model, prompts: list[str], options: list[list[str]], tokens: str, choose,
+               unit: str = "neuron") -> tuple[Tensor, dict]:
     """One forward over every (prompt, option) sequence, then per target set `name` (from
     `choose(P)`, P = option probabilities [n, k]) the attribution A = h · ∂P(target | x)/∂h of every
-    MLP neuron, max over the selected tokens: (P, {name: [n, layer, d_mlp]})."""
+    MLP neuron (or head: summed over its d_head output features z), max over the selected tokens:
+    (P, {name: [n, layer, d_mlp or n_heads]})."""
     if tokens not in ("input", "option", "all"):
         raise LensBiasError(f"tokens must be 'input', 'option' or 'all', not {tokens!r}")
+    if unit not in UNITS:
+        raise LensBiasError(f"unit must be one of {sorted(UNITS)}, not {unit!r}")
     k = len(options[0])
     n = len(prompts)
     seqs, spans = option_sequences(model.tokenizer, prompts, options)
@@ -42,7 +49,7 @@ def _attribute(model, prompts: list[str], options: list[list[str]], tokens: str,
         acts[l] = x
         return x
 
-    hooks = [(f"blocks.{l}.mlp.hook_post", (lambda l: lambda x, hook: keep(x, hook, l))(l)) for l in range(L)]
+    hooks = [(UNITS[unit].format(l), (lambda l: lambda x, hook: keep(x, hook, l))(l)) for l in range(L)]
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
         probs = sequence_logprobs(model, seqs, spans).view(n, k).softmax(-1)
         targets = choose(probs.detach().cpu())
@@ -60,7 +67,7 @@ def _reduce(acts, grads, spans, targets, k, tokens) -> Tensor:
     """h · g at the selected tokens, max over them, per prompt and layer. A prompt token's
     activation is shared by its k option sequences (causal attention): its gradient is their sum."""
     L = len(acts)
-    out = torch.empty(len(targets), L, acts[0].shape[-1])
+    out = torch.empty(len(targets), L, acts[0].shape[2])
     for i, t in enumerate(targets):
         rows = list(range(i * k, (i + 1) * k))
         start, n = spans[rows[t]]
@@ -69,6 +76,8 @@ def _reduce(acts, grads, spans, targets, k, tokens) -> Tensor:
             g_in = grads[l][rows].sum(0)[:start]
             a_in = h[:start] * g_in
             a_opt = h[start - 1: start - 1 + n] * grads[l][rows[t], start - 1: start - 1 + n]
+            if h.ndim == 3:  # heads: z [pos, head, d_head] — a head's attribution sums its features
+                a_in, a_opt = a_in.sum(-1), a_opt.sum(-1)
             a_opt = torch.cat([a_in[start - 1:], a_opt[1:]]) if n > 1 else a_in[start - 1:]
             a = {"input": a_in, "option": a_opt, "all": torch.cat([a_in, a_opt[1:]])}[tokens]
             out[i, l] = a.amax(0).float().cpu()
@@ -76,26 +85,31 @@ def _reduce(acts, grads, spans, targets, k, tokens) -> Tensor:
 
 
 def option_attributions(model, prompts: list[str], options: list[list[str]], targets: list[int],
-                        tokens: str = "input") -> Tensor:
-    """A(o) = h · ∂P(o | x)/∂h per prompt and neuron, max over tokens: [n, layer, d_mlp].
+                        tokens: str = "input", unit: str = "neuron") -> Tensor:
+    """A(o) = h · ∂P(o | x)/∂h per prompt and neuron (or head, `unit="head"`: Σ over its z features),
+    max over tokens: [n, layer, d_mlp or n_heads].
 
     P(o | x) is the option's probability among the prompt's options (softmax of the options'
     summed token log-probabilities), so the gradient flows through every option's sequence.
     One forward + backward per call. tokens: 'input' (the prompt's tokens), 'option' (the tokens
     that predict the target option) or 'all'.
     """
-    return _attribute(model, prompts, options, tokens, lambda p: {"a": targets})[1]["a"]
+    return _attribute(model, prompts, options, tokens, lambda p: {"a": targets}, unit)[1]["a"]
 
 
 def crispr_scores(model, items: list[dict], instructions: list[str] | None = None, *, lam: float = 1.0,
-                  tokens: str = "input", batch_size: int = 8, progress: bool = True) -> ComponentScores:
-    """Bias score B of every MLP neuron [layer, d_mlp]: confusion-weighted mean over instances of
-    A(ŷ) − λ·max(A(y), 0), averaged over instructions. Instances the model already answers with
-    ŷ far below y still count, weighted by their (small) confusion score."""
+                  tokens: str = "input", batch_size: int = 8, progress: bool = True,
+                  unit: str = "neuron") -> ComponentScores:
+    """Bias score B of every MLP neuron [layer, d_mlp] (or attention head [layer, head], `unit="head"`):
+    confusion-weighted mean over instances of A(ŷ) − λ·max(A(y), 0), averaged over instructions.
+    Instances the model already answers with ŷ far below y still count, weighted by their (small)
+    confusion score."""
     if not items:
         raise LensBiasError("no BBQ items to attribute")
+    if unit not in UNITS:
+        raise LensBiasError(f"unit must be one of {sorted(UNITS)}, not {unit!r}")
     instructions = instructions or INSTRUCTIONS
-    L, D = model.cfg.n_layers, model.cfg.d_mlp
+    L, D = model.cfg.n_layers, (model.cfg.d_mlp if unit == "neuron" else model.cfg.n_heads)
     per_instruction, totals, weights = [], [], []
     bar = tqdm(total=len(instructions) * len(items), desc="CRISPR", unit="item", disable=not progress)
     for ins in instructions:
@@ -112,7 +126,7 @@ def crispr_scores(model, items: list[dict], instructions: list[str] | None = Non
                 wrong[torch.arange(len(chunk)), gold] = -1
                 return {"hat": wrong.argmax(-1), "gold": gold}
 
-            probs, a = _attribute(model, prompts, opts, tokens, choose)  # one forward, two backwards
+            probs, a = _attribute(model, prompts, opts, tokens, choose, unit)  # one forward, two backwards
             y_hat = choose(probs)["hat"]
             conf = probs[torch.arange(len(chunk)), y_hat]
             a_hat, a_gold = a["hat"], a["gold"]
@@ -127,7 +141,7 @@ def crispr_scores(model, items: list[dict], instructions: list[str] | None = Non
     vals = torch.stack(per_instruction).mean(0)
     if torch.isnan(vals).any():
         raise LensBiasError("NaN in neuron scores: check the model's dtype and inputs")
-    return ComponentScores(vals, ("layer", "neuron"), "neuron", "crispr",
+    return ComponentScores(vals, ("layer", unit), unit, "crispr",
                            extra={"lambda": lam, "tokens": tokens, "n_instructions": len(instructions),
                                   # Σ_items c·B and Σ_items c per instruction: sums that combine across chunks
                                   "totals": torch.stack(totals), "weights": torch.tensor(weights)})

@@ -135,3 +135,29 @@ def test_generic_multiple_choice(tiny_gpt2, tmp_path):
     path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "options": ["a", "b"]}) + "\n")
     with pytest.raises(DataError, match="same number of options"):
         load_multiple_choice(path)
+
+
+def test_head_attribution_equals_the_gradient_of_a_head_scale(tiny_gpt2):
+    """A(head) = Σ_d z_d ∂P/∂z_d at a token = ∂P/∂s for z ← s·z at that token (s = 1): checked by
+    an independent gradient through a per-position scale of one head's output."""
+    from lens_bias.bbq import option_sequences, sequence_logprobs
+    from lens_bias.neurons import option_attributions
+
+    prompt, opts, target, (l, h) = "Who is older? The man or the boy? Answer:", ["man", "boy"], 1, (1, 2)
+    ours = option_attributions(tiny_gpt2, [prompt], [opts], [target], tokens="input", unit="head")
+    assert ours.shape == (1, tiny_gpt2.cfg.n_layers, tiny_gpt2.cfg.n_heads)
+    seqs, spans = option_sequences(tiny_gpt2.tokenizer, [prompt], [opts])
+    start = spans[0][0]
+    width = max(map(len, seqs))
+    scale = torch.ones(width, requires_grad=True)
+
+    def hook(z, hook):
+        return z * torch.cat([scale, torch.ones(z.shape[1] - width)])[None, :z.shape[1], None, None] ** \
+            (torch.arange(z.shape[2]) == h).float()[None, None, :, None]
+
+    with tiny_gpt2.hooks(fwd_hooks=[(f"blocks.{l}.attn.hook_z", hook)]):
+        p = sequence_logprobs(tiny_gpt2, seqs, spans).softmax(-1)[target]
+    (grad,) = torch.autograd.grad(p, scale)
+    assert ours[0, l, h].item() == pytest.approx(grad[:start].max().item(), rel=1e-4, abs=1e-7)
+    with pytest.raises(LensBiasError, match="unit must be one of"):
+        crispr_scores(tiny_gpt2, [{"context": "", "question": "q", "options": ["a", "b"], "label": 0}], unit="mlp")
