@@ -121,21 +121,14 @@ def prune_heads(model, heads: Sequence[tuple[int, int]], *, inplace: bool = Fals
     """Permanent pruning: zero each head's slice of the attention output projection (the W_O rows
     that read its z) — equal to zero-ablating hook_z, and it exports; on a copy unless `inplace`."""
     from .export import hf_state_dict
-    from .models import clone_model
+    from .models import clone_model, out_projection
 
     heads = _check(model, heads, "head", model.cfg.n_heads)
     target = model if inplace else clone_model(model)
     d_head = target.cfg.d_head
     for l, h in heads:
-        hf = getattr(getattr(target.blocks[l].attn, "o", None), "original_component", None)
-        if hf is None or not hasattr(hf, "weight"):
-            raise LensBiasError(f"cannot find the attention output projection of layer {l} for this architecture")
-        w = hf.weight
         with torch.no_grad():
-            if type(hf).__name__ == "Conv1D":  # GPT-2 stores [in, out]
-                w[h * d_head:(h + 1) * d_head].zero_()
-            else:
-                w[:, h * d_head:(h + 1) * d_head].zero_()
+            out_projection(target, l, "attn")[h * d_head:(h + 1) * d_head].zero_()
     hf_state_dict(target)  # the edited weights must stay reachable under Hugging Face names
     return target
 

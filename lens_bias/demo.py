@@ -33,14 +33,8 @@ from .viz import heatmap, save_figure
 def gender_pairs(model, card: dict, templates: int = 3) -> PromptSet:
     """Stereotyped-occupation prompts, corrupted by a neutral occupation (same length)."""
     g = card["planted"]["gender_neuron"]
-    neutral = g["neutral_occupations"]
-    prompts, corrupted, subjects = [], [], []
-    for i, occ in enumerate(g["occupations"]):
-        for t in g["templates"][:templates]:
-            prompts.append(t.format(occ))
-            corrupted.append(t.format(neutral[i % len(neutral)]))
-            subjects.append(occ)
-    return PromptSet.build(model, prompts, (" she", " he"), corrupted=corrupted, subjects=subjects)
+    return professions_prompts(model, g["occupations"], g["templates"][:templates], answers=(" she", " he"),
+                               corrupt_with=g["neutral_occupations"])
 
 
 def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: int = 0, progress: bool = False) -> str:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .errors import LensBiasError
-from .files import atomic_write, replace_dir
+from .files import atomic_write, check_output_dir, replace_dir
 from .models import clone_model
 
 # Architectures whose export round trip is tested (logits equal after reload). GPT-NeoX is not:
@@ -70,21 +70,21 @@ def hf_state_dict(model) -> dict[str, Tensor]:
     return out
 
 
-def _fresh_model(hf: torch.nn.Module, device="meta"):
+def _fresh_model(hf: torch.nn.Module, device="meta", attn_implementation: str | None = None):
+    """A new Hugging Face model of `hf`'s config and dtype (on the meta device: just its keys)."""
     from transformers import AutoModelForCausalLM
 
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(hf.config, torch_dtype=next(hf.parameters()).dtype)
+        return AutoModelForCausalLM.from_config(hf.config, torch_dtype=next(hf.parameters()).dtype, **kw)
 
 
 def to_hf_model(model, *, device=None, attn_implementation: str | None = None) -> torch.nn.Module:
     """A plain Hugging Face model (a copy) with the bridge's current weights — for training with
     PEFT or anything else that wants the unwrapped module."""
-    from transformers import AutoModelForCausalLM
 
     hf = _hf_module(model)
-    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    fresh = AutoModelForCausalLM.from_config(hf.config, torch_dtype=next(hf.parameters()).dtype, **kw)
+    fresh = _fresh_model(hf, device="cpu", attn_implementation=attn_implementation)
     fresh.load_state_dict({k: v.detach().to("cpu") for k, v in hf_state_dict(model).items()}, strict=True)
     return fresh.to(device or next(hf.parameters()).device).eval()
 
@@ -115,13 +115,6 @@ def load_hf_weights(model, hf_model: torch.nn.Module, *, inplace: bool = False):
     return target
 
 
-def _prepare_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise LensBiasError(f"output path {out_dir} exists and is not a directory")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise LensBiasError(f"output directory {out_dir} exists and is not empty; pass overwrite=True to replace it")
-
-
 def export_model(model, out_dir: str | os.PathLike, *, tokenizer=None, overwrite: bool = False,
                  verify: bool = True, atol: float | None = None) -> Path:
     """Write a (possibly edited) bridge or Hugging Face model as a Hugging Face directory
@@ -134,7 +127,7 @@ def export_model(model, out_dir: str | os.PathLike, *, tokenizer=None, overwrite
     """
     check_exportable(model)
     out_dir = Path(out_dir)
-    _prepare_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     fresh = to_hf_model(model, device="cpu")
     out_dir.parent.mkdir(parents=True, exist_ok=True)

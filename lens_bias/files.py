@@ -46,6 +46,19 @@ def write_csv(path: str | os.PathLike, df) -> Path:
     return write_text(path, df.to_csv(index=False))
 
 
+def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an output directory that exists and is not empty unless `overwrite` (before any work)."""
+    from .errors import LensBiasError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LensBiasError(f"output path {path} exists and is not a directory")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise LensBiasError(f"output directory {path} exists and is not empty; pass overwrite=True "
+                            "(--overwrite) to replace it")
+    return path
+
+
 def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     """Move a finished temp directory into place; an old directory goes only once the new one is whole."""
     import shutil

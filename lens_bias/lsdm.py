@@ -35,7 +35,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .errors import LensBiasError
-from .models import clone_model
+from .models import clone_model, out_projection
 from .metrics import logit_diff
 from .prompts import PromptSet
 
@@ -79,13 +79,7 @@ def _check_layers(model, layers) -> list[int]:
 
 def w_out(model, layer: int) -> Float[Tensor, "d_mlp d_model"]:
     """The MLP output weight of `layer` as a [d_mlp, d_model] view sharing the HF parameter's storage."""
-    module = getattr(model.blocks[layer].mlp, "out", None)
-    hf = getattr(module, "original_component", None)
-    if hf is None or not hasattr(hf, "weight"):
-        raise LensBiasError(f"cannot find the MLP output projection of layer {layer} for this architecture")
-    w = hf.weight
-    # GPT-2's Conv1D stores [in, out]; nn.Linear stores [out, in]
-    return w if type(hf).__name__ == "Conv1D" else w.T
+    return out_projection(model, layer, "mlp")
 
 
 def mlp_keys(model, ps: PromptSet, layer: int, positions: Tensor,

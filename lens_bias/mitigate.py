@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import DataError, LensBiasError
 from .export import check_exportable
-from .files import replace_dir, write_csv, write_text
+from .files import check_output_dir, replace_dir, write_csv, write_text
 
 METHODS = ("prune-neurons", "prune-heads", "lsdm", "nasa")
 
@@ -105,9 +105,7 @@ def mitigate(model, method: str, out: str | os.PathLike, *, units=None, data=Non
 
     if method not in METHODS:
         raise LensBiasError(f"unknown mitigation {method!r}; choose one of {METHODS}")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise LensBiasError(f"output directory {out} exists and is not empty; pass --overwrite to replace it")
+    out = check_output_dir(out, overwrite)
     if export:
         check_exportable(model)  # refuse before any work, not after
     neutral_text = read_text_file(neutral) if neutral else data_path("neutral").read_text()

@@ -131,6 +131,21 @@ def load_model(
     return model
 
 
+def out_projection(model: TransformerBridge, layer: int, which: str = "mlp") -> torch.Tensor:
+    """The output projection of `layer`'s MLP ('mlp': [d_mlp, d_model]) or attention ('attn':
+    [n_heads·d_head, d_model]) as an [in, out] view sharing the Hugging Face parameter's storage —
+    in-place edits of it are weight edits that export (GPT-2's Conv1D stores [in, out], nn.Linear
+    [out, in])."""
+    from .errors import LensBiasError
+
+    block = model.blocks[layer]
+    module = getattr(block.mlp, "out", None) if which == "mlp" else getattr(block.attn, "o", None)
+    hf = getattr(module, "original_component", None)
+    if hf is None or not hasattr(hf, "weight"):
+        raise LensBiasError(f"cannot find the {which} output projection of layer {layer} for this architecture")
+    return hf.weight if type(hf).__name__ == "Conv1D" else hf.weight.T
+
+
 def hf_model_of(model: TransformerBridge) -> torch.nn.Module:
     """The Hugging Face module the bridge wraps (shares its parameters)."""
     return model.original_model

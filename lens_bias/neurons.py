@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .bbq import INSTRUCTIONS, format_mc_prompt, item_options, option_sequences, sequence_logprobs
 from .errors import LensBiasError
-from .models import clone_model
+from .models import clone_model, out_projection
 from .patching import ComponentScores
 
 
@@ -166,18 +166,14 @@ def random_neurons(model, n: int, seed: int = 0, exclude=()) -> list[tuple[int, 
 
 def prune_neurons(model, neurons: list[tuple[int, int]], *, inplace: bool = False):
     """Zero each neuron's output weights (its W_out row) — a permanent weight edit equal to
-    zero-ablating it; on a deep copy unless `inplace`."""
+    zero-ablating it; on a copy (clone_model) unless `inplace`."""
     target = model if inplace else clone_model(model)
     d_mlp = target.cfg.d_mlp
     for l, i in neurons:
         if not (0 <= l < target.cfg.n_layers and 0 <= i < d_mlp):
             raise LensBiasError(f"neuron ({l}, {i}) out of range (layers {target.cfg.n_layers}, d_mlp {d_mlp})")
-        w = target.blocks[l].mlp.W_out  # shares storage with the HF parameter
         with torch.no_grad():
-            if w.shape[0] == d_mlp:
-                w[i].zero_()
-            else:
-                w[:, i].zero_()
+            out_projection(target, l, "mlp")[i].zero_()
     return target
 
 
