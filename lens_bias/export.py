@@ -82,7 +82,6 @@ def _fresh_model(hf: torch.nn.Module, device="meta", attn_implementation: str | 
 def to_hf_model(model, *, device=None, attn_implementation: str | None = None) -> torch.nn.Module:
     """A plain Hugging Face model (a copy) with the bridge's current weights — for training with
     PEFT or anything else that wants the unwrapped module."""
-
     hf = _hf_module(model)
     fresh = _fresh_model(hf, device="cpu", attn_implementation=attn_implementation)
     fresh.load_state_dict({k: v.detach().to("cpu") for k, v in hf_state_dict(model).items()}, strict=True)
