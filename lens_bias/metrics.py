@@ -155,11 +155,17 @@ def cloze_accuracy(model, items: list[dict], *, batch_size: int = 32, hooks: lis
 def compare_models(models: dict, measures: dict):
     """Tidy before/after table: one row per (model, measure) with its value — e.g. models
     {'original': m, 'edited': e, 'random': r} and measures {'bias': fn, 'neutral loss': fn}, each
-    fn(model) → float."""
+    fn(model) → float, or → {key: float} for several values from one evaluation (rows
+    'name_key')."""
     import pandas as pd
 
     if not models or not measures:
         raise LensBiasError("compare_models needs at least one model and one measure")
-    rows = [{"model": mn, "measure": name, "value": float(fn(m))} for mn, m in models.items()
-            for name, fn in measures.items()]
+    rows = []
+    for mn, m in models.items():
+        for name, fn in measures.items():
+            value = fn(m)
+            items = value.items() if isinstance(value, dict) else [(None, value)]
+            rows += [{"model": mn, "measure": name if k is None else f"{name}_{k}", "value": float(v)}
+                     for k, v in items]
     return pd.DataFrame(rows)

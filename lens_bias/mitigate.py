@@ -71,7 +71,7 @@ def _task_measures(model, data) -> dict:
     """Bias and accuracy measures for a data file: BBQ JSONL (bias scores, accuracy) or yes/no
     questions (precision − recall gap, accuracy)."""
     from .bbq import bbq_evaluate, load_bbq
-    from .binary import binary_prompts, evaluate_binary, load_yes_no
+    from .binary import binary_prompts, load_yes_no
     from .data import read_text_file
 
     first = next((line for line in read_text_file(data).splitlines() if line.strip()), "")
@@ -79,10 +79,15 @@ def _task_measures(model, data) -> dict:
         items = load_bbq(data)
         keys = ("accuracy", "accuracy_ambig", "accuracy_disambig", "bias_ambig", "bias_disambig",
                 "stereotyped_rate_ambig")
-        return {f"bbq_{k}": (lambda k: lambda m: bbq_evaluate(m, items)[k])(k) for k in keys}
+        return {"bbq": lambda m: {k: v for k, v in bbq_evaluate(m, items).items() if k in keys}}
     ps = binary_prompts(model, load_yes_no(data))
-    return {f"yesno_{k}": (lambda k: lambda m: evaluate_binary(m, ps)["overall"][k])(k)
-            for k in ("pr_gap", "accuracy", "yes_rate")}
+    return {"yesno": lambda m: _binary_measures(m, ps)}
+
+
+def _binary_measures(model, ps) -> dict:
+    from .binary import evaluate_binary
+
+    return {k: v for k, v in evaluate_binary(model, ps)["overall"].items() if k in ("pr_gap", "accuracy", "yes_rate")}
 
 
 def mitigate(model, method: str, out: str | os.PathLike, *, units=None, data=None, neutral=None, top_k: int = 1,
@@ -94,7 +99,7 @@ def mitigate(model, method: str, out: str | os.PathLike, *, units=None, data=Non
     the exported model (out/model) and report.txt; return the report."""
     from .ablation import prune_heads
     from .data import read_text_file
-    from .binary import binary_prompts, evaluate_binary, load_yes_no
+    from .binary import binary_prompts, load_yes_no
     from .export import export_model, save_edit, weight_edit
     from .lsdm import bias_values, lsdm_edit
     from .metrics import compare_models, text_loss
@@ -138,8 +143,7 @@ def mitigate(model, method: str, out: str | os.PathLike, *, units=None, data=Non
         heads = units or negative_attention_scores(model, train, progress=progress).top_heads(top_k)
         result = nasa_train(model, heads, train, dev, steps=steps, seed=seed, progress=progress)
         edited = result.model
-        for k in ("pr_gap", "accuracy", "yes_rate"):
-            measures[f"test_{k}"] = (lambda k: lambda m: evaluate_binary(m, test)["overall"][k])(k)
+        measures["test"] = lambda m: _binary_measures(m, test)
         lines.append(f"NASA on heads {heads}: LoRA trained {result.history[-1].get('best_step')} steps (best dev gap)")
     table = compare_models({"original": model, "mitigated": edited}, measures)
     # everything goes to a temporary sibling that replaces `out` whole at the end

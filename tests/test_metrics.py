@@ -71,3 +71,17 @@ def test_cloze_longer_than_the_context_is_refused(tiny_gpt2):
 
     with pytest.raises(PromptError, match="longer than the model's context of 128"):
         cloze_accuracy(tiny_gpt2, [{"prompt": "word " * 200 + "The capital of France is", "answer": " Paris"}])
+
+
+def test_compare_models_expands_dict_measures():
+    from lens_bias.metrics import compare_models
+
+    calls = []
+
+    def both(m):
+        calls.append(m)
+        return {"a": m * 2, "b": m + 1}
+
+    t = compare_models({"x": 1, "y": 3}, {"s": both, "one": lambda m: -m})
+    assert list(t["measure"]) == ["s_a", "s_b", "one", "s_a", "s_b", "one"]
+    assert list(t["value"]) == [2.0, 2.0, -1.0, 6.0, 4.0, -3.0] and calls == [1, 3]  # one evaluation per model
