@@ -276,26 +276,26 @@ def lsdm_edit(
     else:
         raise LensBiasError(f"unknown target {target!r}; use 'zero', 'mirror' or a number")
     norms = {}
+    ld = ld0
     for j, layer in enumerate(tqdm(layers, desc="LSDM layers", disable=not progress)):
         keys, context = mlp_keys(target_model, ps_dev, layer, pos_dev, batch_size)
         # preserve the neutral text's outputs and the edit prompts' own other tokens (the edit must
         # not leak into them, e.g. into the answer position when editing at the subject)
         keys0 = torch.cat([preservation_keys(target_model, preserve, layer, batch_size=batch_size).to(dev), context])
         g = gender_direction(target_model, ps_dev, layer, pos_dev, batch_size)
+        goal = ld + (goal_final - ld) / (len(layers) - j)  # the change still needed, spread over the layers left
         alphas = []
         for s in range(0, len(ps), batch_size):
             idx = list(range(s, min(s + batch_size, len(ps))))
-            b = ps_dev[idx]
-            ld = bias_values(target_model, b, batch_size)
-            goal = ld + (goal_final[idx] - ld) / (len(layers) - j)
-            alphas.append(_alphas(target_model, b, layer, pos_dev[idx], g, goal))
+            alphas.append(_alphas(target_model, ps_dev[idx], layer, pos_dev[idx], g, goal[idx]))
         residuals = torch.cat(alphas)[:, None] * g[None, :]
         delta = lsdm_delta(keys, residuals, keys0, lam=lam, ridge=ridge)
         with torch.no_grad():
             w = w_out(target_model, layer)
             w.add_(delta.to(w.dtype))
         norms[layer] = float(delta.norm())
-    ld1 = bias_values(target_model, ps_dev, batch_size)
+        ld = bias_values(target_model, ps_dev, batch_size)
+    ld1 = ld
     if ld1.abs().mean() > ld0.abs().mean():
         warnings.warn(f"the LSDM edit made the bias on its own prompts larger (mean |LD| {ld0.abs().mean():.3f} → "
                       f"{ld1.abs().mean():.3f}): this site ({layers}, {position!r}) does not carry it; trace_sites "
