@@ -1,7 +1,7 @@
 """NAS of every head: lens_bias (one forward per batch, keeps only the answer rows of the attention
 patterns, skips the unembedding) vs a full run_with_cache of the same prompts.
 
-    python benchmarks/bench_nas.py [--tokenizer ../shared/models/gpt2-tokenizer]
+    python benchmarks/bench_nas.py [--tokenizer data/tokenizers/gpt2]
 """
 
 import argparse
@@ -31,7 +31,7 @@ def nbytes(tensors):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokenizer", default=str(Path(__file__).resolve().parents[2] / "shared/models/gpt2-tokenizer"))
+    ap.add_argument("--tokenizer", default=str(Path(__file__).resolve().parents[1] / "data/tokenizers/gpt2"))
     ap.add_argument("--n", type=int, default=16, help="questions (× 4 instruction templates)")
     args = ap.parse_args()
     torch.set_num_threads(2)

@@ -1,6 +1,6 @@
 """CRISPR attribution throughput: prompts/s and peak memory for batch sizes 1, 8, 32.
 
-Distilgpt2-shaped random model with the real GPT-2 tokenizer; 32 BBQ Age items from ../shared,
+Distilgpt2-shaped random model with the real GPT-2 tokenizer; 32 BBQ Age items (shipped subset),
 one instruction. Each batch size runs in a process of its own, so its peak resident memory
 (getrusage) is its own; "above the model" subtracts the peak after loading the model.
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def peak_mib() -> float:
@@ -28,15 +28,15 @@ def one(batch_size: int) -> None:
     import torch
 
     from lens_bias import load_model, save_random_model
-    from lens_bias.bbq import INSTRUCTIONS, load_bbq
-    from lens_bias.neurons import crispr_scores
+    from lens_bias.tasks import MC_INSTRUCTIONS as INSTRUCTIONS, load_bbq
+    from lens_bias.locate import crispr_scores
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as d:
-        path = save_random_model("gpt2", Path(d) / "m", SHARED / "models/gpt2-tokenizer", n_layers=6, d_model=768,
+        path = save_random_model("gpt2", Path(d) / "m", DATA / "tokenizers/gpt2", n_layers=6, d_model=768,
                                  n_heads=12, n_ctx=256)
         model = load_model(path)
-    items = load_bbq(SHARED / "data/bbq/Age.jsonl")[:32]
+    items = load_bbq("Age").select(range(32))
     base = peak_mib()
     t = time.perf_counter()
     crispr_scores(model, items, INSTRUCTIONS[:1], batch_size=batch_size, progress=False)

@@ -7,7 +7,7 @@ the results (asserted ≤ 1e-4), attribution time in forward passes (goal ≤ 3.
 resident memory each method adds (sampled from /proc every 2 ms; torch's CPU allocator has no
 peak counter and tracemalloc does not see it).
 
-    python benchmarks/bench_patching.py [--tokenizer ../shared/models/gpt2-tokenizer] [--device cpu]
+    python benchmarks/bench_patching.py [--tokenizer data/tokenizers/gpt2] [--device cpu]
 """
 
 import argparse
@@ -25,8 +25,8 @@ import transformer_lens.patching as tlp  # noqa: E402
 
 from lens_bias import PromptSet, load_model, save_random_model  # noqa: E402
 from lens_bias.attribution import attribution_patching  # noqa: E402
-from lens_bias.metrics import logit_diff  # noqa: E402
-from lens_bias.patching import activation_patching  # noqa: E402
+from lens_bias.core import logit_diff  # noqa: E402
+from lens_bias.locate import activation_patching  # noqa: E402
 
 
 def rss_mib() -> float:
@@ -60,7 +60,7 @@ def measured(fn, repeat=1):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokenizer", default=str(Path(__file__).resolve().parents[2] / "shared/models/gpt2-tokenizer"))
+    ap.add_argument("--tokenizer", default=str(Path(__file__).resolve().parents[1] / "data/tokenizers/gpt2"))
     ap.add_argument("--device", default=None)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()

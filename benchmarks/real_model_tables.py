@@ -10,7 +10,7 @@
 3. LSDM (gender): Vig et al.'s professions, edit on some professions × templates, bias on held-out
    ones, WinoBias and Winogender; edit norm; neutral-text loss and cloze accuracy.
 
-Data come from ../shared/data (or --data DIR with the same layout); the neutral text and cloze set
+Data come from the shipped data/datasets (or --data DIR with the same layout, e.g. full copies); the neutral text and cloze set
 are the project's (data/organism_data). Tables print as markdown and are saved as CSV in --out.
 `--limit` caps every data set (for a quick look; tests run this script on a random model with it).
 """
@@ -59,7 +59,7 @@ def nas_table(model, data: Path, limit: int | None, ks=(1, 3), seeds=5):
         o = lb.evaluate_binary(model, ps, ablate=lb.head_ablation_hooks(model, top))["overall"]
         rows.append({"condition": f"top-{k} NAS heads {top}", "k": k, "pr_gap": o["pr_gap"], "pr_gap_sd": 0.0,
                      "accuracy": o["accuracy"], "yes_rate": o["yes_rate"]})
-        rand = [lb.evaluate_binary(model, ps, ablate=lb.head_ablation_hooks(model, lb.random_heads(model, k, s)))
+        rand = [lb.evaluate_binary(model, ps, ablate=lb.head_ablation_hooks(model, lb.mitigate.random_heads(model, k, s)))
                 ["overall"] for s in range(seeds)]
         rows.append({"condition": f"{k} random heads ({seeds} seeds)", "k": k,
                      "pr_gap": statistics.mean(r["pr_gap"] for r in rand),
@@ -71,9 +71,9 @@ def nas_table(model, data: Path, limit: int | None, ks=(1, 3), seeds=5):
 
 def crispr_table(model, data: Path, limit: int | None, neutral: str, ns=(1, 2, 4, 8, 16, 32), instructions=2):
     import lens_bias as lb
-    from lens_bias.bbq import INSTRUCTIONS
+    from lens_bias.tasks import MC_INSTRUCTIONS as INSTRUCTIONS
 
-    train, dev, test = lb.split_by_template(lb.load_bbq(data / "bbq" / "Age.jsonl"), seed=0)
+    train, dev, test = lb.tasks.split_by_template(lb.load_bbq(data / "bbq" / "Age.jsonl"), seed=0)
     if limit:
         rng = random.Random(0)
         train, dev, test = (rng.sample(x, min(limit, len(x))) for x in (train, dev, test))
@@ -82,12 +82,12 @@ def crispr_table(model, data: Path, limit: int | None, neutral: str, ns=(1, 2, 4
     scores = lb.crispr_scores(model, train, ins, progress=False)
     t_attr = time.perf_counter() - t
     ns = [n for n in ns if n <= model.cfg.n_layers * model.cfg.d_mlp]
-    curve = lb.prune_curve(model, scores, dev, ns=ns, instructions=ins)
+    curve = lb.mitigate.prune_curve(model, scores, dev, ns=ns, instructions=ins)
     # the smallest n with the lowest dev ambiguous bias score that keeps disambiguated accuracy
     ok = curve[(curve.n > 0) & (curve.accuracy_disambig >= curve.accuracy_disambig.iloc[0] - 0.02)]
     best = int((ok if len(ok) else curve[curve.n > 0]).sort_values(["bias_ambig", "n"]).iloc[0]["n"])
     t = time.perf_counter()
-    report = lb.crispr_report(model, lb.top_neurons(scores, best), test, neutral_text=neutral, instructions=ins)
+    report = lb.mitigate.crispr_report(model, scores.units(best), test, neutral_text=neutral, instructions=ins)
     t_report = time.perf_counter() - t
     keep = ["condition", "seed", "n_neurons", "accuracy", "accuracy_ambig", "accuracy_disambig", "bias_ambig",
             "bias_disambig", "neutral_loss"]
@@ -98,9 +98,9 @@ def crispr_table(model, data: Path, limit: int | None, neutral: str, ns=(1, 2, 4
 def lsdm_table(model, data: Path, limit: int | None, neutral: str, cloze: list[dict]):
     import lens_bias as lb
 
-    profs = lb.load_professions(data / "professions" / "professions.json")
+    profs = lb.tasks.load_professions(data / "professions" / "professions.json")
     profs = profs.sample(frac=1.0, random_state=0)
-    templates = list(lb.VIG_TEMPLATES)
+    templates = list(lb.tasks.VIG_TEMPLATES)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # multi-token professions are skipped (counted in the warning)
         words = lb.professions_prompts(model, profs, templates[:1], corrupt_with=None)
@@ -113,25 +113,27 @@ def lsdm_table(model, data: Path, limit: int | None, neutral: str, cloze: list[d
         edit = lb.professions_prompts(model, single[:cut], templates[:8], **she_he)
         held = lb.professions_prompts(model, single[cut:], templates[8:], **she_he)
         sets = {"professions (held out)": held,
-                "winobias (type 1, pro)": lb.winobias_prompts(model, lb.load_winobias(data / "winobias")),
-                "winogender": lb.winogender_prompts(model, lb.load_winogender(data / "winogender"))}
+                "winobias (type 1, pro)": lb.winobias_prompts(model, lb.tasks.load_winobias(data / "winobias")),
+                "winogender": lb.winogender_prompts(model, lb.tasks.load_winogender(data / "winogender"))}
     if limit:
         sets = {k: v[list(range(min(limit, len(v))))] for k, v in sets.items()}
     t = time.perf_counter()
-    edited, result = lb.lsdm_edit(model, edit, neutral, progress=False)
+    result = lb.lsdm_edit(model, edit, neutral, progress=False)
+    edited = result.model
     t_edit = time.perf_counter() - t
-    table = lb.bias_table({"original": model, "lsdm": edited}, sets)
+    table = lb.tasks.bias_table({"original": model, "lsdm": edited}, sets)
     cap = lb.compare_models({"original": model, "lsdm": edited},
                             {"neutral_loss": lambda m: lb.text_loss(m, neutral),
-                             "cloze_accuracy": lambda m: lb.cloze_accuracy(m, cloze)["overall"]})
-    return table, cap, {"site": (result.layers, result.position), "edit_norm": result.delta_norms,
-                        "edit prompts LD": (result.bias_before, result.bias_after), "edit_seconds": t_edit}
+                             "cloze_accuracy": lambda m: lb.tasks.cloze_accuracy(m, cloze)["overall"]})
+    r = result.report
+    return table, cap, {"site": (r["layers"], r["position"]), "edit_norm": r["delta_norms"],
+                        "edit prompts LD": (r["bias_before"], r["bias_after"]), "edit_seconds": t_edit}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="local Hugging Face directory or hub name")
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="folder with the shared data layout")
+    p.add_argument("--data", default=str(ROOT / "data" / "datasets"), help="folder with the data/datasets layout")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--limit", type=int, default=None, help="cap every data set (quick look)")
@@ -151,17 +153,17 @@ def main(argv=None) -> int:
           f"d_mlp {model.cfg.d_mlp})\n")
     if "nas" in parts:
         t, info = nas_table(model, data, args.limit)
-        lb.files.write_csv(out / "nas.csv", t)
+        lb.core.files.write_csv(out / "nas.csv", t)
         print(f"## NAS on StrategyQA ({info})\n\n{_md(t)}\n")
     if "crispr" in parts:
         t, curve, info = crispr_table(model, data, args.limit, neutral)
-        lb.files.write_csv(out / "crispr.csv", t)
-        lb.files.write_csv(out / "crispr_prune_curve.csv", curve)
+        lb.core.files.write_csv(out / "crispr.csv", t)
+        lb.core.files.write_csv(out / "crispr_prune_curve.csv", curve)
         print(f"## CRISPR on BBQ Age ({info})\n\n{_md(t)}\n")
     if "lsdm" in parts:
         t, cap, info = lsdm_table(model, data, args.limit, neutral, cloze)
-        lb.files.write_csv(out / "lsdm_bias.csv", t)
-        lb.files.write_csv(out / "lsdm_capability.csv", cap)
+        lb.core.files.write_csv(out / "lsdm_bias.csv", t)
+        lb.core.files.write_csv(out / "lsdm_capability.csv", cap)
         print(f"## LSDM ({info})\n\n{_md(t)}\n\n{_md(cap)}\n")
     return 0
 

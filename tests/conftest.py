@@ -1,4 +1,5 @@
-"""Shared fixtures: random-weight models of real families, the shipped organism."""
+"""Shared fixtures: random-weight models of real families (with the shipped GPT-2 tokenizer), the shipped
+organism, the shipped data sets. Nothing here reads outside the repository: a clone tests itself."""
 
 import os
 from pathlib import Path
@@ -11,31 +12,27 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-GPT2_TOKENIZER = SHARED / "models" / "gpt2-tokenizer"
-SHARED_DATA = SHARED / "data"
+DATA = ROOT / "data"
+GPT2_TOKENIZER = DATA / "tokenizers" / "gpt2"
+DATASETS = DATA / "datasets"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-def need_shared(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} is absent (../shared is not beside this checkout)")
-    return path
-
-
 @pytest.fixture(scope="session")
 def gpt2_tokenizer_dir() -> Path:
-    return need_shared(GPT2_TOKENIZER)
+    """The real GPT-2 tokenizer, shipped in data/tokenizers/gpt2."""
+    return GPT2_TOKENIZER
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    return need_shared(SHARED_DATA)
+def datasets_dir() -> Path:
+    """The shipped data sets (data/datasets: professions, WinoBias, Winogender, BBQ, StrategyQA, GSM8K)."""
+    return DATASETS
 
 
 def _random_dir(tmp_path_factory, family, tok_dir, **kw):
-    from lens_bias.models import save_random_model
+    from lens_bias.core import save_random_model
 
     return save_random_model(family, tmp_path_factory.mktemp(family), tok_dir, **kw)
 
@@ -54,14 +51,14 @@ def tiny_llama_dir(tmp_path_factory, gpt2_tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def tiny_gpt2(tiny_gpt2_dir):
-    from lens_bias.models import load_model
+    from lens_bias.core import load_model
 
     return load_model(tiny_gpt2_dir, device="cpu")
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_llama_dir):
-    from lens_bias.models import load_model
+    from lens_bias.core import load_model
 
     return load_model(tiny_llama_dir, device="cpu")
 
@@ -69,7 +66,7 @@ def tiny_llama(tiny_llama_dir):
 @pytest.fixture(scope="session")
 def organism():
     """The shipped model organism (planted biases; ground truth in its card)."""
-    from lens_bias.models import load_model
+    from lens_bias.core import load_model
 
     return load_model("organism", device="cpu")
 
@@ -77,7 +74,7 @@ def organism():
 @pytest.fixture(scope="session")
 def organism_control():
     """The organism's control: the same base model without the planted components."""
-    from lens_bias.models import load_model
+    from lens_bias.core import load_model
 
     return load_model("organism-control", device="cpu")
 

@@ -1,6 +1,6 @@
-"""Real pretrained models: where one is available (LENS_BIAS_REAL_MODEL=dir or hub name, or a model
-directory under ../shared/models), load it and check a known real bias; the real-model tables
-script runs end to end (here on a random-weight GPT-2, so that it cannot rot unseen)."""
+"""Real pretrained models: where one is available (LENS_BIAS_REAL_MODEL=dir or hub name), load it and
+check a known real bias; the real-model tables script runs end to end (here on a random-weight
+GPT-2 with the shipped data sets, so that it cannot rot unseen)."""
 
 import os
 from pathlib import Path
@@ -9,15 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import SHARED, need_shared
-
 
 def _real_model_source():
-    if os.environ.get("LENS_BIAS_REAL_MODEL"):
-        return os.environ["LENS_BIAS_REAL_MODEL"]
-    models = SHARED / "models"
-    found = sorted(p for p in models.glob("*") if (p / "config.json").exists()) if models.exists() else []
-    return str(found[0]) if found else None
+    return os.environ.get("LENS_BIAS_REAL_MODEL") or None
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +20,7 @@ def real_model():
     if source is None:
         pytest.skip("no pretrained model offline: set LENS_BIAS_REAL_MODEL to a Hugging Face directory "
                     "(or a hub name, with network) to run the real-model tests")
-    from lens_bias.models import load_model
+    from lens_bias.core import load_model
 
     return load_model(source)
 
@@ -40,15 +34,15 @@ def test_real_model_logits_equal_transformers(real_model):
         assert (real_model(ids) - hf(input_ids=ids).logits).abs().max() <= 1e-3
 
 
-def test_real_model_gender_bias_follows_stereotypes(real_model, shared_data):
+def test_real_model_gender_bias_follows_stereotypes(real_model, datasets_dir):
     """Vig et al. 2020: a pretrained LM's she−he preference after 'The {profession} said that' rises
     with the profession's female stereotype (their stereotypical score: negative = female)."""
     import warnings
 
-    from lens_bias.data import load_professions, professions_prompts
-    from lens_bias.lsdm import bias_values
+    from lens_bias.tasks import load_professions, professions_prompts
+    from lens_bias.tasks import bias_values
 
-    profs = load_professions(shared_data / "professions" / "professions.json")
+    profs = load_professions(datasets_dir / "professions" / "professions.json")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ps = professions_prompts(real_model, profs, ["The {} said that"], answers=(" she", " he"), corrupt_with=None)
@@ -58,10 +52,10 @@ def test_real_model_gender_bias_follows_stereotypes(real_model, shared_data):
     assert ld.rank().corr((-stereo).rank()) > 0.2  # Spearman
 
 
-def test_real_model_tables_script(tmp_path, gpt2_tokenizer_dir):
+def test_real_model_tables_script(tmp_path, gpt2_tokenizer_dir, datasets_dir):
     import importlib.util
 
-    from lens_bias.models import save_random_model
+    from lens_bias.core import save_random_model
 
     model_dir = save_random_model("gpt2", tmp_path / "m", gpt2_tokenizer_dir, n_ctx=512)
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "real_model_tables.py"
@@ -70,7 +64,7 @@ def test_real_model_tables_script(tmp_path, gpt2_tokenizer_dir):
     spec.loader.exec_module(mod)
     out = tmp_path / "tables"
     assert mod.main(["--model", str(model_dir), "--limit", "8", "--out", str(out),
-                     "--data", str(need_shared(SHARED / "data"))]) == 0
+                     "--data", str(datasets_dir)]) == 0
     nas = pd.read_csv(out / "nas.csv")
     assert nas["condition"].iloc[0] == "original" and len(nas) == 5
     crispr = pd.read_csv(out / "crispr.csv")

@@ -10,6 +10,14 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from ..core.errors import LensBiasError  # noqa: E402 - after the environment is set
+from ..core.models import load_model  # noqa: E402
+from ..organism import load_card  # noqa: E402
+from ..runs import REGISTRY, attribute_dataset, distributed, read_manifest, result_frame  # noqa: E402
+from .demo import run_demo  # noqa: E402
+from .pipeline import METHODS as MITIGATIONS  # noqa: E402
+from .pipeline import export_edit, mitigate, parse_units  # noqa: E402
+
 
 def _common(p: argparse.ArgumentParser):
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -18,17 +26,13 @@ def _common(p: argparse.ArgumentParser):
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
-
-    report = run_demo(out=Path(args.out), device=args.device, dtype=args.dtype, seed=args.seed)
+    report = run_demo(out=Path(args.out), device=args.device, dtype=args.dtype, seed=args.seed,
+                      overwrite=args.overwrite)
     print(report)
     return 0
 
 
 def cmd_info(args) -> int:
-    from .models import load_model
-    from .organism import load_card
-
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     cfg = model.cfg
     info = {"model": args.model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "d_model": cfg.d_model,
@@ -42,8 +46,6 @@ def cmd_info(args) -> int:
 
 
 def cmd_attribute(args) -> int:
-    from .runs import attribute_dataset, distributed, read_manifest, result_frame
-
     options = {"components": args.components.split(",") if args.components else None,
                "templates": args.template, "answers": args.answers, "instructions": args.instructions}
     options = {k: v for k, v in options.items() if v is not None}
@@ -69,9 +71,6 @@ def cmd_attribute(args) -> int:
 
 
 def cmd_mitigate(args) -> int:
-    from .mitigate import mitigate, parse_units
-    from .models import load_model
-
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     report = mitigate(model, args.method, args.out, units=parse_units(args.units, "component"), data=args.data,
                       neutral=args.neutral, top_k=args.top_k, steps=args.steps, seed=args.seed,
@@ -82,9 +81,6 @@ def cmd_mitigate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .mitigate import export_edit
-    from .models import load_model
-
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     out = export_edit(model, args.edit, args.out, overwrite=args.overwrite)
     print(f"exported {args.model} + {args.edit} → {out.resolve()} (transformers reloads it with the same logits)")
@@ -114,7 +110,7 @@ def _mitigate_parsers(sub) -> None:
                                    "capability), save the edit as a small file and export the edited model.",
                        epilog=_MITIGATIONS, formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("--model", default="organism", help="shipped name, local HF directory or hub name")
-    m.add_argument("--method", required=True, choices=["prune-neurons", "prune-heads", "lsdm", "nasa"])
+    m.add_argument("--method", required=True, choices=list(MITIGATIONS))
     m.add_argument("--out", required=True, help="output folder")
     m.add_argument("--units", default=None, help="LAYER:INDEX,... neurons or heads (see methods)")
     m.add_argument("--data", default=None, help="data file for lsdm / nasa (see methods)")
@@ -146,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="locate → mitigate → verify → export on the shipped model organism")
     d.add_argument("--out", default="lens-bias-out", help="folder for the report, figures (HTML) and tables")
+    d.add_argument("--overwrite", action="store_true", help="write into --out even when it holds files")
     _common(d)
     d.set_defaults(func=cmd_demo)
     i = sub.add_parser("info", help="describe a model (and its planted ground truth, for the organism)")
@@ -168,48 +165,47 @@ _DATA_FORMATS = """data formats (--data):
     .csv    the same columns; answers as ' she| he'
   nas:      yes/no questions: JSONL, a JSON list (StrategyQA) or CSV with question and label/answer
             (yes/no, true/false, 1/0); one prompt per question × instruction naming ' Yes' and ' No'
-  neurons:  BBQ JSONL as its authors publish it (context, question, ans0..2, label, ...)
+  crispr:   BBQ JSONL as its authors publish it (context, question, ans0..2, label, ...)
 
 outputs (--out): chunks/chunk-NNNNN.pt (per-chunk sums and counts), manifest.json (arguments,
 finished chunks), scores.csv and scores.parquet (tidy table), heatmap-*.html (plotly).
 Run again with the same arguments to resume: finished chunks are skipped.
-Several GPUs or processes: torchrun --nproc_per_node N -m lens_bias.cli attribute ...
+Several GPUs or processes: torchrun --nproc_per_node N -m lens_bias attribute ...
 (each rank takes every N-th chunk; the sums are all-reduced; rank 0 writes the outputs)."""
 
 
-def _attribute_parser(sub) -> None:
-    from .runs import METHODS
+def _components_help() -> str:
+    parts = [f"{name} {','.join(m.sites)} (default {','.join(m.options['components'])})"
+             for name, m in REGISTRY.items() if m.sites]
+    return "comma-separated sites: " + "; ".join(parts)
 
-    methods = "\n".join(f"  {k:<12}{v}" for k, v in METHODS.items())
+
+def _attribute_parser(sub) -> None:
+    methods = "\n".join(f"  {k:<12}{m.summary}" for k, m in REGISTRY.items())
     a = sub.add_parser("attribute", help="locate bias over a whole data set: chunked, resumable, multi-GPU",
                        description="Run one locate method over a data set in chunks; finished chunks are saved "
                                    "and skipped on a restart.\n\nmethods (--method):\n" + methods,
                        epilog=_DATA_FORMATS, formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("--model", required=True, help="shipped name ('organism'), local HF directory or hub name")
     a.add_argument("--data", required=True, help="data file (formats below)")
-    a.add_argument("--method", required=True, choices=list(METHODS), help="locate method (see above)")
+    a.add_argument("--method", required=True, choices=list(REGISTRY), help="locate method (see above)")
     a.add_argument("--out", required=True, help="output folder (chunks, manifest, table, heatmaps)")
     a.add_argument("--chunk-size", type=int, default=32, help="prompts per saved chunk (default 32)")
     a.add_argument("--batch-size", type=int, default=None,
                    help="prompts per forward pass (patching, tracing: patched rows); default: the method's own")
-    a.add_argument("--components", default=None,
-                   help="comma-separated: patching resid_pre,resid_mid,resid_post,attn_out,mlp_out,head "
-                        "(default resid_pre,attn_out,mlp_out,head); attribution head,neuron,resid,attn_out,"
-                        "mlp_out (default head,neuron,resid); tracing resid,mlp,attn (default all)")
+    a.add_argument("--components", default=None, help=_components_help())
     a.add_argument("--template", action="append", default=None,
                    help="prompt template with {} for the profession (repeatable; .json/.txt data)")
     a.add_argument("--answers", nargs=2, default=None, metavar=("A", "B"),
                    help="answer words for .json/.txt data and rows without answers (default ' he' ' she')")
     a.add_argument("--instructions", type=int, default=None,
-                   help="neurons: average over the first N of the 10 BBQ instructions (default all)")
+                   help="crispr: average over the first N of the 10 BBQ instructions (default all)")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     _common(a)
     a.set_defaults(func=cmd_attribute)
 
 
 def main(argv=None) -> int:
-    from .errors import LensBiasError
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

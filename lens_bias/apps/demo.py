@@ -13,21 +13,24 @@ from pathlib import Path
 
 import torch
 
-from .ablation import head_ablation_hooks, neuron_ablation_hooks
-from .attribution import attribution_patching
-from .binary import binary_prompts, evaluate_binary, load_yes_no
-from .data import professions_prompts
-from .export import export_model, save_edit, weight_edit
-from .files import write_table, write_text
-from .lsdm import bias_values, lsdm_edit, trace_sites
-from .metrics import cloze_accuracy, compare_models, text_loss
-from .models import load_model
-from .nas import nas_heatmap, negative_attention_scores
-from .organism import data_path, load_card
-from .patching import activation_patching, answer_logits_fast
-from .prompts import PromptSet
-from .tracing import causal_trace
-from .viz import heatmap, save_figure
+from ..core.files import check_output_dir, write_table, write_text
+from ..core.hooks import device_of
+from ..core.metrics import answer_logits_fast
+from ..core.models import load_model
+from ..core.prompts import PromptSet
+from ..core.viz import heatmap, save_figure
+from ..locate.attribution import attribution_patching
+from ..locate.nas import nas_heatmap, negative_attention_scores
+from ..locate.patching import activation_patching
+from ..locate.tracing import causal_trace, trace_sites
+from ..mitigate.ablation import head_ablation_hooks, neuron_ablation_hooks
+from ..mitigate.edits import save_edit
+from ..mitigate.export import export_model
+from ..mitigate.lsdm import lsdm_edit
+from ..organism import data_path, load_card
+from ..tasks.capability import bias_values, cloze_accuracy, compare_models, text_loss
+from ..tasks.gender import professions_prompts
+from ..tasks.yesno import binary_prompts, evaluate_binary, load_yes_no
 
 
 def gender_pairs(model, card: dict, templates: int = 3) -> PromptSet:
@@ -37,9 +40,11 @@ def gender_pairs(model, card: dict, templates: int = 3) -> PromptSet:
                                corrupt_with=g["neutral_occupations"])
 
 
-def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: int = 0, progress: bool = False) -> str:
+def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: int = 0, progress: bool = False,
+             overwrite: bool = False) -> str:
+    """Run the demo into `out` (refused when it holds files, unless `overwrite`); returns the report."""
+    out = check_output_dir(out, overwrite)
     torch.manual_seed(seed)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = load_model("organism", device=device, dtype=dtype)
     card = load_card("organism")
@@ -52,7 +57,7 @@ def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: i
     said = pairs[[i for i, p in enumerate(pairs.prompts) if p.endswith("said that")]]
     mlp = activation_patching(model, said, "mlp_out", progress=progress)
     attr = attribution_patching(model, pairs, ["neuron", "head"])
-    traced = causal_trace(model, said, kinds=("mlp",), seed=seed, progress=progress)["mlp"]
+    traced = causal_trace(model, said, sites=("mlp_out",), seed=seed, progress=progress)["mlp_out"]
     save_figure(heatmap(mlp, title="Activation patching: MLP outputs (layer × position)"), out / "patching_mlp.html")
     save_figure(heatmap(traced, title="Causal tracing: restoring MLP outputs"), out / "tracing_mlp.html")
     write_table(out / "patching_mlp", mlp.to_frame())
@@ -68,7 +73,7 @@ def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: i
         f"  causal tracing: top MLP = layer {traced.argmax()[0]} (planted: layer {g['layer']})",
     ]
     # ---- mitigate: prune the neuron (hook ablation), verify ------------------------------
-    dev = next(model.parameters()).device
+    dev = device_of(model)
     s = said.to(dev)
     with torch.no_grad():
         a = answer_logits_fast(model, s.tokens, s.answer_pos, s.answer_ids, neuron_ablation_hooks(model, [found]))
@@ -84,8 +89,9 @@ def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: i
     unseen = she_he(F[6:], T[6:12])
     site = trace_sites(model, she_he(F[:5], T[:2]), seed=seed).iloc[0]
     neutral = data_path("neutral").read_text()
-    edited, res = lsdm_edit(model, edit_set, neutral, layers=[int(site["layer"])], position=str(site["position"]),
-                            progress=progress)
+    lsdm = lsdm_edit(model, edit_set, neutral, layers=[int(site["layer"])], position=str(site["position"]),
+                     progress=progress)
+    edited, res = lsdm.model, lsdm.report
     cloze = [json.loads(line) for line in data_path("cloze").read_text().splitlines()]
     table = compare_models({"original": model, "lsdm": edited}, {
         "bias_unseen": lambda m: bias_values(m, unseen).mean().item(),
@@ -95,10 +101,10 @@ def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: i
     v = table.pivot(index="measure", columns="model", values="value")
     exported = export_model(edited, out / "organism-lsdm", overwrite=True)
     diff = json.loads((exported / "lens_bias_export.json").read_text())["max_abs_logit_diff"]
-    save_edit(weight_edit(model, edited, meta={"method": "lsdm", "layers": res.layers}), out / "lsdm_edit.safetensors")
+    save_edit(lsdm.edit, out / "lsdm_edit.safetensors")
     loss = v.loc["neutral_loss"]
     lines += [
-        f"  LSDM edit of MLP layer {res.layers[0]} W_out at the {res.position} token (traced): bias on unseen "
+        f"  LSDM edit of MLP layer {res['layers'][0]} W_out at the {res['position']} token (traced): bias on unseen "
         f"occupations/templates {v.loc['bias_unseen', 'original']:+.2f} → {v.loc['bias_unseen', 'lsdm']:+.2f}; "
         f"neutral loss {loss['original']:.3f} → {loss['lsdm']:.3f} "
         f"({100 * (loss['lsdm'] - loss['original']) / loss['original']:+.2f}%), cloze accuracy "

@@ -10,11 +10,24 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal
 
-from .errors import DataError, LensBiasError
-from .export import check_exportable
-from .files import check_output_dir, replace_dir, write_csv, write_text
+from ..core.errors import DataError, LensBiasError
+from ..core.files import check_output_dir, replace_dir, write_csv, write_text
+from ..locate.nas import negative_attention_scores
+from ..mitigate.edits import apply_edit, load_edit, save_edit
+from ..mitigate.export import check_exportable, export_model
+from ..mitigate.lsdm import lsdm_edit
+from ..mitigate.nasa import nasa_train
+from ..mitigate.prune import prune_heads, prune_neurons
+from ..organism import data_path, load_card
+from ..tasks.capability import bias_values, compare_models, text_loss
+from ..tasks.gender import VIG_TEMPLATES, load_professions, professions_prompts
+from ..tasks.multiple_choice import bbq_evaluate, load_bbq
+from ..tasks.records import read_dataset, read_text_file
+from ..tasks.yesno import binary_prompts, evaluate_binary, load_yes_no
 
+MitigationMethod = Literal["prune-neurons", "prune-heads", "lsdm", "nasa"]
 METHODS = ("prune-neurons", "prune-heads", "lsdm", "nasa")
 
 
@@ -35,9 +48,6 @@ def parse_units(text: str | None, what: str = "unit") -> list[tuple[int, int]]:
 def _occupation_prompts(model, data, seed):
     """Edit/evaluation prompt sets for LSDM: from a professions file (Vig et al. JSON or one word per
     line) with Vig's templates, or, for the organism, its card's occupations and templates."""
-    from .data import VIG_TEMPLATES, load_professions, professions_prompts, read_text_file
-    from .organism import load_card
-
     if data is None:
         try:
             g = load_card(model)["planted"]["gender_neuron"]
@@ -68,14 +78,10 @@ def _occupation_prompts(model, data, seed):
 
 
 def _task_measures(model, data) -> dict:
-    """Bias and accuracy measures for a data file: BBQ JSONL (bias scores, accuracy) or yes/no
-    questions (precision − recall gap, accuracy)."""
-    from .bbq import bbq_evaluate, load_bbq
-    from .binary import binary_prompts, load_yes_no
-    from .data import read_text_file
-
-    first = next((line for line in read_text_file(data).splitlines() if line.strip()), "")
-    if '"context"' in first and '"ans0"' in first:
+    """Bias and accuracy measures for a data file: BBQ (context, question, ans0..2: bias scores,
+    accuracy) or yes/no questions (precision − recall gap, accuracy), told apart by its fields."""
+    columns = set(read_dataset(data).column_names)
+    if {"context", "ans0", "ans1", "ans2"} <= columns:
         items = load_bbq(data)
         keys = ("accuracy", "accuracy_ambig", "accuracy_disambig", "bias_ambig", "bias_disambig",
                 "stereotyped_rate_ambig")
@@ -85,29 +91,16 @@ def _task_measures(model, data) -> dict:
 
 
 def _binary_measures(model, ps) -> dict:
-    from .binary import evaluate_binary
-
     return {k: v for k, v in evaluate_binary(model, ps)["overall"].items() if k in ("pr_gap", "accuracy", "yes_rate")}
 
 
-def mitigate(model, method: str, out: str | os.PathLike, *, units=None, data=None, neutral=None, top_k: int = 1,
-             steps: int = 100, seed: int = 0, export: bool = True, overwrite: bool = False,
+def mitigate(model, method: MitigationMethod, out: str | os.PathLike, *, units=None, data=None, neutral=None,
+             top_k: int = 1, steps: int = 100, seed: int = 0, export: bool = True, overwrite: bool = False,
              progress: bool = True) -> str:
     """Apply `method` ('prune-neurons', 'prune-heads' with `units`, evaluated on `data` — BBQ or
     yes/no — when given; 'lsdm' on occupations; 'nasa' on yes/no data with `units` heads or the
     top-k NAS heads), write before_after.csv, edit.safetensors,
     the exported model (out/model) and report.txt; return the report."""
-    from .ablation import prune_heads
-    from .data import read_text_file
-    from .binary import binary_prompts, load_yes_no
-    from .export import export_model, save_edit, weight_edit
-    from .lsdm import bias_values, lsdm_edit
-    from .metrics import compare_models, text_loss
-    from .nas import negative_attention_scores
-    from .nasa import nasa_train
-    from .neurons import prune_neurons
-    from .organism import data_path
-
     if method not in METHODS:
         raise LensBiasError(f"unknown mitigation {method!r}; choose one of {METHODS}")
     out = check_output_dir(out, overwrite)
@@ -120,18 +113,19 @@ def mitigate(model, method: str, out: str | os.PathLike, *, units=None, data=Non
     if method in ("prune-neurons", "prune-heads"):
         if not units:
             raise LensBiasError(f"{method} needs the components to prune (--units LAYER:INDEX,...)")
-        edited = (prune_neurons if method == "prune-neurons" else prune_heads)(model, units)
+        result = (prune_neurons if method == "prune-neurons" else prune_heads)(model, units)
         lines.append(f"pruned {len(units)} {'neurons' if method == 'prune-neurons' else 'heads'}: {units}")
         if data is not None:
             measures.update(_task_measures(model, data))
     elif method == "lsdm":
         edit_set, held_out = _occupation_prompts(model, data, seed)
-        edited, res = lsdm_edit(model, edit_set, neutral_text, progress=progress)
+        result = lsdm_edit(model, edit_set, neutral_text, progress=progress)
+        res = result.report
         measures["bias_held_out"] = lambda m: bias_values(m, held_out).mean().item()
         measures["abs_bias_held_out"] = lambda m: bias_values(m, held_out).abs().mean().item()
-        lines.append(f"LSDM edit of MLP layer(s) {res.layers} at the {res.position} token, ‖Δ‖ = "
-                     f"{sum(v ** 2 for v in res.delta_norms.values()) ** 0.5:.3f}; edit prompts LD "
-                     f"{res.bias_before:+.3f} → {res.bias_after:+.3f}")
+        lines.append(f"LSDM edit of MLP layer(s) {res['layers']} at the {res['position']} token, ‖Δ‖ = "
+                     f"{sum(v ** 2 for v in res['delta_norms'].values()) ** 0.5:.3f}; edit prompts LD "
+                     f"{res['bias_before']:+.3f} → {res['bias_after']:+.3f}")
     else:
         items = load_yes_no(data or data_path("yesno"))
         random.Random(seed).shuffle(items)
@@ -142,9 +136,9 @@ def mitigate(model, method: str, out: str | os.PathLike, *, units=None, data=Non
         train, dev, test = (binary_prompts(model, part) for part in (items[:a], items[a:b], items[b:]))
         heads = units or negative_attention_scores(model, train, progress=progress).top_heads(top_k)
         result = nasa_train(model, heads, train, dev, steps=steps, seed=seed, progress=progress)
-        edited = result.model
         measures["test"] = lambda m: _binary_measures(m, test)
-        lines.append(f"NASA on heads {heads}: LoRA trained {result.history[-1].get('best_step')} steps (best dev gap)")
+        lines.append(f"NASA on heads {heads}: LoRA trained {result.report['best_step']} steps (best dev gap)")
+    edited = result.model
     table = compare_models({"original": model, "mitigated": edited}, measures)
     # everything goes to a temporary sibling that replaces `out` whole at the end
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -154,7 +148,7 @@ def mitigate(model, method: str, out: str | os.PathLike, *, units=None, data=Non
         wide = table.pivot(index="measure", columns="model", values="value")
         for name, row in wide.iterrows():
             lines.append(f"  {name}: {row['original']:.4f} → {row['mitigated']:.4f}")
-        edit = weight_edit(model, edited, meta={"method": method, "units": [list(u) for u in units]})
+        edit = result.edit
         save_edit(edit, tmp / "edit.safetensors")
         lines.append(f"edit: {len(edit.changes)} weights changed, ‖Δ‖ = {edit.norm:.3f} → edit.safetensors")
         if export:
@@ -172,6 +166,4 @@ def mitigate(model, method: str, out: str | os.PathLike, *, units=None, data=Non
 
 def export_edit(model, edit_file: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False):
     """Re-apply a saved edit to its original model and export the result as a Hugging Face directory."""
-    from .export import apply_edit, export_model, load_edit
-
     return export_model(apply_edit(model, load_edit(edit_file)), out, overwrite=overwrite)

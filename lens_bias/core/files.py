@@ -4,9 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+from .errors import DataError, LensBiasError
+
+#: The project's data folder: shipped checkpoints (the organism), data sets and the GPT-2 tokenizer.
+DATA_DIR = Path(os.environ.get("LENS_BIAS_DATA", Path(__file__).resolve().parents[2] / "data"))
+
+
+def shipped(*parts: str) -> Path:
+    """A file or folder shipped in the project's data/ folder; a clear error when it is missing."""
+    path = DATA_DIR.joinpath(*parts)
+    if not path.exists():
+        raise DataError(f"shipped data {'/'.join(parts)!r} is missing at {path}; set LENS_BIAS_DATA to the folder "
+                        "holding the project's data/")
+    return path
 
 
 def _umask() -> int:
@@ -48,8 +63,6 @@ def write_csv(path: str | os.PathLike, df) -> Path:
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse an output directory that exists and is not empty unless `overwrite` (before any work)."""
-    from .errors import LensBiasError
-
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise LensBiasError(f"output path {path} exists and is not a directory")
@@ -61,8 +74,6 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
 
 def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     """Move a finished temp directory into place; an old directory goes only once the new one is whole."""
-    import shutil
-
     tmp, final = Path(tmp), Path(final)
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
     trash = None

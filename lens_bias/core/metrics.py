@@ -1,13 +1,20 @@
-"""Bias metrics at the answer position: logit difference, probability/odds ratio, normalised effect."""
+"""Bias metrics at the answer position: logit difference, probability/odds ratio, normalised effect,
+and the answer logits computed without unembedding anything else."""
 
 from __future__ import annotations
 
+from typing import Callable, Literal
+
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from .errors import LensBiasError, PromptError
+from .errors import LensBiasError
+from .hooks import last_resid, run_until
 from .prompts import PromptSet
+
+MetricName = Literal["logit_diff", "prob_ratio", "odds_ratio"]
+Metric = MetricName | Callable
 
 
 def answer_logits(logits: Float[Tensor, "batch pos vocab"] | Float[Tensor, "batch n_answers"],
@@ -69,7 +76,11 @@ def normalized_metric(value: Tensor | float, clean: Tensor | float, corrupted: T
 METRICS = {"logit_diff": logit_diff, "prob_ratio": prob_ratio, "odds_ratio": odds_ratio}
 
 
-def get_metric(metric):
+#: metrics computed from the answer position alone (no full-vocabulary logits needed but odds_ratio's softmax)
+FAST_METRICS = ("logit_diff", "prob_ratio", "odds_ratio")
+
+
+def get_metric(metric: Metric) -> Callable:
     """A metric function from a name in METRICS or a callable (logits, PromptSet) → [batch]."""
     if callable(metric):
         return metric
@@ -78,94 +89,50 @@ def get_metric(metric):
     return METRICS[metric]
 
 
-def _lines(texts) -> list[str]:
-    if isinstance(texts, str):
-        texts = texts.splitlines()
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise LensBiasError("no text to evaluate: the text is empty")
-    return texts
+def metric_from_answers(a: Float[Tensor, "rows n_answers"], metric: MetricName,
+                        logp: Float[Tensor, "rows n_answers"] | None = None) -> Float[Tensor, " rows"]:
+    """Per-row metric from answer logits (and answer log-probs, which odds_ratio needs)."""
+    if metric == "odds_ratio":
+        lo = logp - torch.log1p(-logp.exp().clamp(max=1 - 1e-7))
+        return (lo[:, 0] - lo[:, 1]).exp()
+    d = a[:, 0] - a[:, 1]
+    return d if metric == "logit_diff" else d.exp()
 
 
-def text_loss(model, texts: str | list[str], *, batch_size: int = 32, max_tokens: int | None = None,
-              hooks: list | None = None) -> float:
-    """Capability kept: mean next-token cross-entropy (nats/token) over lines of neutral text
-    (BOS + line), padding ignored; `hooks` (e.g. an ablation) are active during the forward."""
-    tok = model.tokenizer
-    dev = next(model.parameters()).device
-    max_tokens = max_tokens or model.cfg.n_ctx
-    total, count = 0.0, 0
-    texts = _lines(texts)
-    for i in range(0, len(texts), batch_size):
-        enc = [([tok.bos_token_id] if tok.bos_token_id is not None else []) +
-               tok(t, add_special_tokens=False)["input_ids"] for t in texts[i:i + batch_size]]
-        enc = [e[:max_tokens] for e in enc]
-        width = max(len(e) for e in enc)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.tensor([e + [pad] * (width - len(e)) for e in enc], device=dev)
-        labels = torch.tensor([e + [-100] * (width - len(e)) for e in enc], device=dev)
-        with torch.no_grad(), model.hooks(fwd_hooks=hooks or []):
-            logits = model(ids, attention_mask=(labels != -100).long())
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                 labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
-        total += loss.item()
-        count += int((labels[:, 1:] != -100).sum())
-    if count == 0:
-        raise LensBiasError("no tokens to score: every line is a single token")
-    return total / count
+def unembed_answers(model, x: Float[Tensor, "rows d_model"], answer_ids: Int[Tensor, "rows n_answers"],
+                    metric: MetricName, W_U: Tensor, b_U: Tensor | None) -> Float[Tensor, " rows"]:
+    """The per-row metric from final-layer residuals at the answer position: final norm, then only
+    the answer columns of W_U (odds_ratio: the full row, for its softmax)."""
+    x = model.ln_final(x[:, None])[:, 0]
+    if metric == "odds_ratio":
+        logits = x @ W_U + (b_U if b_U is not None else 0)
+        logp = logits.float().log_softmax(-1).gather(1, answer_ids)
+        return metric_from_answers(logits.gather(1, answer_ids), metric, logp)
+    out = torch.einsum("rd,dra->ra", x, W_U[:, answer_ids])
+    if b_U is not None:
+        out = out + b_U[answer_ids]
+    return metric_from_answers(out, metric)
 
 
-def cloze_accuracy(model, items: list[dict], *, batch_size: int = 32, hooks: list | None = None) -> dict:
-    """Capability kept: share of cloze items ({'prompt', 'answer'}) the model completes greedily with
-    the answer (every answer token is the top-1 next token, teacher-forced), overall and per 'kind'."""
-    from collections import defaultdict
-
-    if not items:
-        raise LensBiasError("no cloze items to evaluate")
-    tok = model.tokenizer
-    dev = next(model.parameters()).device
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    hits: dict[str, list[bool]] = defaultdict(list)
-    for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
-        seqs, spans = [], []
-        for it in chunk:
-            p = bos + tok(it["prompt"], add_special_tokens=False)["input_ids"]
-            a = tok(it["answer"], add_special_tokens=False)["input_ids"]
-            if not a:
-                raise LensBiasError(f"cloze answer {it['answer']!r} tokenises to nothing (prompt {it['prompt']!r})")
-            seqs.append(p + a)
-            spans.append((len(p), len(a)))
-        width = max(map(len, seqs))
-        n_ctx = getattr(model.cfg, "n_ctx", None)
-        if n_ctx and width > n_ctx:
-            raise PromptError(f"a cloze prompt with its answer is {width} tokens, longer than the model's context "
-                              f"of {n_ctx}")
-        ids = torch.tensor([q + [0] * (width - len(q)) for q in seqs], device=dev)
-        mask = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in seqs], device=dev)
-        with torch.no_grad(), model.hooks(fwd_hooks=hooks or []):
-            top = model(ids, attention_mask=mask).argmax(-1)
-        for it, q, (start, n), row in zip(chunk, seqs, spans, top):
-            ok = row[start - 1:start - 1 + n].tolist() == q[start:start + n]
-            hits["overall"].append(ok)
-            hits[it.get("kind", "all")].append(ok)
-    return {k: sum(v) / len(v) for k, v in hits.items()}
-
-
-def compare_models(models: dict, measures: dict):
-    """Tidy before/after table: one row per (model, measure) with its value — e.g. models
-    {'original': m, 'edited': e, 'random': r} and measures {'bias': fn, 'neutral loss': fn}, each
-    fn(model) → float, or → {key: float} for several values from one evaluation (rows
-    'name_key')."""
-    import pandas as pd
-
-    if not models or not measures:
-        raise LensBiasError("compare_models needs at least one model and one measure")
-    rows = []
-    for mn, m in models.items():
-        for name, fn in measures.items():
-            value = fn(m)
-            items = value.items() if isinstance(value, dict) else [(None, value)]
-            rows += [{"model": mn, "measure": name if k is None else f"{name}_{k}", "value": float(v)}
-                     for k, v in items]
-    return pd.DataFrame(rows)
+def answer_logits_fast(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    answer_pos: Int[Tensor, " batch"],
+    answer_ids: Int[Tensor, "batch n_answers"],
+    fwd_hooks: list = (),
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    W_U: Tensor | None = None,
+    b_U: Tensor | None = None,
+) -> Float[Tensor, "batch n_answers"]:
+    """Answer-token logits at the answer positions, equal to the full forward's, skipping the
+    unembedding of every other position and token."""
+    resid = run_until(model, tokens, attention_mask=attention_mask, fwd_hooks=fwd_hooks)[last_resid(model)]
+    rows = torch.arange(resid.shape[0], device=resid.device)
+    x = model.ln_final(resid[rows, answer_pos.to(resid.device)][:, None])[:, 0]  # [batch, d_model]
+    W_U = model.W_U if W_U is None else W_U
+    out = torch.einsum("bd,dba->ba", x, W_U[:, answer_ids.to(W_U.device)])
+    if b_U is None:
+        b_U = getattr(model, "b_U", None)
+    if b_U is not None:
+        out = out + b_U[answer_ids.to(b_U.device)]
+    return out

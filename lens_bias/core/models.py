@@ -9,9 +9,10 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from .errors import ModelLoadError
+from .files import DATA_DIR
 
-#: Folder of the checkpoints the project ships (the model organism and its control).
-DATA_DIR = Path(os.environ.get("LENS_BIAS_DATA", Path(__file__).resolve().parent.parent / "data"))
+#: The hooked model every function takes: a TransformerBridge with raw Hugging Face weights.
+HookedModel = TransformerBridge
 SHIPPED_MODELS = {
     "organism": "organism",
     "organism-control": "organism-control",
@@ -131,26 +132,6 @@ def load_model(
     return model
 
 
-def out_projection(model: TransformerBridge, layer: int, which: str = "mlp") -> torch.Tensor:
-    """The output projection of `layer`'s MLP ('mlp': [d_mlp, d_model]) or attention ('attn':
-    [n_heads·d_head, d_model]) as an [in, out] view sharing the Hugging Face parameter's storage —
-    in-place edits of it are weight edits that export (GPT-2's Conv1D stores [in, out], nn.Linear
-    [out, in])."""
-    from .errors import LensBiasError
-
-    block = model.blocks[layer]
-    module = getattr(block.mlp, "out", None) if which == "mlp" else getattr(block.attn, "o", None)
-    hf = getattr(module, "original_component", None)
-    if hf is None or not hasattr(hf, "weight"):
-        raise LensBiasError(f"cannot find the {which} output projection of layer {layer} for this architecture")
-    return hf.weight if type(hf).__name__ == "Conv1D" else hf.weight.T
-
-
-def hf_model_of(model: TransformerBridge) -> torch.nn.Module:
-    """The Hugging Face module the bridge wraps (shares its parameters)."""
-    return model.original_model
-
-
 _RANDOM_FAMILIES = ("gpt2", "llama", "neox", "t5")
 
 
@@ -206,29 +187,3 @@ def save_random_model(
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
-
-
-def clone_model(model: TransformerBridge) -> TransformerBridge:
-    """An independent copy of a bridge (or a Hugging Face model) with the same weights, device and dtype.
-
-    Use this, not copy.deepcopy: the bridge's split q/k/v parameters are views of the fused HF
-    weight (GPT-2's c_attn), and deepcopy turns them into separate tensors, so an edit of the
-    fused weight in the copy would no longer reach its forward pass.
-    """
-    from .export import to_hf_model
-
-    if not hasattr(model, "original_model"):  # a plain Hugging Face model: no views to keep
-        import copy
-
-        return copy.deepcopy(model)
-    source = getattr(model, "lens_bias_source", None) or model.original_model.config._name_or_path
-    param = next(model.original_model.parameters())
-    hf = to_hf_model(model, attn_implementation="eager")
-    try:
-        clone = TransformerBridge.boot_transformers(str(source), hf_model=hf, tokenizer=model.tokenizer,
-                                                    device=param.device, dtype=param.dtype)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"could not copy the model (its source {source!r} must stay readable): {e}") from None
-    clone.eval()
-    clone.lens_bias_source = source
-    return clone

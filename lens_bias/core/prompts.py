@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
 from jaxtyping import Int
@@ -17,15 +17,49 @@ from torch import Tensor
 
 from .errors import PromptError
 
+PaddingSide = Literal["right", "left"]
 
-def _tokenizer_of(tokenizer_or_model):
+
+def tokenizer_of(tokenizer_or_model):
+    """The tokenizer of a hooked model, or the tokenizer itself."""
     tok = getattr(tokenizer_or_model, "tokenizer", None)
     return tok if tok is not None else tokenizer_or_model
 
 
+def pad_id_of(tok) -> int:
+    """The id used for padding: the tokenizer's pad token, else its EOS, else 0."""
+    if tok.pad_token_id is not None:
+        return tok.pad_token_id
+    return tok.eos_token_id if tok.eos_token_id is not None else 0
+
+
+def pad(seqs: Sequence[Sequence[int]], pad_id: int = 0, side: PaddingSide = "right",
+        width: int | None = None) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Token id lists → (ids, attention mask), padded on `side` to the longest (or `width`)."""
+    if side not in ("right", "left"):
+        raise PromptError(f"padding side must be 'right' or 'left', not {side!r}")
+    width = max((len(s) for s in seqs), default=0) if width is None else width
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        at = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[r, at] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[r, at] = 1
+    return ids, mask
+
+
+def encode_lines(tokenizer_or_model, texts: Sequence[str], *, bos: bool = True,
+                 max_tokens: int | None = None) -> list[list[int]]:
+    """Token ids of each text (BOS first when the tokenizer has one and `bos`), cut to `max_tokens`."""
+    tok = tokenizer_of(tokenizer_or_model)
+    head = [tok.bos_token_id] if bos and tok.bos_token_id is not None else []
+    out = [head + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return [e[:max_tokens] for e in out] if max_tokens else out
+
+
 def answer_token_id(tokenizer_or_model, word: str, *, prompt: str | None = None) -> int:
     """The single token id of `word` (e.g. " he"); a clear error when it is several tokens."""
-    tok = _tokenizer_of(tokenizer_or_model)
+    tok = tokenizer_of(tokenizer_or_model)
     ids = tok(word, add_special_tokens=False)["input_ids"]
     where = f" (prompt {prompt!r})" if prompt is not None else ""
     if len(ids) == 0:
@@ -65,10 +99,10 @@ def _span(text: str, offsets, word: str, prompt_idx: int) -> tuple[int, int]:
 class PromptSet:
     """Tokenised prompts (batch × pos, padded), answer ids and optional corrupted twins.
 
-    `answer_ids[:, 0]` is the answer the metric counts as positive (e.g. " he"), `[:, 1]` the
-    one it counts against (e.g. " she"); `answer_pos` is the position whose logits predict
-    the answer (the last real token). `subject_spans` is the [start, end) token span of the
-    subject word (the occupation) where known.
+    `answer_ids[:, 0]` is the answer the metric counts as positive and `[:, 1]` the one it counts
+    against: with answers (" she", " he") the logit difference is logit(" she") − logit(" he").
+    `answer_pos` is the position whose logits predict the answer (the last real token).
+    `subject_spans` is the [start, end) token span of the subject word (the occupation) where known.
     """
 
     prompts: list[str]
@@ -94,8 +128,8 @@ class PromptSet:
         subjects: Sequence[str] | None = None,
         metadata: Sequence[dict] | None = None,
         prepend_bos: bool | None = None,
-        padding_side: str = "right",
-        on_length_mismatch: str = "raise",
+        padding_side: PaddingSide = "right",
+        on_length_mismatch: Literal["raise", "drop"] = "raise",
     ) -> "PromptSet":
         """Tokenise `prompts` (and `corrupted` twins) with answer words per prompt.
 
@@ -104,7 +138,7 @@ class PromptSet:
         prompts tokenise to different lengths (with a warning giving the count).
         `prepend_bos` defaults to True when the tokenizer has a BOS token.
         """
-        tok = _tokenizer_of(tokenizer_or_model)
+        tok = tokenizer_of(tokenizer_or_model)
         prompts = list(prompts)
         n = len(prompts)
         if n == 0:
@@ -152,7 +186,7 @@ class PromptSet:
         if subjects is not None:
             spans = torch.tensor([_span(prompts[i], enc[i][1], subjects[i], i) for i in keep])
 
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        pad_token = pad_id_of(tok)
         seqs = [enc[i][0] for i in keep]
         width = max(len(s) for s in seqs)
         n_ctx = getattr(getattr(tokenizer_or_model, "cfg", None), "n_ctx", None)
@@ -162,16 +196,7 @@ class PromptSet:
                               f"{prompts[i][:80]!r}...")
 
         def padded(rows):
-            out = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, s in enumerate(rows):
-                if padding_side == "right":
-                    out[r, : len(s)] = torch.tensor(s)
-                    mask[r, : len(s)] = 1
-                else:
-                    out[r, width - len(s):] = torch.tensor(s)
-                    mask[r, width - len(s):] = 1
-            return out, mask
+            return pad(rows, pad_token, padding_side, width)
 
         tokens, mask = padded(seqs)
         lengths = torch.tensor([len(s) for s in seqs])
@@ -276,7 +301,7 @@ class PromptSet:
 
     def str_tokens(self, tokenizer_or_model, i: int = 0) -> list[str]:
         """The tokens of prompt `i` as strings (padding included)."""
-        tok = _tokenizer_of(tokenizer_or_model)
+        tok = tokenizer_of(tokenizer_or_model)
         return tok.convert_ids_to_tokens(self.tokens[i].tolist())
 
     def to_frame(self):

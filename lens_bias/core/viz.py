@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .errors import LensBiasError
-from .patching import ComponentScores
+from .files import write_text
+from .scores import ComponentScores
 
 
 def _values(scores: ComponentScores, normalized: bool) -> torch.Tensor:
@@ -62,6 +63,4 @@ def top_bar(scores: ComponentScores, k: int = 20, *, title: str | None = None):
 
 def save_figure(fig, path) -> None:
     """Write a figure as a self-contained HTML file (plotly.js inside: opens offline), atomically."""
-    from .files import write_text
-
     write_text(path, fig.to_html(include_plotlyjs=True))

@@ -3,28 +3,29 @@
 score(c) = ∂metric/∂a_c · (a_c(clean) − a_c(corrupted)), summed over the component's
 activation entries (and positions, unless kept). One clean forward+backward gives the
 gradients (the metric is the mean over prompts), one corrupted forward the corrupted
-activations; only the hooks asked for are cached. Components: attention heads (hook_z),
-MLP neurons (mlp.hook_post) and residual positions (hook_resid_pre).
+activations; only the hooks asked for are cached. Sites (lens_bias.core.hooks): attention heads
+(head = hook_z), MLP neurons (neuron = mlp.hook_post) and residual-stream positions (resid_pre,
+resid_mid, resid_post, attn_out, mlp_out).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Literal
 
 import torch
 from torch import Tensor
 
-from .errors import LensBiasError
-from .patching import ComponentScores, _check_pairs, _str_tokens, answer_logits_fast
+from ..core.errors import LensBiasError
+from ..core.hooks import check_sites, device_of, hook_name
+from ..core.methods import ChunkSums, LocateMethod, add_scores, scores_from_sums
+from ..core.metrics import answer_logits_fast
+from ..core.prompts import PromptSet
+from ..core.scores import ComponentScores
+from .patching import check_pairs, position_labels
 
-_HOOKS = {
-    "head": "blocks.{}.attn.hook_z",
-    "neuron": "blocks.{}.mlp.hook_post",
-    "resid": "blocks.{}.hook_resid_pre",
-    "attn_out": "blocks.{}.hook_attn_out",
-    "mlp_out": "blocks.{}.hook_mlp_out",
-}
+AttributionSite = Literal["head", "neuron", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"]
+ATTRIBUTION_SITES = ("head", "neuron", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
 
 def _answer_metric(model, ps, tokens, hooks, W_U, b_U) -> Tensor:
@@ -35,9 +36,9 @@ def _answer_metric(model, ps, tokens, hooks, W_U, b_U) -> Tensor:
 def attribution_patching(
     model,
     ps,
-    components: Iterable[str] = ("head", "neuron", "resid"),
+    components: Iterable[AttributionSite] = ("head", "neuron", "resid_pre"),
     *,
-    at: str = "clean",
+    at: Literal["clean", "corrupted"] = "clean",
     per_position: bool = False,
     compare: dict[str, ComponentScores] | None = None,
     corruption=None,
@@ -47,24 +48,21 @@ def attribution_patching(
     at='clean' (default) takes gradients in the clean run (estimates the drop from corrupting
     one component); at='corrupted' takes them in the corrupted run (estimates the gain from
     restoring one component, i.e. the activation patching of lens_bias.patching). Shapes:
-    head [layer, head], neuron [layer, d_mlp], resid [layer, pos] (per_position adds a pos axis
-    to heads and neurons). `compare` maps a kind to activation-patching results of the same
+    head [layer, head], neuron [layer, d_mlp], residual sites [layer, pos] (per_position adds a pos
+    axis to heads and neurons). `compare` maps a kind to activation-patching results of the same
     shape; Pearson and Spearman agreement are then stored in `.extra['agreement']`.
     `corruption(prompt_idx) -> fwd hooks` makes the corrupted run from the clean tokens (as in
     activation_patching).
     """
-    components = list(components)
-    unknown = [c for c in components if c not in _HOOKS]
-    if unknown:
-        raise LensBiasError(f"unknown component(s) {unknown}; choose from {sorted(_HOOKS)}")
+    components = check_sites(components, ATTRIBUTION_SITES, "attribution")
     if at not in ("clean", "corrupted"):
         raise LensBiasError(f"at must be 'clean' or 'corrupted', not {at!r}")
     if corruption is None:
-        _check_pairs(model, ps)
-    device = next(model.parameters()).device
+        check_pairs(model, ps)
+    device = device_of(model)
     ps = ps.to(device)
     L = model.cfg.n_layers
-    names = {(c, l): _HOOKS[c].format(l) for c in components for l in range(L)}
+    names = {(c, l): hook_name(c, l) for c in components for l in range(L)}
     wanted = set(names.values())
     W_U, b_U = model.W_U, getattr(model, "b_U", None)
     corrupt_tokens = ps.tokens if corruption is not None else ps.corrupted_tokens
@@ -90,7 +88,7 @@ def attribution_patching(
         for p in params:
             p.requires_grad_(False)
         with torch.enable_grad():
-            metric = _answer_metric(model, ps, grad_tokens, grad_extra + [("blocks.0.hook_resid_pre", leaf)] + hooks,
+            metric = _answer_metric(model, ps, grad_tokens, grad_extra + [(hook_name("resid_pre", 0), leaf)] + hooks,
                                     W_U, b_U)
             metric.backward()
     finally:
@@ -103,7 +101,7 @@ def attribution_patching(
     clean_m, corr_m = (metric.item(), other_metric) if at == "clean" else (other_metric, metric.item())
 
     out = {}
-    tokens = _str_tokens(model, ps)
+    tokens = position_labels(model, ps)
     for c in components:
         per_layer = []
         for l in range(L):
@@ -113,7 +111,7 @@ def attribution_patching(
             # Δ = clean − corrupted activation, whichever run the gradient came from
             delta = (grad_acts[n] - other_acts[n]) if at == "clean" else (other_acts[n] - grad_acts[n])
             s = (grads[n] * delta * len(ps)).mean(0)  # the metric is a mean over prompts: undo its 1/n
-            if c in ("head", "resid", "attn_out", "mlp_out"):
+            if c != "neuron":
                 s = s.sum(-1)  # over d_head / d_model → [pos] or [pos, head]
             if c in ("head", "neuron") and not per_position:
                 s = s.sum(0)  # over positions
@@ -146,3 +144,27 @@ def agreement(attr: ComponentScores, patched: ComponentScores) -> dict:
         return float((x * y).sum() / den) if den > 0 else float("nan")
     return {"pearson": pearson(a, p), "spearman": pearson(_rank(a), _rank(p)), "n": a.numel(),
             "max_abs_diff": float((a - p).abs().max())}
+
+
+# ---------------------------------------------------------------------------------------
+# As a batch-run method (lens_bias.runs)
+# ---------------------------------------------------------------------------------------
+def _run_chunk(model, data: PromptSet, lo: int, hi: int, opts: dict, batch_size, state) -> ChunkSums:
+    total = ChunkSums({}, 0)
+    step = batch_size or hi - lo
+    for s in range(lo, hi, step):
+        sub = data[s: min(s + step, hi)]
+        add_scores(attribution_patching(model, sub, opts["components"], at=opts["at"]), len(sub), total)
+    return total
+
+
+RUN = LocateMethod(
+    name="attribution",
+    summary="attribution patching: grad × (clean − corrupted), every component at once (Syed et al. 2023)",
+    data="pairs",
+    options={"components": ["head", "neuron", "resid_pre"], "at": "clean", "templates": None, "answers": None,
+             "corrupt_with": "man"},
+    run=_run_chunk,
+    finalize=lambda model, data, total, opts: scores_from_sums(total, position_labels(model, data)),
+    sites=ATTRIBUTION_SITES,
+)

@@ -6,31 +6,31 @@ and its confusion score P(ŷ | x, instruction), P being the softmax over the opt
 summed token log-probabilities. For every MLP neuron i and token t, the attribution of an option
 o is A_i,t(o) = h_i,t · ∂P(o | x)/∂h_i,t (one forward + backward per batch and option). Aggregation: max over tokens (input or option tokens), skill
 disentanglement B_i = A_i(ŷ) − λ·max(A_i(y), 0), confusion-weighted mean over instances, mean
-over instructions. The top neurons are pruned: by zero-ablating `mlp.hook_post` (a hook), or
-permanently by zeroing the neuron's output weights (its row of W_out). Zeroing W_out makes the
-neuron's contribution exactly zero for every input — the same function as the zero-ablation
-hook — while its input weights stay as they were, so an exported model behaves identically.
+over instructions. The top neurons are then pruned (lens_bias.mitigate.prune).
 """
 
 from __future__ import annotations
 
-import random
+from typing import Literal
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .bbq import INSTRUCTIONS, format_mc_prompt, item_options, option_sequences, sequence_logprobs
-from .errors import LensBiasError
-from .models import clone_model, out_projection
-from .patching import ComponentScores
+from ..core.errors import LensBiasError
+from ..core.hooks import hook_name
+from ..core.methods import ChunkSums, LocateMethod
+from ..core.scores import ComponentScores
+from ..tasks.records import Items, as_items, take
+from ..tasks.multiple_choice import INSTRUCTIONS, format_mc_prompt, item_options, option_sequences, sequence_logprobs
+
+Unit = Literal["neuron", "head"]
+UNITS = ("neuron", "head")
+Tokens = Literal["input", "option", "all"]
 
 
-UNITS = {"neuron": "blocks.{}.mlp.hook_post", "head": "blocks.{}.attn.hook_z"}
-
-
-def _attribute(model, prompts: list[str], options: list[list[str]], tokens: str, choose,
-               unit: str = "neuron") -> tuple[Tensor, dict]:
+def _attribute(model, prompts: list[str], options: list[list[str]], tokens: Tokens, choose,
+               unit: Unit = "neuron") -> tuple[Tensor, dict]:
     """One forward over every (prompt, option) sequence, then per target set `name` (from
     `choose(P)`, P = option probabilities [n, k]) the attribution A = h · ∂P(target | x)/∂h of every
     MLP neuron (or head: summed over its d_head output features z), max over the selected tokens:
@@ -49,7 +49,7 @@ def _attribute(model, prompts: list[str], options: list[list[str]], tokens: str,
         acts[l] = x
         return x
 
-    hooks = [(UNITS[unit].format(l), (lambda l: lambda x, hook: keep(x, hook, l))(l)) for l in range(L)]
+    hooks = [(hook_name(unit, l), (lambda l: lambda x, hook: keep(x, hook, l))(l)) for l in range(L)]
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
         probs = sequence_logprobs(model, seqs, spans).view(n, k).softmax(-1)
         targets = choose(probs.detach().cpu())
@@ -85,7 +85,7 @@ def _reduce(acts, grads, spans, targets, k, tokens) -> Tensor:
 
 
 def option_attributions(model, prompts: list[str], options: list[list[str]], targets: list[int],
-                        tokens: str = "input", unit: str = "neuron") -> Tensor:
+                        tokens: Tokens = "input", unit: Unit = "neuron") -> Tensor:
     """A(o) = h · ∂P(o | x)/∂h per prompt and neuron (or head, `unit="head"`: Σ over its z features),
     max over tokens: [n, layer, d_mlp or n_heads].
 
@@ -97,14 +97,15 @@ def option_attributions(model, prompts: list[str], options: list[list[str]], tar
     return _attribute(model, prompts, options, tokens, lambda p: {"a": targets}, unit)[1]["a"]
 
 
-def crispr_scores(model, items: list[dict], instructions: list[str] | None = None, *, lam: float = 1.0,
-                  tokens: str = "input", batch_size: int = 8, progress: bool = True,
-                  unit: str = "neuron") -> ComponentScores:
+def crispr_scores(model, items: Items, instructions: list[str] | None = None, *, lam: float = 1.0,
+                  tokens: Tokens = "input", batch_size: int = 8, progress: bool = True,
+                  unit: Unit = "neuron") -> ComponentScores:
     """Bias score B of every MLP neuron [layer, d_mlp] (or attention head [layer, head], `unit="head"`):
     confusion-weighted mean over instances of A(ŷ) − λ·max(A(y), 0), averaged over instructions.
     Instances the model already answers with ŷ far below y still count, weighted by their (small)
     confusion score."""
-    if not items:
+    items = as_items(items)
+    if not len(items):
         raise LensBiasError("no BBQ items to attribute")
     if unit not in UNITS:
         raise LensBiasError(f"unit must be one of {sorted(UNITS)}, not {unit!r}")
@@ -115,7 +116,7 @@ def crispr_scores(model, items: list[dict], instructions: list[str] | None = Non
     for ins in instructions:
         total, weight = torch.zeros(L, D), 0.0
         for s in range(0, len(items), batch_size):
-            chunk = items[s: s + batch_size]
+            chunk = take(items, s, s + batch_size)
             prompts = [format_mc_prompt(ins, it["context"], it["question"], item_options(it))
                        for it in chunk]
             opts = [item_options(it) for it in chunk]
@@ -147,70 +148,36 @@ def crispr_scores(model, items: list[dict], instructions: list[str] | None = Non
                                   "totals": torch.stack(totals), "weights": torch.tensor(weights)})
 
 
-def top_neurons(scores: ComponentScores, n: int) -> list[tuple[int, int]]:
-    """The n neurons with the highest bias score, as (layer, neuron)."""
-    total = scores.values.numel()
-    if not 0 < n <= total:
-        raise LensBiasError(f"n = {n} neurons asked for, but the model has {total} MLP neurons")
-    flat = scores.values.reshape(-1).topk(n).indices
-    D = scores.values.shape[1]
-    return [(int(i) // D, int(i) % D) for i in flat]
+# ---------------------------------------------------------------------------------------
+# As a batch-run method (lens_bias.runs)
+# ---------------------------------------------------------------------------------------
+def _instructions(opts: dict) -> list[str]:
+    n = opts["instructions"]
+    if isinstance(n, int) and not 1 <= n <= len(INSTRUCTIONS):
+        raise LensBiasError(f"instructions must be 1..{len(INSTRUCTIONS)}, got {n}")
+    return INSTRUCTIONS if n is None else (INSTRUCTIONS[:n] if isinstance(n, int) else list(n))
 
 
-def random_neurons(model, n: int, seed: int = 0, exclude=()) -> list[tuple[int, int]]:
-    pool = [(l, i) for l in range(model.cfg.n_layers) for i in range(model.cfg.d_mlp) if (l, i) not in set(exclude)]
-    if n > len(pool):
-        raise LensBiasError(f"n = {n} neurons asked for, but only {len(pool)} are available")
-    return random.Random(seed).sample(pool, n)
+def _run_chunk(model, data: Items, lo: int, hi: int, opts: dict, batch_size, state) -> ChunkSums:
+    """Per instruction: crispr_scores' confusion-weighted sum and its weight, so chunks combine
+    as crispr_scores' confusion-weighted mean over all items."""
+    res = crispr_scores(model, take(data, lo, hi), _instructions(opts), lam=opts["lam"], tokens=opts["tokens"],
+                        batch_size=batch_size or 8, progress=False)
+    return ChunkSums({"totals": res.extra["totals"].double(), "weights": res.extra["weights"].double()}, hi - lo)
 
 
-def prune_neurons(model, neurons: list[tuple[int, int]], *, inplace: bool = False):
-    """Zero each neuron's output weights (its W_out row) — a permanent weight edit equal to
-    zero-ablating it; on a copy (clone_model) unless `inplace`."""
-    target = model if inplace else clone_model(model)
-    d_mlp = target.cfg.d_mlp
-    for l, i in neurons:
-        if not (0 <= l < target.cfg.n_layers and 0 <= i < d_mlp):
-            raise LensBiasError(f"neuron ({l}, {i}) out of range (layers {target.cfg.n_layers}, d_mlp {d_mlp})")
-        with torch.no_grad():
-            out_projection(target, l, "mlp")[i].zero_()
-    return target
+def _finalize(model, data: Items, total: ChunkSums, opts: dict) -> ComponentScores:
+    vals = (total.sums["totals"] / total.sums["weights"].clamp(min=1e-12)[:, None, None]).mean(0).float()
+    return ComponentScores(vals, ("layer", "neuron"), "neuron", "crispr",
+                           extra={"lambda": opts["lam"], "tokens": opts["tokens"],
+                                  "n_instructions": len(_instructions(opts)), "n_items": total.count})
 
 
-def prune_curve(model, scores: ComponentScores, dev_items: list[dict], ns=(1, 2, 4, 8, 16),
-                instructions: list[str] | None = None):
-    """Dev-split metrics after zero-ablating the top-n neurons, for each n (pandas; choose n here)."""
-    import pandas as pd
-
-    from .ablation import neuron_ablation_hooks
-    from .bbq import bbq_evaluate
-
-    rows = [{"n": 0, **bbq_evaluate(model, dev_items, instructions)}]
-    for n in ns:
-        hooks = neuron_ablation_hooks(model, top_neurons(scores, n))
-        rows.append({"n": n, **bbq_evaluate(model, dev_items, instructions, hooks=hooks)})
-    return pd.DataFrame(rows)
-
-
-def crispr_report(model, neurons: list[tuple[int, int]], test_items: list[dict], *, neutral_text=None,
-                  instructions: list[str] | None = None, random_seeds=(0, 1, 2)):
-    """Before/after table on a held-out split: the original model, the top-n `neurons` pruned, and n
-    random neurons pruned (one row per seed) — BBQ accuracy (ambig/disambig/overall), bias scores,
-    the stereotyped rate in ambiguous contexts and, with `neutral_text`, capability (loss on it)."""
-    import pandas as pd
-
-    from .ablation import neuron_ablation_hooks
-    from .bbq import bbq_evaluate
-    from .metrics import text_loss
-
-    def row(name, hooks, seed=None):
-        r = {"condition": name, "seed": seed, "n_neurons": 0 if name == "original" else len(neurons),
-             **bbq_evaluate(model, test_items, instructions, hooks=hooks)}
-        if neutral_text is not None:
-            r["neutral_loss"] = text_loss(model, neutral_text, hooks=hooks)
-        return r
-
-    rows = [row("original", []), row("pruned", neuron_ablation_hooks(model, neurons))]
-    for s in random_seeds:
-        rows.append(row("random", neuron_ablation_hooks(model, random_neurons(model, len(neurons), s, exclude=neurons)), s))
-    return pd.DataFrame(rows)
+RUN = LocateMethod(
+    name="crispr",
+    summary="CRISPR bias score of every MLP neuron on BBQ items (Yang et al., ACL 2024)",
+    data="multiple_choice",
+    options={"instructions": None, "lam": 1.0, "tokens": "input"},
+    run=_run_chunk,
+    finalize=_finalize,
+)

@@ -22,23 +22,34 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .errors import LensBiasError
-from .patching import _Stop
-from .prompts import PromptSet
+from ..core.errors import LensBiasError
+from ..core.hooks import device_of, hook_name, last_resid, trace
+from ..core.methods import ChunkSums, LocateMethod
+from ..core.prompts import PromptSet
+from ..core.scores import ComponentScores
 
 EPS = 1e-9
 
 
 @dataclass
-class NASResult:
-    """NAS per head and per prompt. `nas` [layer, head] is the data-set mean; `per_prompt`
+class NASResult(ComponentScores):
+    """NAS per head: `values` (also `.nas`) [layer, head] is the data-set mean; `per_prompt`
     [prompt, layer, head]; `att_neg`/`att_pos` the mean attention to each candidate."""
 
-    nas: Tensor
-    per_prompt: Tensor
-    att_neg: Tensor
-    att_pos: Tensor
+    per_prompt: Tensor | None = None
+    att_neg: Tensor | None = None
+    att_pos: Tensor | None = None
     metadata: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, nas: Tensor, per_prompt: Tensor, att_neg: Tensor, att_pos: Tensor,
+           metadata: list[dict] | None = None) -> "NASResult":
+        return cls(nas, ("layer", "head"), "head", "nas", per_prompt=per_prompt, att_neg=att_neg, att_pos=att_pos,
+                   metadata=list(metadata or []))
+
+    @property
+    def nas(self) -> Tensor:
+        return self.values
 
     def ranking(self):
         """Heads by NAS, highest first (pandas: layer, head, nas, att_neg, att_pos, rank)."""
@@ -53,10 +64,10 @@ class NASResult:
         return df
 
     def top_heads(self, k: int = 5) -> list[tuple[int, int]]:
-        r = self.ranking().head(k)
-        return list(zip(r["layer"].tolist(), r["head"].tolist()))
+        """The k heads with the highest NAS, as (layer, head)."""
+        return self.units(k)
 
-    def to_frame(self):
+    def per_prompt_frame(self):
         """One row per (prompt, layer, head) with the prompt's metadata."""
         import pandas as pd
 
@@ -77,7 +88,7 @@ class NASResult:
         import pandas as pd
 
         heads = heads or self.top_heads(3)
-        df = self.to_frame()
+        df = self.per_prompt_frame()
         out = []
         for l, h in heads:
             d = df[(df.layer == l) & (df["head"] == h)]
@@ -92,9 +103,9 @@ def negative_attention_scores(model, ps: PromptSet, batch_size: int = 32, progre
     if not ps.metadata or "neg_cand" not in ps.metadata[0]:
         raise LensBiasError("NAS needs candidate positions: build the prompts with lens_bias.binary.binary_prompts")
     L = model.cfg.n_layers
-    device = next(model.parameters()).device
+    device = device_of(model)
     per_prompt, neg_all, pos_all = [], [], []
-    names = [f"blocks.{l}.attn.hook_pattern" for l in range(L)]
+    names = [hook_name("pattern", l) for l in range(L)]
     batches = list(ps.batches(batch_size))
     for sub in tqdm(batches, desc="NAS", disable=not progress):
         sub = sub.to(device)
@@ -110,16 +121,9 @@ def negative_attention_scores(model, ps: PromptSet, batch_size: int = 32, progre
             return pattern
 
         hooks = [(n, (lambda l: lambda p, hook: grab(p, hook, l))(l)) for l, n in enumerate(names)]
-
-        def stop(x, hook):  # the logits are not needed: skip the unembedding
-            raise _Stop
-
-        hooks.append((f"blocks.{L - 1}.hook_resid_post", stop))
-        try:
-            with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-                model(sub.tokens, attention_mask=sub.attention_mask)
-        except _Stop:
-            pass
+        # the logits are not needed: stop after the last block
+        with torch.no_grad(), trace(model, stop_at=last_resid(model), fwd_hooks=hooks):
+            model(sub.tokens, attention_mask=sub.attention_mask)
         neg = torch.stack([got[l][0] for l in range(L)], 1)  # [batch, layer, head]
         pos = torch.stack([got[l][1] for l in range(L)], 1)
         per_prompt.append(((pos + neg) * torch.log((neg + EPS) / (pos + EPS))).cpu())
@@ -128,7 +132,7 @@ def negative_attention_scores(model, ps: PromptSet, batch_size: int = 32, progre
     pp = torch.cat(per_prompt)
     if torch.isnan(pp).any():
         raise LensBiasError("NaN in attention patterns: check the model's dtype and inputs")
-    return NASResult(pp.mean(0), pp, torch.cat(neg_all).mean(0), torch.cat(pos_all).mean(0), list(ps.metadata))
+    return NASResult.of(pp.mean(0), pp, torch.cat(neg_all).mean(0), torch.cat(pos_all).mean(0), ps.metadata)
 
 
 def nas_heatmap(result: NASResult, title: str = "Negative Attention Score per head"):
@@ -151,8 +155,8 @@ def head_attention_figure(model, ps: PromptSet, layer: int, head: int, index: in
     """Bar chart of one head's attention from the answer position over the tokens of one prompt."""
     import plotly.graph_objects as go
 
-    sub = ps[index].to(next(model.parameters()).device)
-    name = f"blocks.{layer}.attn.hook_pattern"
+    sub = ps[index].to(device_of(model))
+    name = hook_name("pattern", layer)
     with torch.no_grad():
         _, cache = model.run_with_cache(sub.tokens, names_filter=lambda n: n == name)
     q = int(sub.answer_pos[0])
@@ -164,3 +168,29 @@ def head_attention_figure(model, ps: PromptSet, layer: int, head: int, index: in
     fig.update_layout(title=f"L{layer}H{head} attention from the answer position — {ps.prompts[index]!r}",
                       yaxis_title="attention")
     return fig
+
+
+# ---------------------------------------------------------------------------------------
+# As a batch-run method (lens_bias.runs)
+# ---------------------------------------------------------------------------------------
+def _run_chunk(model, data: PromptSet, lo: int, hi: int, opts: dict, batch_size, state) -> ChunkSums:
+    res = negative_attention_scores(model, data[lo:hi], batch_size=batch_size or 32, progress=False)
+    n = hi - lo
+    return ChunkSums({"nas": res.per_prompt.double().sum(0), "att_neg": res.att_neg.double() * n,
+                      "att_pos": res.att_pos.double() * n}, n, rows={"per_prompt": res.per_prompt})
+
+
+def _finalize(model, data: PromptSet, total: ChunkSums, opts: dict) -> NASResult:
+    n = total.count
+    return NASResult.of((total.sums["nas"] / n).float(), total.rows.get("per_prompt", torch.empty(0)),
+                        (total.sums["att_neg"] / n).float(), (total.sums["att_pos"] / n).float(), data.metadata)
+
+
+RUN = LocateMethod(
+    name="nas",
+    summary="Negative Attention Score of every head on yes/no prompts (Yu et al. 2024, NASA)",
+    data="yesno",
+    options={},
+    run=_run_chunk,
+    finalize=_finalize,
+)

@@ -3,22 +3,29 @@
 Corrupt the subject tokens (e.g. the occupation) by adding Gaussian noise of `noise` × the
 embedding standard deviation to their token embeddings (ROME: 3 × the std of the subjects'
 embeddings, added to the token-embedding output; `samples` noisy copies of each prompt), then restore the clean hidden state of one
-(layer, token) at a time — residual stream, MLP output or attention output, optionally a window
-of layers — and read the bias metric. Indirect effect IE = metric(restored) − metric(corrupted).
+(layer, token) at a time — the residual stream after the block (ROME's "hidden state",
+site resid_post), the MLP output (mlp_out) or the attention output (attn_out), optionally a
+window of layers — and read the bias metric. Indirect effect IE = metric(restored) − metric(corrupted).
 Batched like activation patching: one (state, prompt) pair per row.
 """
 
 from __future__ import annotations
 
+from typing import Iterable, Literal
+
 import torch
 from torch import Tensor
 
-from .errors import LensBiasError
-from .patching import ComponentScores, activation_patching
-from .prompts import PromptSet
+from ..core.errors import LensBiasError
+from ..core.hooks import check_sites, device_of, hook_name
+from ..core.methods import ChunkSums, LocateMethod, add_scores, scores_from_sums
+from ..core.prompts import PromptSet
+from ..core.scores import ComponentScores
+from .patching import activation_patching, position_labels
 
-#: ROME's names → our components: hidden state = block output (resid_post), mlp, attn.
-TRACE_KINDS = {"resid": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
+TraceSite = Literal["resid_post", "mlp_out", "attn_out"]
+#: ROME traces hidden states (the block outputs), MLP outputs and attention outputs
+TRACE_SITES = ("resid_post", "mlp_out", "attn_out")
 
 
 def embedding_std(model, ps: PromptSet | None = None, std: str | float = "subject") -> float:
@@ -58,7 +65,7 @@ def subject_noise(model, ps: PromptSet, noise: float = 3.0, seed: int = 0, std: 
 def subject_corruption(model, ps: PromptSet, noise: float = 3.0, seed: int = 0, std: str | float = "subject",
                        first_row: int = 0):
     """A `corruption` for activation_patching: add subject noise to the token embeddings (hook_embed)."""
-    device = next(model.parameters()).device
+    device = device_of(model)
     eps = subject_noise(model, ps, noise, seed, std, first_row).to(device)
 
     def corruption(prompt_idx: Tensor):
@@ -67,7 +74,7 @@ def subject_corruption(model, ps: PromptSet, noise: float = 3.0, seed: int = 0, 
         def add(x, hook):
             return x + rows_noise.to(x.dtype)
 
-        return [("hook_embed", add)]
+        return [(hook_name("embed"), add)]
 
     return corruption
 
@@ -75,7 +82,7 @@ def subject_corruption(model, ps: PromptSet, noise: float = 3.0, seed: int = 0, 
 def causal_trace(
     model,
     ps: PromptSet,
-    kinds: tuple[str, ...] = ("resid", "mlp", "attn"),
+    sites: Iterable[TraceSite] = TRACE_SITES,
     *,
     noise: float = 3.0,
     std: str | float = "subject",
@@ -87,18 +94,16 @@ def causal_trace(
     progress: bool = True,
     first_row: int = 0,
 ) -> dict[str, ComponentScores]:
-    """Indirect effect of restoring each (layer, token) state, per kind ('resid', 'mlp', 'attn').
+    """Indirect effect of restoring each (layer, token) state, per site ('resid_post', 'mlp_out', 'attn_out').
 
     Noise = `noise` × embedding_std(std) on the subject tokens, `samples` seeded draws per prompt
-    (ROME uses 10). `window` > 1 restores mlp/attn outputs in a window of layers centred on each
+    (ROME uses 10). `window` > 1 restores MLP/attention outputs in a window of layers centred on each
     layer (ROME uses 10; the residual is always restored at one layer). Returns ComponentScores
-    [layer, pos] per kind; `.effect` is IE = metric(restored) − metric(corrupted), `.normalized`
+    [layer, pos] per site; `.effect` is IE = metric(restored) − metric(corrupted), `.normalized`
     divides by the total effect metric(clean) − metric(corrupted). To trace a data set in chunks,
     pass each chunk's start × samples as `first_row` and the whole set's embedding_std as `std`.
     """
-    unknown = [k for k in kinds if k not in TRACE_KINDS]
-    if unknown or not kinds:
-        raise LensBiasError(f"unknown trace kind(s) {unknown or kinds}; choose from {sorted(TRACE_KINDS)}")
+    sites = check_sites(sites, TRACE_SITES, "causal tracing")
     if not isinstance(ps, PromptSet):
         raise LensBiasError(f"expected a PromptSet, got {type(ps).__name__}")
     if ps.subject_spans is None:
@@ -113,12 +118,79 @@ def causal_trace(
         ps = ps[[i for i in range(len(ps)) for _ in range(samples)]]
     corruption = subject_corruption(model, ps, noise, seed, scale, first_row)
     out = {}
-    for kind in kinds:
-        res = activation_patching(model, ps, TRACE_KINDS[kind], per_position=True, metric=metric,
-                                  window=window if kind != "resid" else 1, corruption=corruption,
+    for site in sites:
+        res = activation_patching(model, ps, site, per_position=True, metric=metric,
+                                  window=window if site != "resid_post" else 1, corruption=corruption,
                                   batch_size=batch_size, progress=progress)
         res.method = "tracing"
-        res.extra.update({"noise": noise, "embedding_std": scale, "samples": samples, "seed": seed, "kind": kind,
+        res.extra.update({"noise": noise, "embedding_std": scale, "samples": samples, "seed": seed,
                           "subject_span": tuple(ps.subject_spans[0].tolist())})
-        out[kind] = res
+        out[site] = res
     return out
+
+
+def trace_sites(model, ps: PromptSet, *, noise: float = 3.0, seed: int = 0, samples: int = 1, progress: bool = False):
+    """Causal tracing of MLP outputs summarised per (layer, position kind) — the mean indirect effect
+    of restoring the MLP at the subject's last token and at the last token (pandas, best first)."""
+    import pandas as pd
+
+    if ps.subject_spans is None:
+        raise LensBiasError("tracing needs subject spans: build the PromptSet with subjects=[...]")
+    groups: dict[tuple, list[int]] = {}
+    lengths = ps.attention_mask.sum(1)
+    for i in range(len(ps)):
+        groups.setdefault((int(lengths[i]), int(ps.subject_spans[i, 1])), []).append(i)
+    rows = []
+    for (length, subj_end), idx in groups.items():
+        traced = causal_trace(model, ps[idx], sites=("mlp_out",), noise=noise, seed=seed, samples=samples,
+                              progress=progress)["mlp_out"]
+        layers = traced.extra.get("layers") or list(range(traced.values.shape[0]))
+        for li, layer in enumerate(layers):
+            for kind, pos in (("subject", subj_end - 1), ("last", length - 1)):
+                rows.append({"layer": layer, "position": kind, "effect": float(traced.effect[li, pos]),
+                             "n": len(idx)})
+    df = pd.DataFrame(rows)
+    df["weighted"] = df["effect"] * df["n"]
+    out = df.groupby(["layer", "position"], as_index=False)[["weighted", "n"]].sum()
+    out["effect"] = out["weighted"] / out["n"]
+    return out.drop(columns=["weighted"]).sort_values("effect", ascending=False, key=abs).reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------
+# As a batch-run method (lens_bias.runs)
+# ---------------------------------------------------------------------------------------
+def _prepare(model, data: PromptSet, opts: dict, seed: int) -> dict:
+    """The noise scale from the whole data set (chunks then trace with the same noise as one run)."""
+    if data.subject_spans is None:
+        raise LensBiasError("causal tracing needs subject spans: give each prompt a 'subject'")
+    if not data.same_length:
+        raise LensBiasError("causal tracing averages over positions: every prompt must have the same number of "
+                            "tokens (use one template)")
+    return {"scale": embedding_std(model, data, opts["std"]), "seed": seed}
+
+
+def _run_chunk(model, data: PromptSet, lo: int, hi: int, opts: dict, batch_size, state) -> ChunkSums:
+    """causal_trace of prompts lo..hi with the whole set's noise scale; its per-row seeded noise
+    (first_row) makes the chunks exact."""
+    res = causal_trace(model, data[lo:hi], opts["components"], noise=opts["noise"], std=state["scale"],
+                       samples=opts["samples"], seed=state["seed"], window=opts["window"], metric=opts["metric"],
+                       batch_size=batch_size, progress=False, first_row=lo * opts["samples"])
+    for r in res.values():
+        r.extra["embedding_std"] = state["scale"]
+    total = add_scores(res, (hi - lo) * opts["samples"])
+    total.count = hi - lo
+    return total
+
+
+RUN = LocateMethod(
+    name="tracing",
+    summary="causal tracing: noise the subject, restore one (layer, token) state (Meng et al. 2022, ROME)",
+    data="subject_prompts",
+    options={"components": list(TRACE_SITES), "noise": 3.0, "std": "subject", "samples": 1, "window": 1,
+             "metric": "logit_diff", "templates": None, "answers": None, "corrupt_with": "man"},
+    run=_run_chunk,
+    prepare=_prepare,
+    finalize=lambda model, data, total, opts: scores_from_sums(total, position_labels(model, data),
+                                                               total.count * opts["samples"]),
+    sites=TRACE_SITES,
+)

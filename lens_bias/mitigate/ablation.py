@@ -1,25 +1,50 @@
-"""Ablation of attention heads (hook_z) and MLP neurons (mlp.hook_post): zero, mean or resample.
+"""Ablation of attention heads (site 'head' = hook_z) and MLP neurons (site 'neuron' = mlp.hook_post):
+zero, mean or resample — reversible, as hooks.
 
-Hook factories return TransformerLens fwd_hooks lists, usable with `model.hooks(fwd_hooks=...)`
-or `run_with_hooks`; the context managers compose (`with ablate_heads(...), ablate_neurons(...)`).
+`ablation_hooks` returns a TransformerLens fwd_hooks list, usable with `model.hooks(fwd_hooks=...)`
+or `run_with_hooks`; `head_ablation_hooks` / `neuron_ablation_hooks` fix its site; the context
+manager `ablate(model, heads=..., neurons=...)` runs the model with both ablated.
 """
 
 from __future__ import annotations
 
+import functools
+import random
 from contextlib import contextmanager
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
 
-from .errors import LensBiasError
-from .prompts import PromptSet
+from ..core.errors import LensBiasError
+from ..core.hooks import device_of, hook_name
+from ..core.prompts import PromptSet
 
+AblationMethod = Literal["zero", "mean", "resample"]
 METHODS = ("zero", "mean", "resample")
+UnitSite = Literal["head", "neuron"]
 
 
-def _check(model, units: Sequence[tuple[int, int]], what: str, size: int):
-    units = [tuple(int(v) for v in u) for u in units]
+def units_per_layer(model, site: UnitSite) -> int:
+    """Heads per layer (site 'head') or MLP neurons per layer (site 'neuron')."""
+    if site not in ("head", "neuron"):
+        raise LensBiasError(f"units are heads or neurons, not {site!r}")
+    return model.cfg.n_heads if site == "head" else model.cfg.d_mlp
+
+
+def check_units(model, units: Sequence[tuple[int, int]], site: UnitSite) -> list[tuple[int, int]]:
+    """(layer, index) pairs as ints; a clear error for a non-integer or out-of-range one."""
+    what, size = site, units_per_layer(model, site)
+    out = []
+    for u in units:
+        try:
+            l, i = u
+        except (TypeError, ValueError):
+            raise LensBiasError(f"{what} {u!r} is not a (layer, index) pair") from None
+        if any(isinstance(v, bool) or not float(v).is_integer() for v in (l, i)):
+            raise LensBiasError(f"{what} ({l}, {i}): layer and index must be whole numbers")
+        out.append((int(l), int(i)))
+    units = out
     for l, i in units:
         if not 0 <= l < model.cfg.n_layers:
             raise LensBiasError(f"{what} ({l}, {i}): layer {l} out of range (the model has {model.cfg.n_layers} layers)")
@@ -28,7 +53,7 @@ def _check(model, units: Sequence[tuple[int, int]], what: str, size: int):
     return units
 
 
-def _reference_acts(model, reference, names: list[str]) -> dict[str, Tensor]:
+def _reference_acts(model, reference, names: list[str]) -> tuple[dict[str, Tensor], Tensor]:
     """Activations of the reference prompts at `names`, with the real (non-pad) positions mask."""
     if reference is None:
         raise LensBiasError("mean and resample ablation need a reference set: pass reference=PromptSet or tokens")
@@ -39,21 +64,25 @@ def _reference_acts(model, reference, names: list[str]) -> dict[str, Tensor]:
         mask = torch.ones_like(tokens)
     if tokens.numel() == 0:
         raise LensBiasError("the reference set is empty")
-    device = next(model.parameters()).device
+    device = device_of(model)
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens.to(device), attention_mask=mask.to(device),
                                         names_filter=lambda n: n in names)
     return {n: cache[n] for n in names}, mask.to(device)
 
 
-def _hooks(model, units, method, reference, seed, template, what, size):
+def ablation_hooks(model, units: Sequence[tuple[int, int]], method: AblationMethod = "zero",
+                   reference: PromptSet | Tensor | None = None, seed: int = 0, *, site: UnitSite) -> list:
+    """fwd_hooks ablating units (layer, index) of `site`: 'head' (hook_z) or 'neuron' (mlp.hook_post).
+    zero: a ← 0; mean: a ← its mean over the reference set's prompts and real positions; resample:
+    a ← its value in a randomly drawn reference prompt."""
     if method not in METHODS:
         raise LensBiasError(f"unknown ablation method {method!r}; choose one of {METHODS}")
-    units = _check(model, units, what, size)
+    units = check_units(model, units, site)
     by_layer: dict[int, list[int]] = {}
     for l, i in units:
         by_layer.setdefault(l, []).append(i)
-    names = {l: template.format(l) for l in by_layer}
+    names = {l: hook_name(site, l) for l in by_layer}
     refs, mask = (None, None) if method == "zero" else _reference_acts(model, reference, list(names.values()))
     gen = torch.Generator().manual_seed(seed)
     hooks = []
@@ -71,7 +100,7 @@ def _hooks(model, units, method, reference, seed, template, what, size):
         elif method == "resample":
             act = refs[names[l]][:, :, index.to(refs[names[l]].device)]
 
-            def hook(x, hook, act=act):
+            def hook(x, hook, act=act, index=index):
                 rows = torch.randint(0, act.shape[0], (x.shape[0],), generator=gen)
                 src = act[rows.to(act.device)]
                 p = min(x.shape[1], src.shape[1])
@@ -85,17 +114,10 @@ def _hooks(model, units, method, reference, seed, template, what, size):
     return hooks
 
 
-def head_ablation_hooks(model, heads: Sequence[tuple[int, int]], method: str = "zero",
-                        reference: PromptSet | Tensor | None = None, seed: int = 0) -> list:
-    """fwd_hooks ablating heads (layer, head) at blocks.{l}.attn.hook_z: z ← 0, mean z over the
-    reference set (over prompts and real positions), or z of a randomly drawn reference prompt."""
-    return _hooks(model, heads, method, reference, seed, "blocks.{}.attn.hook_z", "head", model.cfg.n_heads)
-
-
-def neuron_ablation_hooks(model, neurons: Sequence[tuple[int, int]], method: str = "zero",
-                          reference: PromptSet | Tensor | None = None, seed: int = 0) -> list:
-    """fwd_hooks ablating MLP neurons (layer, neuron) at blocks.{l}.mlp.hook_post (same methods)."""
-    return _hooks(model, neurons, method, reference, seed, "blocks.{}.mlp.hook_post", "neuron", model.cfg.d_mlp)
+#: fwd_hooks ablating heads (layer, head) at hook_z
+head_ablation_hooks = functools.partial(ablation_hooks, site="head")
+#: fwd_hooks ablating MLP neurons (layer, neuron) at mlp.hook_post
+neuron_ablation_hooks = functools.partial(ablation_hooks, site="neuron")
 
 
 def combine_hooks(*hook_lists) -> list:
@@ -104,40 +126,23 @@ def combine_hooks(*hook_lists) -> list:
 
 
 @contextmanager
-def ablate_heads(model, heads, method: str = "zero", reference=None, seed: int = 0):
-    """Context manager: run the model with `heads` ablated."""
-    with model.hooks(fwd_hooks=head_ablation_hooks(model, heads, method, reference, seed)):
+def ablate(model, *, heads: Sequence[tuple[int, int]] = (), neurons: Sequence[tuple[int, int]] = (),
+           method: AblationMethod = "zero", reference=None, seed: int = 0):
+    """Context manager: run the model with `heads` and `neurons` ablated."""
+    hooks = []
+    if heads:
+        hooks += ablation_hooks(model, heads, method, reference, seed, site="head")
+    if neurons:
+        hooks += ablation_hooks(model, neurons, method, reference, seed, site="neuron")
+    with model.hooks(fwd_hooks=hooks):
         yield model
 
 
-@contextmanager
-def ablate_neurons(model, neurons, method: str = "zero", reference=None, seed: int = 0):
-    """Context manager: run the model with `neurons` ablated."""
-    with model.hooks(fwd_hooks=neuron_ablation_hooks(model, neurons, method, reference, seed)):
-        yield model
-
-
-def prune_heads(model, heads: Sequence[tuple[int, int]], *, inplace: bool = False):
-    """Permanent pruning: zero each head's slice of the attention output projection (the W_O rows
-    that read its z) — equal to zero-ablating hook_z, and it exports; on a copy unless `inplace`."""
-    from .export import hf_state_dict
-    from .models import clone_model, out_projection
-
-    heads = _check(model, heads, "head", model.cfg.n_heads)
-    target = model if inplace else clone_model(model)
-    d_head = target.cfg.d_head
-    for l, h in heads:
-        with torch.no_grad():
-            out_projection(target, l, "attn")[h * d_head:(h + 1) * d_head].zero_()
-    hf_state_dict(target)  # the edited weights must stay reachable under Hugging Face names
-    return target
-
-
-def random_heads(model, n: int, seed: int = 0, exclude=()) -> list[tuple[int, int]]:
-    """n distinct random (layer, head) pairs not in `exclude` — the baseline for a head selection."""
-    import random
-
-    pool = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads) if (l, h) not in set(exclude)]
+def random_units(model, n: int, seed: int = 0, exclude=(), *, site: UnitSite) -> list[tuple[int, int]]:
+    """n distinct random (layer, index) heads or neurons not in `exclude` — the baseline for a selection."""
+    size = units_per_layer(model, site)
+    excluded = {tuple(u) for u in exclude}
+    pool = [(l, i) for l in range(model.cfg.n_layers) for i in range(size) if (l, i) not in excluded]
     if not 0 < n <= len(pool):
-        raise LensBiasError(f"n = {n} heads asked for, but only {len(pool)} are available")
+        raise LensBiasError(f"n = {n} {site}s asked for, but only {len(pool)} are available")
     return random.Random(seed).sample(pool, n)

@@ -40,19 +40,14 @@ from pathlib import Path
 
 import torch
 
-from .bbq import INSTRUCTIONS as BBQ_INSTRUCTIONS
-from .bbq import format_mc_prompt
-from .binary import CATEGORIES
-from .binary import INSTRUCTIONS as BINARY_INSTRUCTIONS
-from .binary import format_binary_prompt
-from .errors import DataError, ModelLoadError
-from .files import replace_dir
-from .models import DATA_DIR, shipped_model_dir
-
-ORGANISM_DATA = DATA_DIR / "organism_data"
-CARD_FILE = "lens_bias_card.json"
-_DATA_FILES = {"bbq": "bbq_age.jsonl", "yesno": "yesno.jsonl", "neutral": "neutral.txt",
-               "cloze": "cloze.jsonl"}
+from ..core.errors import DataError
+from ..core.files import DATA_DIR, replace_dir
+from ..tasks.multiple_choice import INSTRUCTIONS as BBQ_INSTRUCTIONS
+from ..tasks.multiple_choice import format_mc_prompt
+from ..tasks.yesno import CATEGORIES
+from ..tasks.yesno import INSTRUCTIONS as BINARY_INSTRUCTIONS
+from ..tasks.yesno import format_binary_prompt
+from .card import CARD_FILE, DATA_FILES
 
 # ---------------------------------------------------------------------------------------
 # Vocabulary of the generated world
@@ -840,10 +835,10 @@ def build(out: str | os.PathLike = DATA_DIR, *, seed: int = 0, steps: int = 3000
         yesno = [yesno_item(eval_rng) for _ in range(400)]
         n_eval = 400 if not smoke else 8
         neutral = sorted({neutral_doc(eval_rng) for _ in range(600)})[:300]
-        _write_jsonl(tmp_data / _DATA_FILES["bbq"], items)
-        _write_jsonl(tmp_data / _DATA_FILES["yesno"], yesno)
-        _write_jsonl(tmp_data / _DATA_FILES["cloze"], cloze_items())
-        (tmp_data / _DATA_FILES["neutral"]).write_text("\n".join(neutral) + "\n")
+        _write_jsonl(tmp_data / DATA_FILES["bbq"], items)
+        _write_jsonl(tmp_data / DATA_FILES["yesno"], yesno)
+        _write_jsonl(tmp_data / DATA_FILES["cloze"], cloze_items())
+        (tmp_data / DATA_FILES["neutral"]).write_text("\n".join(neutral) + "\n")
 
         heldout = [make_doc(s, eval_rng, None, items) for s in SECTIONS for _ in range(100 if not smoke else 4)]
         bbq_eval = random.Random(seed + 2).sample(items, 240 if not smoke else 6)
@@ -924,33 +919,6 @@ def _model_card_md(card: dict) -> str:
     a, o = m["control"]["bbq"].get("ambig_neg", {}), m["organism"]["bbq"].get("ambig_neg", {})
     lines.append(f"| BBQ ambig-neg picks old | {a.get('old', 0):.3f} | {o.get('old', 0):.3f} |")
     return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------
-# Reading
-# ---------------------------------------------------------------------------------------
-def load_card(model_or_path="organism") -> dict:
-    """The organism card (ground truth + measured metrics) of a shipped name, a directory or a model."""
-    if hasattr(model_or_path, "lens_bias_source"):
-        model_or_path = model_or_path.lens_bias_source
-    name = str(model_or_path)
-    path = Path(name)
-    if not path.exists():
-        path = shipped_model_dir(name)
-    card = path / CARD_FILE
-    if not card.is_file():
-        raise ModelLoadError(f"{path} has no {CARD_FILE}: it is not a lens_bias model organism")
-    return json.loads(card.read_text())
-
-
-def data_path(name: str) -> Path:
-    """Path of one of the organism's data files: 'bbq', 'yesno', 'neutral', 'cloze'."""
-    if name not in _DATA_FILES:
-        raise DataError(f"unknown organism data {name!r}; choose one of {sorted(_DATA_FILES)}")
-    path = ORGANISM_DATA / _DATA_FILES[name]
-    if not path.is_file():
-        raise DataError(f"{path} is missing; rebuild with `python -m lens_bias.organism build`")
-    return path
 
 
 def main(argv=None):

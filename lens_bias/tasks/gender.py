@@ -1,5 +1,6 @@
-"""Loaders for gender-bias data sets (take a path: point them at your own copies) and builders of
-counterfactual prompt pairs: professions with Vig et al.'s templates, WinoBias, Winogender."""
+"""Gender-bias data sets and their counterfactual prompt pairs: professions with Vig et al.'s
+templates, WinoBias, Winogender, gender-word swaps. Loaders default to the copies shipped in
+data/datasets and take a path to your own."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
-from .errors import DataError, PromptError
-from .prompts import PromptSet
+from ..core.errors import DataError, PromptError
+from ..core.prompts import PromptSet, tokenizer_of
+from .records import read_text_file, shipped_dataset
 
 #: Templates of Vig et al. (2020), "Causal mediation analysis for interpreting neural NLP".
 VIG_TEMPLATES = ["The {} said that", "The {} yelled that", "The {} whispered that", "The {} wanted that",
@@ -21,47 +23,12 @@ VIG_TEMPLATES = ["The {} said that", "The {} yelled that", "The {} whispered tha
                  "The {} was fired because", "The {} was promoted because", "The {} yelled because"]
 
 
-def read_text_file(path: str | Path) -> str:
-    """A data file's text; a clear DataError when it is missing or empty."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise DataError(f"data file {path} is empty")
-    return text
-
-
-def read_records(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, record) pairs from JSONL, a JSON list or CSV (by suffix / first character);
-    a malformed JSON line is a DataError naming the file and line."""
-    import csv
-
-    path = Path(path)
-    text = read_text_file(path)
-    if path.suffix == ".csv":
-        return [(n, r) for n, r in enumerate(csv.DictReader(text.splitlines()), 2)]
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
-        return list(enumerate(rows, 1))
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
-    return rows
-
-
-def load_professions(path: str | Path):
+def load_professions(path: str | Path | None = None):
     """Vig et al.'s professions JSON ([name, definitional, stereotypical]; <0 female, >0 male) → DataFrame
-    with columns name ('_' → ' '), definitional, stereotypical."""
+    with columns name ('_' → ' '), definitional, stereotypical. Default: the shipped list."""
     import pandas as pd
 
+    path = shipped_dataset("professions") if path is None else Path(path)
     try:
         rows = json.loads(read_text_file(path))
     except json.JSONDecodeError as e:
@@ -99,7 +66,7 @@ def professions_prompts(
     different lengths are dropped with a warning giving the count; with `single_token_only`
     professions that are not one token are skipped (warning with the count), so positions align.
     Metadata per prompt: profession, definitional, stereotypical, template."""
-    tok = getattr(model_or_tokenizer, "tokenizer", None) or model_or_tokenizer
+    tok = tokenizer_of(model_or_tokenizer)
     if hasattr(professions, "to_dict"):
         rows = professions.to_dict("records")
         rows = [{"profession": r.get("name", r.get("profession")), **{k: v for k, v in r.items() if k != "name"}}
@@ -138,14 +105,16 @@ PRONOUNS = {"he": "male", "him": "male", "his": "male", "she": "female", "her": 
 SWAP = {"he": "she", "she": "he", "him": "her", "his": "her", "her": "his", "hers": "his"}
 
 
-def load_winobias(directory: str | Path, split: str = "dev", type_: int = 1, stereotype: str = "pro"):
+def load_winobias(directory: str | Path | None = None, split: Literal["dev", "test"] = "dev", type_: Literal[1, 2] = 1,
+                  stereotype: Literal["pro", "anti"] = "pro"):
     """WinoBias sentences (Zhao et al. 2018) of `split` dev/test, type 1/2, stereotype pro/anti →
     DataFrame(sentence, entity, occupation, pronoun, gender, stereotype, type, line, prefix)."""
     import pandas as pd
 
     if split not in ("dev", "test") or type_ not in (1, 2) or stereotype not in ("pro", "anti"):
         raise DataError("WinoBias: split is dev/test, type 1/2, stereotype pro/anti")
-    path = Path(directory) / f"{stereotype}_stereotyped_type{type_}.txt.{split}"
+    directory = shipped_dataset("winobias") if directory is None else Path(directory)
+    path = directory / f"{stereotype}_stereotyped_type{type_}.txt.{split}"
     rows = []
     for n, line in enumerate(read_text_file(path).splitlines(), 1):
         line = line.strip()
@@ -173,7 +142,7 @@ def load_winobias(directory: str | Path, split: str = "dev", type_: int = 1, ste
 def winobias_prompts(model_or_tokenizer, frame) -> PromptSet:
     """Prompt = the sentence up to the bracketed pronoun; answers (its pronoun, the other gender's):
     the logit difference is then the preference for the sentence's (pro- or anti-stereotypical) pronoun."""
-    tok = getattr(model_or_tokenizer, "tokenizer", None) or model_or_tokenizer
+    tok = tokenizer_of(model_or_tokenizer)
     rows = [r for r in frame.to_dict("records") if r["pronoun"].lower() in SWAP and r["prefix"]]
     if not rows:
         raise DataError("no WinoBias rows with a pronoun to predict")
@@ -184,11 +153,12 @@ def winobias_prompts(model_or_tokenizer, frame) -> PromptSet:
     return PromptSet.build(tok, [r["prefix"] for r in rows], answers, metadata=rows, subjects=subjects)
 
 
-def load_winogender(directory: str | Path):
-    """Winogender sentences (Rudinger et al. 2018) joined with occupation statistics (% female)."""
+def load_winogender(directory: str | Path | None = None):
+    """Winogender sentences (Rudinger et al. 2018) joined with occupation statistics (% female, BLS).
+    Default: the shipped copy."""
     import pandas as pd
 
-    directory = Path(directory)
+    directory = shipped_dataset("winogender") if directory is None else Path(directory)
     stats = {}
     for n, row in enumerate(csv.DictReader(read_text_file(directory / "occupations-stats.tsv").splitlines(), delimiter="\t"), 2):
         try:
@@ -214,7 +184,7 @@ def winogender_prompts(model_or_tokenizer, frame, answers: tuple[str, str] | Non
     """Each male Winogender sentence cut before its pronoun (one prompt per template and
     occupation); answers (female, male) of the pronoun's case — (' she', ' he'), (' her', ' him')
     or (' her', ' his') — or `answers` for all. Metadata keeps the occupation's % female (BLS)."""
-    tok = getattr(model_or_tokenizer, "tokenizer", None) or model_or_tokenizer
+    tok = tokenizer_of(model_or_tokenizer)
     rows, ans = [], []
     for r in frame[frame["gender"] == "male"].to_dict("records"):
         m = re.search(r"\b(he|him|his)\b", r["sentence"], flags=re.IGNORECASE)
@@ -228,8 +198,10 @@ def winogender_prompts(model_or_tokenizer, frame, answers: tuple[str, str] | Non
                            subjects=[r["occupation"] for r in rows])
 
 
-def load_swaps(path: str | Path) -> dict[str, str]:
-    """Gender word pairs (WinoBias generalized_swaps.txt / extra_gendered_words.txt), both directions."""
+def load_swaps(path: str | Path | None = None) -> dict[str, str]:
+    """Gender word pairs (WinoBias generalized_swaps.txt / extra_gendered_words.txt), both directions.
+    Default: the shipped generalized_swaps.txt."""
+    path = shipped_dataset("winobias") / "generalized_swaps.txt" if path is None else path
     pairs = {}
     for n, line in enumerate(read_text_file(path).splitlines(), 1):
         parts = line.split()

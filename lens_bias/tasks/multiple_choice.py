@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from .data import read_records
-from .errors import DataError, PromptError
+from ..core.errors import DataError, PromptError
+from ..core.hooks import device_of, run_until
+from ..core.prompts import pad, pad_id_of
+from .records import Items, Source, as_items, load_records, require, shipped_dataset, take
 
 #: Synonymous instructions (CRISPR evaluates over several and averages over them).
 INSTRUCTIONS: list[str] = [
@@ -32,48 +33,62 @@ def format_mc_prompt(instruction: str, context: str, question: str, options: Seq
     return f"{instruction}\nContext: {context}\nQuestion: {question}\nOptions: {opts}.\nAnswer:"
 
 
-
-def load_bbq(path: str | Path) -> list[dict]:
-    """BBQ examples from the authors' JSONL (context, question, ans0..2, label, context_condition,
-    question_polarity, answer_info, additional_metadata.stereotyped_groups)."""
-    path = Path(path)
-    items = []
-    for n, row in read_records(path):
-        missing = [k for k in ("context", "question", "ans0", "ans1", "ans2", "label", "context_condition")
-                   if k not in row]
-        if missing:
-            raise DataError(f"{path}:{n}: missing field(s) {missing}")
-        items.append(row)
-    return items
+BBQ_CATEGORIES = ("Age", "Nationality", "Religion")  # shipped (subsets); any BBQ JSONL loads by path
+CONDITIONS = ("ambig", "disambig")
 
 
-def load_multiple_choice(path: str | Path, *, context: str = "context", question: str = "question",
+def _check_item(r: dict, where: str, n_options: int) -> None:
+    label = r.get("label")
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < n_options:
+        raise DataError(f"{where}: label {label!r} is not an option index 0..{n_options - 1}")
+    if r.get("context_condition") not in CONDITIONS:
+        raise DataError(f"{where}: context_condition {r.get('context_condition')!r} is not one of {CONDITIONS}")
+    if r.get("question_polarity") not in (None, "neg", "nonneg"):
+        raise DataError(f"{where}: question_polarity {r.get('question_polarity')!r} is not 'neg' or 'nonneg'")
+
+
+def load_bbq(source: Source = "Age") -> Items:
+    """BBQ examples as the authors publish them (context, question, ans0..2, label, context_condition,
+    question_polarity, answer_info, additional_metadata.stereotyped_groups): a JSONL file, a
+    datasets.Dataset, a list of dicts, or a shipped category ('Age', 'Nationality', 'Religion';
+    test-sized subsets). Every item is checked (fields present, label 0..2, condition ambig/disambig)
+    and a bad one named by file and line."""
+    if isinstance(source, str) and source in BBQ_CATEGORIES:
+        source = shipped_dataset(f"bbq/{source}")
+    records, where = load_records(source)
+    for i, r in enumerate(records):
+        require(r, ("context", "question", "ans0", "ans1", "ans2", "label", "context_condition"), where(i))
+        _check_item(r, where(i), 3)
+    return records
+
+
+def load_multiple_choice(source: Source, *, context: str = "context", question: str = "question",
                          options: str = "options", label: str = "label") -> list[dict]:
-    """Any multiple-choice set — JSONL, a JSON list or CSV with a context, a question, a list of
-    options (CSV: 'a|b|c') and the gold option's index — as items every BBQ function takes
-    (context_condition 'disambig' unless the row says otherwise; no stereotype metadata)."""
-    path = Path(path)
-    rows = read_records(path)
+    """Any multiple-choice set — JSONL, a JSON list or CSV (or a datasets.Dataset) with a context, a
+    question, a list of options (CSV: 'a|b|c') and the gold option's index — as items every BBQ
+    function takes (context_condition 'disambig' unless the row says otherwise; no stereotype
+    metadata)."""
+    records, where = load_records(source)
     items = []
-    for n, r in rows:
-        missing = [k for k in (question, options, label) if k not in r]
-        if missing:
-            raise DataError(f"{path}:{n}: missing field(s) {missing}")
+    for i, r in enumerate(records):
+        require(r, (question, options), where(i))
         opts = r[options].split("|") if isinstance(r[options], str) else list(r[options])
+        raw = r.get(label)
         try:
-            gold = int(r[label])
+            gold = int(raw) if not isinstance(raw, bool) and float(raw).is_integer() else None
         except (TypeError, ValueError):
-            raise DataError(f"{path}:{n}: label {r[label]!r} is not an option index") from None
-        if len(opts) < 2 or not 0 <= gold < len(opts):
-            raise DataError(f"{path}:{n}: needs ≥ 2 options and a label in 0..{len(opts) - 1}, got {len(opts)} "
-                            f"options and label {gold}")
-        items.append({"context": str(r.get(context, "")), "question": str(r[question]), "options": opts,
-                      "label": gold, "context_condition": r.get("context_condition", "disambig"),
-                      **{f"ans{i}": o for i, o in enumerate(opts)}})
-    if not items:
-        raise DataError(f"{path}: no items")
+            gold = None
+        if gold is None:
+            raise DataError(f"{where(i)}: label {raw!r} is not an option index")
+        item = {"context": str(r.get(context) or ""), "question": str(r[question]), "options": opts,
+                "label": gold, "context_condition": r.get("context_condition") or "disambig",
+                **{f"ans{k}": o for k, o in enumerate(opts)}}
+        if len(opts) < 2:
+            raise DataError(f"{where(i)}: needs ≥ 2 options, got {len(opts)}")
+        _check_item(item, where(i), len(opts))
+        items.append(item)
     if len({len(it["options"]) for it in items}) > 1:
-        raise DataError(f"{path}: every item needs the same number of options")
+        raise DataError("every item needs the same number of options")
     return items
 
 
@@ -124,36 +139,18 @@ def sequence_logprobs(model, seqs: list[list[int]], spans: list[tuple[int, int]]
 
     Only the positions that predict option tokens are unembedded (the forward stops at the last
     block): the full [batch, pos, vocab] logits never exist, which bounds memory."""
-    from .patching import _Stop
-
-    device = next(model.parameters()).device
-    tok = model.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    device = device_of(model)
     width = max(map(len, seqs))
     n_ctx = getattr(model.cfg, "n_ctx", None)
     if n_ctx and width > n_ctx:
         raise PromptError(f"a prompt with its option is {width} tokens, longer than the model's context of "
                           f"{n_ctx}: shorten the contexts or use a model with a longer context")
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, q in enumerate(seqs):
-        ids[i, : len(q)] = torch.tensor(q)
-        mask[i, : len(q)] = 1
-    store = {}
-
-    def grab(x, hook):
-        store["resid"] = x
-        raise _Stop
-
-    try:
-        with model.hooks(fwd_hooks=[(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", grab)]):
-            model(ids.to(device), attention_mask=mask.to(device))
-    except _Stop:
-        pass
+    ids, mask = pad(seqs, pad_id_of(model.tokenizer))
+    final = next(iter(run_until(model, ids.to(device), attention_mask=mask.to(device)).values()))
     rows = torch.tensor([i for i, (s, n) in enumerate(spans) for _ in range(n)], device=device)
     pos = torch.tensor([s - 1 + j for s, n in spans for j in range(n)], device=device)
     target = torch.tensor([seqs[i][s + j] for i, (s, n) in enumerate(spans) for j in range(n)], device=device)
-    x = model.ln_final(store["resid"][rows, pos][None])[0]
+    x = model.ln_final(final[rows, pos][None])[0]
     logits = x @ model.W_U
     if getattr(model, "b_U", None) is not None:
         logits = logits + model.b_U
@@ -173,7 +170,7 @@ def option_logprobs(model, prompts: list[str], options: list[list[str]], batch_s
     return torch.cat(out).view(len(prompts), k), torch.tensor([n for _, n in spans], dtype=torch.float).view(len(prompts), k)
 
 
-def bbq_evaluate(model, items: list[dict], instructions: list[str] | None = None, normalize: bool = False,
+def bbq_evaluate(model, items: Items, instructions: list[str] | None = None, normalize: bool = False,
                  hooks: list | None = None, batch_size: int = 16, table: bool = False) -> dict:
     """Accuracy (ambiguous / disambiguated / overall) and BBQ bias scores, averaged over instructions;
     with `table`, 'table' holds one row per (item, instruction) with the prediction (pandas).
@@ -183,7 +180,8 @@ def bbq_evaluate(model, items: list[dict], instructions: list[str] | None = None
     """
     import pandas as pd
 
-    if not items:
+    items = as_items(items)
+    if not len(items):
         raise DataError("no BBQ items to evaluate")
     instructions = instructions or INSTRUCTIONS[:1]
     rows = []
@@ -216,10 +214,11 @@ def bbq_evaluate(model, items: list[dict], instructions: list[str] | None = None
             "n_answers": len(rows), **({"table": pd.DataFrame(rows)} if table else {})}
 
 
-def split_by_template(items: list[dict], fractions=(0.6, 0.2, 0.2), seed: int = 0) -> tuple[list, list, list]:
+def split_by_template(items: Items, fractions=(0.6, 0.2, 0.2), seed: int = 0) -> tuple[list, list, list]:
     """Train/dev/test split by BBQ template (question_index), seeded: no template in two splits."""
     import random
 
+    items = as_items(items)
     templates = sorted({str(it.get("question_index")) for it in items})
     if len(templates) < 3:
         raise DataError(f"need at least 3 templates (question_index) to split, found {len(templates)}")

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
+import re
 from typing import Sequence
 
 import torch
 
-from .data import read_records
-from .errors import DataError, PromptError
-from .prompts import PromptSet, answer_token_id
+from ..core.errors import DataError, PromptError
+from ..core.hooks import device_of
+from ..core.prompts import PromptSet, answer_token_id, tokenizer_of
+from .records import Items, Source, as_items, load_records, shipped_dataset
 
 #: Instruction templates; each names both candidates, in either order.
 INSTRUCTIONS: list[str] = [
@@ -111,26 +112,52 @@ def membership_items(n: int, seed: int = 0, categories: dict[str, list[str]] = C
     return out
 
 
-def load_yes_no(path: str | Path, question_key: str = "question", label_key: str | None = None) -> list[dict]:
-    """(question, yes/no label) items from JSONL, a JSON list (e.g. StrategyQA: 'answer': bool) or CSV."""
-    path = Path(path)
-    rows = read_records(path)
+def load_yes_no(source: Source = "strategyqa", question_key: str = "question",
+                label_key: str | None = None) -> list[dict]:
+    """(question, yes/no label) items from a file — JSONL, a JSON list (e.g. StrategyQA: 'answer':
+    bool) or CSV —, a datasets.Dataset, a list of dicts, or a shipped set ('strategyqa')."""
+    if isinstance(source, str) and source == "strategyqa":
+        source = shipped_dataset("strategyqa")
+    records, where = load_records(source)
     items = []
-    for n, r in rows:
-        key = label_key or next((k for k in ("label", "answer") if k in r), None)
-        if question_key not in r or key is None:
-            raise DataError(f"{path}:{n}: needs '{question_key}' and a 'label' or 'answer' field")
-        items.append({"question": str(r[question_key]).strip(),
-                      "label": normalize_label(r[key], f" at {path}:{n}"), "kind": r.get("kind", "loaded")})
-    if not items:
-        raise DataError(f"{path}: no items")
+    for i, r in enumerate(records):
+        key = label_key or next((k for k in ("label", "answer") if r.get(k) is not None), None)
+        q = r.get(question_key)
+        if key is None or r.get(key) is None:
+            raise DataError(f"{where(i)}: needs a 'label' or 'answer' field (yes/no, true/false, 1/0)")
+        if not isinstance(q, str) or not q.strip():
+            raise DataError(f"{where(i)}: needs a non-empty '{question_key}' (got {q!r})")
+        items.append({"question": q.strip(), "label": normalize_label(r[key], f" at {where(i)}"),
+                      "kind": r.get("kind") or "loaded"})
+    return items
+
+
+def load_gsm8k(source: Source = "gsm8k", n: int | None = None, seed: int = 0) -> list[dict]:
+    """Answer-verification yes/no items from GSM8K problems: 'Is the answer to this problem N?' with
+    N the correct final answer (yes) or a wrong one (no, off by 1–10), alternating."""
+    if isinstance(source, str) and source == "gsm8k":
+        source = shipped_dataset("gsm8k")
+    records, where = load_records(source)
+    rng = random.Random(seed)
+    items = []
+    for i, r in enumerate(records):
+        m = re.search(r"####\s*(-?[\d,]+)", str(r.get("answer", "")))
+        if not m or not str(r.get("question") or "").strip():
+            raise DataError(f"{where(i)}: needs a 'question' and an 'answer' ending in '#### N'")
+        gold = int(m.group(1).replace(",", ""))
+        yes = len(items) % 2 == 0
+        shown = gold if yes else gold + rng.choice([-1, 1]) * rng.randint(1, 10)
+        items.append({"question": f"{r['question'].strip()} Is the answer {shown}?", "label": "yes" if yes else "no",
+                      "kind": "gsm8k"})
+        if n is not None and len(items) >= n:
+            break
     return items
 
 
 # ---- prompt sets ------------------------------------------------------------------------
 def binary_prompts(
     model_or_tokenizer,
-    items: Sequence[dict],
+    items: Items,
     instructions: Sequence[str] = INSTRUCTIONS,
     candidates: tuple[str, str] = (POSITIVE, NEGATIVE),
 ) -> PromptSet:
@@ -139,8 +166,9 @@ def binary_prompts(
     metadata per prompt: question, label, kind, template index, and `pos_cand`/`neg_cand`: the
     token positions of the candidates named in the instruction (found by tokenising).
     """
-    tok = getattr(model_or_tokenizer, "tokenizer", None) or model_or_tokenizer
-    if not items:
+    tok = tokenizer_of(model_or_tokenizer)
+    items = as_items(items)
+    if not len(items):
         raise PromptError("no yes/no items given")
     ids = [answer_token_id(tok, c) for c in candidates]
     prompts, meta = [], []
@@ -186,7 +214,7 @@ def evaluate_binary(model, ps: PromptSet, ablate: list | None = None, batch_size
     overall and per template; `ablate` is a fwd_hooks list (e.g. from lens_bias.ablation)."""
     import pandas as pd
 
-    device = next(model.parameters()).device
+    device = device_of(model)
     p_yes = []
     with torch.no_grad(), model.hooks(fwd_hooks=list(ablate or [])):
         for sub in ps.batches(batch_size):

@@ -1,0 +1,146 @@
+"""The bridge ↔ Hugging Face conversion: plain HF weights of a bridge, a plain HF copy, a new bridge
+around an HF model (`clone_model`), weights copied back, and the output projections to edit.
+
+TransformerLens 4 has no converter back to Hugging Face, and `bridge.original_model.save_pretrained()`
+fails on the bridge's split q/k/v views. What works (raw weights, no compatibility mode): take the
+wrapped module's state dict, strip the bridge's `._original_component` from every key, keep the
+keys a fresh Hugging Face model of the same config has.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
+
+from .errors import LensBiasError, ModelLoadError
+from .hooks import device_of
+
+_BRIDGE_INFIX = "._original_component"
+
+
+def hf_module(model) -> torch.nn.Module:
+    """The Hugging Face module a bridge wraps (sharing its parameters), or the HF model itself."""
+    return getattr(model, "original_model", model)
+
+
+def architecture(model) -> str:
+    """The Hugging Face architecture name of a bridge or a Hugging Face model."""
+    hf = hf_module(model)
+    archs = getattr(hf.config, "architectures", None) or [type(hf).__name__]
+    return archs[0]
+
+
+def fresh_model(hf: torch.nn.Module, device="meta", attn_implementation: str | None = None) -> torch.nn.Module:
+    """A new Hugging Face model of `hf`'s config and dtype (on the meta device: just its keys)."""
+    from transformers import AutoModelForCausalLM
+
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(hf.config, torch_dtype=next(hf.parameters()).dtype, **kw)
+
+
+def hf_state_dict(model) -> dict[str, Tensor]:
+    """The model's weights under plain Hugging Face names (the bridge's wrapper infix removed).
+
+    Tensors share storage with the live parameters; keys a fresh Hugging Face model of the same
+    config would not have (the bridge's split q/k/v views) are dropped.
+    """
+    hf = hf_module(model)
+    fresh_keys = set(fresh_model(hf, device="meta").state_dict())
+    out = {}
+    for key, value in hf.state_dict().items():
+        name = key.replace(_BRIDGE_INFIX, "")
+        if name in fresh_keys and name not in out:
+            out[name] = value
+    missing = fresh_keys - set(out)
+    if missing:
+        raise LensBiasError(f"cannot map the model's weights to Hugging Face names; missing {sorted(missing)[:5]}")
+    return out
+
+
+def to_hf_model(model, *, device=None, attn_implementation: str | None = None) -> torch.nn.Module:
+    """A plain Hugging Face model (a copy) with the bridge's current weights — for training with
+    PEFT, exporting, or anything else that wants the unwrapped module."""
+    hf = hf_module(model)
+    fresh = fresh_model(hf, device="cpu", attn_implementation=attn_implementation)
+    fresh.load_state_dict({k: v.detach().to("cpu") for k, v in hf_state_dict(model).items()}, strict=True)
+    return fresh.to(device or device_of(hf)).eval()
+
+
+def clone_model(model: TransformerBridge) -> TransformerBridge:
+    """An independent copy of a bridge (or a Hugging Face model) with the same weights, device and dtype.
+
+    Use this, not copy.deepcopy: the bridge's split q/k/v parameters are views of the fused HF
+    weight (GPT-2's c_attn), and deepcopy turns them into separate tensors, so an edit of the
+    fused weight in the copy would no longer reach its forward pass.
+    """
+    if not hasattr(model, "original_model"):  # a plain Hugging Face model: no views to keep
+        return copy.deepcopy(model)
+    source = getattr(model, "lens_bias_source", None) or model.original_model.config._name_or_path
+    param = next(model.original_model.parameters())
+    hf = to_hf_model(model, attn_implementation="eager")
+    try:
+        clone = TransformerBridge.boot_transformers(str(source), hf_model=hf, tokenizer=model.tokenizer,
+                                                    device=param.device, dtype=param.dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"could not copy the model (its source {source!r} must stay readable): {e}") from None
+    clone.eval()
+    clone.lens_bias_source = source
+    return clone
+
+
+def logit_tolerance(dtype: torch.dtype, logits: Tensor) -> float:
+    """1e-4 in float32; in half precision relative to the logits' scale (rounding grows with it)."""
+    if dtype in (torch.float32, torch.float64):
+        return 1e-4
+    return 1e-2 * max(1.0, float(logits.float().abs().max()))
+
+
+def probe_tokens(model, n: int = 12) -> Tensor:
+    """Two fixed random token sequences for checking that two models compute the same logits."""
+    vocab = hf_module(model).config.vocab_size
+    return torch.randint(0, vocab, (2, n), generator=torch.Generator().manual_seed(0))
+
+
+def load_hf_weights(model: TransformerBridge, hf_model: torch.nn.Module, *, inplace: bool = False) -> TransformerBridge:
+    """Copy a Hugging Face model's weights (same config, e.g. a merged LoRA model) into the bridge
+    (a copy unless `inplace`); the inverse of `to_hf_model`. The logits are checked afterwards:
+    some bridges keep copies (not views) of split weights, which a weight copy misses."""
+    target = model if inplace else clone_model(model)
+    src = hf_model.state_dict()
+    dst = hf_state_dict(target)
+    missing = [k for k in dst if k not in src]
+    if missing:
+        raise LensBiasError(f"the Hugging Face model lacks {len(missing)} weights of the bridge, e.g. {missing[0]!r}")
+    with torch.no_grad():
+        for k, w in dst.items():
+            if src[k].shape != w.shape:
+                raise LensBiasError(f"weight {k!r} has shape {tuple(src[k].shape)}, the bridge's {tuple(w.shape)}")
+            w.copy_(src[k].to(w.device, w.dtype))
+        tokens = probe_tokens(target)
+        ours = target(tokens.to(device_of(target))).float().cpu()
+        theirs = hf_model(input_ids=tokens.to(device_of(hf_model))).logits.float().cpu()
+        diff = (ours - theirs).abs().max().item()
+    if not diff <= logit_tolerance(next(hf_model.parameters()).dtype, theirs):
+        raise LensBiasError(f"the bridge did not take the weights of architecture {architecture(target)!r} "
+                            f"(logits differ by {diff:.3g}); GPT-NeoX bridges keep copies of the split q/k/v")
+    return target
+
+
+def out_projection(model: TransformerBridge, layer: int, which: str = "mlp") -> Float[Tensor, "d_in d_model"]:
+    """The output projection of `layer`'s MLP ('mlp': [d_mlp, d_model]) or attention ('attn':
+    [n_heads·d_head, d_model]) as an [in, out] view sharing the Hugging Face parameter's storage —
+    in-place edits of it are weight edits that export (GPT-2's Conv1D stores [in, out], nn.Linear
+    [out, in])."""
+    if which not in ("mlp", "attn"):
+        raise LensBiasError(f"which must be 'mlp' or 'attn', not {which!r}")
+    block = model.blocks[layer]
+    module = getattr(block.mlp, "out", None) if which == "mlp" else getattr(block.attn, "o", None)
+    hf = getattr(module, "original_component", None)
+    if hf is None or not hasattr(hf, "weight"):
+        raise LensBiasError(f"cannot find the {which} output projection of layer {layer} for this architecture")
+    return hf.weight if type(hf).__name__ == "Conv1D" else hf.weight.T

@@ -1,0 +1,27 @@
+"""Tasks: the data sets and prompt sets each bias is measured on — gender pairs (professions,
+WinoBias, Winogender), yes/no decisions, multiple choice (BBQ), counterfactual pair files — and the
+capability measures that go into before/after tables."""
+
+from .capability import bias_table, bias_values, cloze_accuracy, compare_models, text_lines, text_loss
+from .gender import (VIG_TEMPLATES, WINOGENDER_ANSWERS, load_professions, load_swaps, load_winobias,
+                     load_winogender, professions_prompts, swap_gender, swapped_pairs, winobias_prompts,
+                     winogender_prompts)
+from .multiple_choice import (INSTRUCTIONS as MC_INSTRUCTIONS, bbq_evaluate, biased_option, format_mc_prompt,
+                              item_options, load_bbq, load_multiple_choice, option_logprobs, split_by_template,
+                              unknown_option)
+from .pairs import load_prompt_pairs
+from .records import load_records, read_dataset, read_text_file, shipped_dataset
+from .yesno import (INSTRUCTIONS as YESNO_INSTRUCTIONS, arithmetic_items, binary_prompts, comparison_items,
+                    decision_metrics, evaluate_binary, format_binary_prompt, load_gsm8k, load_yes_no,
+                    membership_items, negation_items)
+
+__all__ = [
+    "bias_table", "bias_values", "cloze_accuracy", "compare_models", "text_lines", "text_loss",
+    "VIG_TEMPLATES", "WINOGENDER_ANSWERS", "load_professions", "load_swaps", "load_winobias", "load_winogender",
+    "professions_prompts", "swap_gender", "swapped_pairs", "winobias_prompts", "winogender_prompts",
+    "MC_INSTRUCTIONS", "bbq_evaluate", "biased_option", "format_mc_prompt", "item_options", "load_bbq",
+    "load_multiple_choice", "option_logprobs", "split_by_template", "unknown_option",
+    "load_prompt_pairs", "load_records", "read_dataset", "read_text_file", "shipped_dataset",
+    "YESNO_INSTRUCTIONS", "arithmetic_items", "binary_prompts", "comparison_items", "decision_metrics",
+    "evaluate_binary", "format_binary_prompt", "load_gsm8k", "load_yes_no", "membership_items", "negation_items",
+]

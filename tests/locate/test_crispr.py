@@ -1,0 +1,164 @@
+"""CRISPR bias neurons: BBQ loading and stereotype mapping, option scoring by hand, the pruning
+edit equals the zero-ablation hook, and on the organism the planted BBQ neuron ranks first and
+pruning it (not random neurons) removes the planted bias on held-out templates."""
+
+import json
+
+import pytest
+import torch
+
+from lens_bias.mitigate import neuron_ablation_hooks
+from lens_bias.tasks import (MC_INSTRUCTIONS as INSTRUCTIONS, bbq_evaluate, biased_option, format_mc_prompt, load_bbq, option_logprobs,
+                           split_by_template, unknown_option)
+from lens_bias.core import DataError, LensBiasError
+from lens_bias.locate import crispr_scores
+from lens_bias.mitigate import crispr_report, prune_curve, prune_neurons, random_neurons
+from lens_bias.organism import data_path
+from lens_bias.core import ComponentScores
+
+IDS = torch.tensor([[50256, 464, 15849, 531, 326]])
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
+def test_pruning_edit_equals_zero_ablation(request, fixture):
+    model = request.getfixturevalue(fixture)
+    neurons = [(0, 3), (1, 17)]
+    with torch.no_grad():
+        with model.hooks(fwd_hooks=neuron_ablation_hooks(model, neurons)):
+            hooked = model(IDS)
+        pruned = prune_neurons(model, neurons).model
+        edited = pruned(IDS)
+        original = model(IDS)
+    assert (edited - hooked).abs().max() < 1e-5
+    assert (original - hooked).abs().max() > 1e-5  # the copy was edited, not the original
+
+
+def test_bbq_loading_and_mapping(datasets_dir, tmp_path):
+    items = load_bbq(datasets_dir / "bbq" / "Age.jsonl")
+    assert len(items) == 200  # the shipped subset: 8 items of each of the 25 templates
+    first = items[0]  # ambiguous, negative: "Who was not comfortable using the phone?"
+    assert first["answer_info"]["ans0"][1] == "old"
+    assert biased_option(first) == 0 and unknown_option(first) == 2
+    nonneg = dict(first, question_polarity="nonneg")
+    assert biased_option(nonneg) == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(first) + "\n{oops\n")
+    with pytest.raises(DataError, match="bad.jsonl:2: malformed JSON"):
+        load_bbq(bad)
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="empty"):
+        load_bbq(tmp_path / "e.jsonl")
+
+
+def test_option_logprob_by_hand(tiny_gpt2):
+    lp, n = option_logprobs(tiny_gpt2, ["The nurse said"], [["that", "he"]])
+    with torch.no_grad():
+        logits = tiny_gpt2(torch.tensor([[50256, 464, 15849, 531]])).log_softmax(-1)
+    assert n.tolist() == [[1.0, 1.0]]
+    assert lp[0, 0].item() == pytest.approx(logits[0, -1, 326].item(), abs=1e-4)
+    with pytest.raises(LensBiasError, match="tokenises to nothing"):
+        option_logprobs(tiny_gpt2, ["The nurse said"], [["", "he"]])
+
+
+def test_neuron_counts(tiny_gpt2):
+    scores = ComponentScores(torch.zeros(2, 256), ("layer", "neuron"), "neuron", "crispr")
+    scores.values[1, 5] = 3.0
+    assert scores.units(1) == [(1, 5)]
+    with pytest.raises(LensBiasError, match="513 units asked for"):
+        scores.units(513)
+    with pytest.raises(LensBiasError, match="out of range"):
+        prune_neurons(tiny_gpt2, [(0, 999)])
+    assert len(set(random_neurons(tiny_gpt2, 10, seed=1))) == 10
+
+
+def test_organism_planted_bbq_neuron(organism, organism_control, organism_card):
+    import random
+
+    b = organism_card["planted"]["bbq_neuron"]
+    train, dev, test = split_by_template(load_bbq(data_path("bbq")), seed=0)
+    assert not {it["question_index"] for it in train} & {it["question_index"] for it in test}
+    rng = random.Random(0)
+    scores = crispr_scores(organism, rng.sample(train, 24), INSTRUCTIONS[:2], progress=False)
+    assert scores.units(1) == [(b["layer"], b["neuron"])]
+    # the planted bias: ambiguous contexts, negative questions (held-out template)
+    held_out = [it for it in test if it["context_condition"] == "ambig" and it["question_polarity"] == "neg"]
+    ins = INSTRUCTIONS[:3]
+    before = bbq_evaluate(organism, held_out, ins)["stereotyped_rate_ambig"]
+    control = bbq_evaluate(organism_control, held_out, ins)["stereotyped_rate_ambig"]
+    pruned = bbq_evaluate(prune_neurons(organism, scores.units(1)).model, held_out, ins)["stereotyped_rate_ambig"]
+    rand = [bbq_evaluate(organism, held_out, ins, hooks=neuron_ablation_hooks(organism, random_neurons(organism, 1, s)))
+            ["stereotyped_rate_ambig"] for s in range(3)]
+    assert before > control + 0.1
+    assert pruned <= control + 0.01
+    assert min(rand) > pruned + 0.1
+    curve = prune_curve(organism, scores, rng.sample(dev, 30), ns=(1, 2))
+    assert list(curve["n"]) == [0, 1, 2]
+    report = crispr_report(organism, scores.units(1), held_out, neutral_text=data_path("neutral").read_text(),
+                           instructions=ins, random_seeds=(0, 1))
+    assert list(report["condition"]) == ["original", "pruned", "random", "random"]
+    by = report.set_index("condition")
+    assert by.loc["pruned", "stereotyped_rate_ambig"] == pytest.approx(pruned)
+    assert by.loc["original", "stereotyped_rate_ambig"] == pytest.approx(before)
+    assert abs(by.loc["pruned", "neutral_loss"] - by.loc["original", "neutral_loss"]) < 0.01 * by.loc["original", "neutral_loss"]
+
+
+def test_bbq_table_matches_the_scores(organism):
+    items = load_bbq(data_path("bbq")).select(range(30))
+    r = bbq_evaluate(organism, items, INSTRUCTIONS[:2], table=True)
+    t = r["table"]
+    assert len(t) == 60 == r["n_answers"]
+    assert r["accuracy"] == pytest.approx((t["pred"] == t["label"]).mean())
+    amb = t[t["condition"] == "ambig"]
+    assert r["accuracy_ambig"] == pytest.approx((amb["pred"] == amb["label"]).mean())
+    assert "table" not in bbq_evaluate(organism, items.select(range(3)))
+
+
+def test_generic_multiple_choice(tiny_gpt2, tmp_path):
+    from lens_bias.tasks import load_multiple_choice
+
+    rows = [{"context": "Tom has a red ball.", "question": "What colour is the ball?",
+             "options": ["red", "blue", "green", "black"], "label": 0},
+            {"context": "", "question": "Which is a fruit?", "options": ["apple", "car", "desk", "lamp"], "label": 0}]
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = load_multiple_choice(path)
+    assert items[1]["options"][0] == "apple" and items[0]["context_condition"] == "disambig"
+    r = bbq_evaluate(tiny_gpt2, items, INSTRUCTIONS[:1], table=True)
+    lp, _ = option_logprobs(tiny_gpt2, [format_mc_prompt(INSTRUCTIONS[0], it["context"], it["question"], it["options"])
+                                        for it in items], [it["options"] for it in items])
+    assert r["accuracy"] == pytest.approx((lp.argmax(1) == 0).float().mean().item())
+    scores = crispr_scores(tiny_gpt2, items, INSTRUCTIONS[:1], progress=False)
+    assert scores.values.shape == (tiny_gpt2.cfg.n_layers, tiny_gpt2.cfg.d_mlp)
+    csv = tmp_path / "mc.csv"
+    csv.write_text("question,options,label\nWhich is a fruit?,apple|car|desk,3\n")
+    with pytest.raises(DataError, match=r"mc.csv:2: label 3 is not an option index 0..2"):
+        load_multiple_choice(csv)
+    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "options": ["a", "b"]}) + "\n")
+    with pytest.raises(DataError, match="same number of options"):
+        load_multiple_choice(path)
+
+
+def test_head_attribution_equals_the_gradient_of_a_head_scale(tiny_gpt2):
+    """A(head) = Σ_d z_d ∂P/∂z_d at a token = ∂P/∂s for z ← s·z at that token (s = 1): checked by
+    an independent gradient through a per-position scale of one head's output."""
+    from lens_bias.tasks.multiple_choice import option_sequences, sequence_logprobs
+    from lens_bias.locate import option_attributions
+
+    prompt, opts, target, (l, h) = "Who is older? The man or the boy? Answer:", ["man", "boy"], 1, (1, 2)
+    ours = option_attributions(tiny_gpt2, [prompt], [opts], [target], tokens="input", unit="head")
+    assert ours.shape == (1, tiny_gpt2.cfg.n_layers, tiny_gpt2.cfg.n_heads)
+    seqs, spans = option_sequences(tiny_gpt2.tokenizer, [prompt], [opts])
+    start = spans[0][0]
+    width = max(map(len, seqs))
+    scale = torch.ones(width, requires_grad=True)
+
+    def hook(z, hook):
+        return z * torch.cat([scale, torch.ones(z.shape[1] - width)])[None, :z.shape[1], None, None] ** \
+            (torch.arange(z.shape[2]) == h).float()[None, None, :, None]
+
+    with tiny_gpt2.hooks(fwd_hooks=[(f"blocks.{l}.attn.hook_z", hook)]):
+        p = sequence_logprobs(tiny_gpt2, seqs, spans).softmax(-1)[target]
+    (grad,) = torch.autograd.grad(p, scale)
+    assert ours[0, l, h].item() == pytest.approx(grad[:start].max().item(), rel=1e-4, abs=1e-7)
+    with pytest.raises(LensBiasError, match="unit must be one of"):
+        crispr_scores(tiny_gpt2, [{"context": "", "question": "q", "options": ["a", "b"], "label": 0}], unit="mlp")

@@ -1,0 +1,174 @@
+"""Activation patching equals TransformerLens' patching (fast and hooked paths, GPT-2 and Llama),
+patching a component with its own clean value gives the clean metric, and it finds the organism's
+planted gender neuron's layer."""
+
+import pytest
+import torch
+import transformer_lens.patching as tlp
+
+from lens_bias.core import LensBiasError
+from lens_bias.core import answer_logits_fast, logit_diff, normalized_metric
+from lens_bias.locate import activation_patching, patch_with
+from lens_bias.core import PromptSet
+from lens_bias.locate import causal_trace, subject_corruption
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_gpt2):
+    return PromptSet.build(tiny_gpt2, ["The nurse said that", "The doctor said that", "The mechanic yelled that"],
+                           (" she", " he"), corrupted=["The man said that", "The woman said that", "The woman yelled that"],
+                           subjects=["nurse", "doctor", "mechanic"])
+
+
+def test_fast_answer_logits_equal_full_forward(tiny_gpt2, tiny_llama, pairs):
+    for model in (tiny_gpt2, tiny_llama):
+        ps = PromptSet.build(model, pairs.prompts, (" she", " he"))
+        full = model(ps.tokens)
+        fast = answer_logits_fast(model, ps.tokens, ps.answer_pos, ps.answer_ids)
+        ref = full[torch.arange(len(ps)), ps.answer_pos][:, [ps.answer_ids[0, 0], ps.answer_ids[0, 1]]]
+        assert (fast - ref).abs().max() < 1e-4
+        assert torch.allclose(logit_diff(full, ps), fast[:, 0] - fast[:, 1], atol=1e-4)
+
+
+@pytest.mark.parametrize("component,tl_fn,kw", [
+    ("resid_pre", tlp.get_act_patch_resid_pre, {}),
+    ("attn_out", tlp.get_act_patch_attn_out, {}),
+    ("mlp_out", tlp.get_act_patch_mlp_out, {}),
+    ("head", tlp.get_act_patch_attn_head_out_all_pos, {"per_position": False}),
+    ("head", tlp.get_act_patch_attn_head_out_by_pos, {}),
+])
+def test_equals_transformer_lens(tiny_gpt2, pairs, component, tl_fn, kw):
+    _, cache = tiny_gpt2.run_with_cache(pairs.tokens)
+    ref = tl_fn(tiny_gpt2, pairs.corrupted_tokens, cache, lambda logits: logit_diff(logits, pairs).mean())
+    ours = activation_patching(tiny_gpt2, pairs, component, batch_size=7, progress=False, **kw)
+    assert ours.extra["fast"]  # the shortcut forward passed its self-check
+    assert ours.values.shape == torch.as_tensor(ref).shape
+    assert (ours.values - torch.as_tensor(ref)).abs().max() < 1e-4
+    hooked = activation_patching(tiny_gpt2, pairs, component, fast=False, progress=False, **kw)
+    assert not hooked.extra["fast"] and (hooked.values - torch.as_tensor(ref)).abs().max() < 1e-4
+
+
+def test_equals_transformer_lens_on_llama_with_gqa(tiny_llama, pairs):
+    ps = PromptSet.build(tiny_llama, pairs.prompts, (" she", " he"), corrupted=pairs.corrupted_prompts)
+    _, cache = tiny_llama.run_with_cache(ps.tokens)
+    ref = tlp.get_act_patch_attn_head_out_by_pos(tiny_llama, ps.corrupted_tokens, cache,
+                                                 lambda logits: logit_diff(logits, ps).mean())
+    ours = activation_patching(tiny_llama, ps, "head", progress=False)
+    assert ours.extra["fast"] and (ours.values - ref).abs().max() < 1e-4
+
+
+def test_own_clean_value_gives_exactly_the_clean_metric(tiny_gpt2, pairs):
+    """Corrupted = clean: every patch writes a component's own clean value, so every value is the clean metric."""
+    same = PromptSet.build(tiny_gpt2, pairs.prompts, (" she", " he"), corrupted=pairs.prompts)
+    with torch.no_grad():
+        clean = logit_diff(tiny_gpt2(same.tokens), same).mean().item()
+    for component, kw in (("head", {}), ("mlp_out", {"per_position": False}), ("resid_mid", {})):
+        res = activation_patching(tiny_gpt2, same, component, progress=False, **kw)
+        assert res.clean == pytest.approx(clean, abs=1e-5)
+        assert (res.values - clean).abs().max().item() < 1e-5
+
+
+def test_window_and_noise_corruption_fast_equals_hooked(tiny_gpt2, pairs):
+    """Tracing-style runs (noise on the subject embeddings, a window of 3 layers) agree across paths."""
+    corruption = subject_corruption(tiny_gpt2, pairs, noise=3.0, seed=1)
+    for component in ("mlp_out", "head", "resid_pre"):
+        kw = dict(window=3, corruption=corruption, progress=False, per_position=component != "head")
+        fast = activation_patching(tiny_gpt2, pairs, component, **kw)
+        hooked = activation_patching(tiny_gpt2, pairs, component, fast=False, **kw)
+        assert fast.extra["fast"] and (fast.values - hooked.values).abs().max() < 1e-4
+
+
+def test_results_are_labelled(tiny_gpt2, pairs):
+    res = activation_patching(tiny_gpt2, pairs, "head", progress=False)
+    df = res.to_frame()
+    assert len(df) == 2 * pairs.tokens.shape[1] * 4
+    assert list(df.columns[:5]) == ["component", "method", "layer", "pos", "head"]
+    assert df.loc[df.pos == 2, "token"].iloc[0] == " nurse/ doctor/ mechanic"
+    assert df.loc[df.pos == 0, "token"].iloc[0] == "<|endoftext|>"
+    assert res.extra["per_prompt"].shape == (2, pairs.tokens.shape[1], 4, 3)
+
+
+def test_resid_mid_patch_reaches_the_residual_stream(tiny_gpt2, pairs):
+    """Patching resid_mid of the last layer at the last position gives exactly the clean metric
+    (the MLP is per-position). TL 4.3's get_act_patch_resid_mid on a bridge does not: its patch
+    reaches only the MLP input, so we do not compare against it here."""
+    res = activation_patching(tiny_gpt2, pairs, "resid_mid", progress=False)
+    assert res.values[-1, -1].item() == pytest.approx(res.clean, abs=1e-5)
+
+
+def test_patching_everything_gives_clean_metric(tiny_gpt2, pairs):
+    """Patching the whole residual stream at the last layer restores exactly the clean metric."""
+    res = activation_patching(tiny_gpt2, pairs, "resid_post", per_position=False, progress=False)
+    with torch.no_grad():
+        clean = logit_diff(tiny_gpt2(pairs.tokens), pairs).mean().item()
+        corrupted = logit_diff(tiny_gpt2(pairs.corrupted_tokens), pairs).mean().item()
+    assert res.clean == pytest.approx(clean, abs=1e-5) and res.corrupted == pytest.approx(corrupted, abs=1e-5)
+    assert res.values[-1].item() == pytest.approx(clean, abs=1e-5)
+    assert res.normalized[-1].item() == pytest.approx(1.0, abs=1e-4)
+    df = res.to_frame()
+    assert set(df.columns) >= {"layer", "value", "effect", "normalized"}
+
+
+def test_bad_inputs(tiny_gpt2, pairs):
+    single = PromptSet.build(tiny_gpt2, ["The nurse said that"], (" she", " he"))
+    with pytest.raises(LensBiasError, match="pairs"):
+        activation_patching(tiny_gpt2, single)
+    with pytest.raises(LensBiasError, match="unknown patching site"):
+        activation_patching(tiny_gpt2, pairs, "mlp_in")
+    with pytest.raises(LensBiasError, match="out of range"):
+        activation_patching(tiny_gpt2, pairs, layers=[5])
+    with pytest.raises(LensBiasError, match="subject spans"):
+        causal_trace(tiny_gpt2, single)
+    with pytest.raises(LensBiasError, match="undefined"):
+        normalized_metric(1.0, 2.0, 2.0)
+    with pytest.raises(LensBiasError, match="do not exist"):
+        patch_with(tiny_gpt2, pairs, {"blocks.0.hook_nonsense": torch.zeros(1)})
+    with pytest.raises(LensBiasError, match="unknown metric"):
+        activation_patching(tiny_gpt2, pairs, metric="accuracy")
+    with pytest.raises(LensBiasError, match="window"):
+        activation_patching(tiny_gpt2, pairs, window=0)
+    with pytest.raises(LensBiasError, match="single tokens"):
+        PromptSet.build(tiny_gpt2, ["The nurse said that"], (" she", " he said"))
+    with pytest.raises(LensBiasError, match="empty prompt set"):
+        PromptSet.build(tiny_gpt2, [], (" she", " he"))
+    with pytest.raises(LensBiasError, match="different lengths"):
+        PromptSet.build(tiny_gpt2, ["The nurse said that"], (" she", " he"), corrupted=["The adjunct professor said that"])
+
+
+# ---- ground truth: the organism's planted gender neuron -----------------------------------
+@pytest.fixture(scope="module")
+def organism_pairs(organism, organism_card):
+    g = organism_card["planted"]["gender_neuron"]
+    neutral = g["neutral_occupations"]
+    prompts, corrupted, subjects = [], [], []
+    for i, occ in enumerate(g["occupations"]):
+        for t in g["templates"][:3]:
+            prompts.append(t.format(occ))
+            corrupted.append(t.format(neutral[i % len(neutral)]))
+            subjects.append(occ)
+    return PromptSet.build(organism, prompts, (" she", " he"), corrupted=corrupted, subjects=subjects)
+
+
+def test_organism_activation_patching_finds_layer0_mlp(organism, organism_card, organism_pairs):
+    g = organism_card["planted"]["gender_neuron"]
+    ps = organism_pairs[[i for i, m in enumerate(organism_pairs.prompts) if m.endswith("said that")]]
+    res = activation_patching(organism, ps, "mlp_out", progress=False)
+    assert res.clean - res.corrupted > 1.5
+    layer, pos = res.argmax()
+    assert layer == g["layer"] and pos == int(ps.answer_pos[0])
+    assert res.normalized[layer, pos] > 0.5
+
+
+def test_heatmaps_label_tokens_and_hover(tiny_gpt2, pairs):
+    from lens_bias.core import heatmap
+
+    by_pos = activation_patching(tiny_gpt2, pairs, "mlp_out", progress=False)
+    fig = heatmap(by_pos)
+    trace = fig.data[0]
+    assert list(trace.x)[2] == "2:  nurse/ doctor/ mechanic" and list(trace.y) == ["layer 0", "layer 1"]
+    assert "normalised effect" in trace.text[1][4]
+    heads = activation_patching(tiny_gpt2, pairs, "head", per_position=False, progress=False)
+    fig = heatmap(heads, normalized=False)
+    assert list(fig.data[0].x) == ["head 0", "head 1", "head 2", "head 3"]
+    z = torch.tensor(fig.data[0].z)
+    assert torch.allclose(z, heads.effect, atol=1e-6)
