@@ -10,13 +10,31 @@ is the model organism.
 
 from . import apps, core, locate, mitigate, organism, runs, tasks
 from .core import ComponentScores, LensBiasError, PromptSet, clone_model, heatmap, hook_name, load_model
-from .locate import (activation_patching, attribution_patching, causal_trace, crispr_scores,
-                     negative_attention_scores)
-from .mitigate import (Mitigation, ablate, export_model, head_ablation_hooks, lsdm_edit, nasa_train,
-                       neuron_ablation_hooks, prune_heads, prune_neurons)
+from .locate import activation_patching, attribution_patching, causal_trace, crispr_scores, negative_attention_scores
+from .mitigate import (
+                     Mitigation,
+                     ablate,
+                     export_model,
+                     head_ablation_hooks,
+                     lsdm_edit,
+                     nasa_train,
+                     neuron_ablation_hooks,
+                     prune_heads,
+                     prune_neurons,
+)
 from .runs import attribute_dataset
-from .tasks import (bbq_evaluate, binary_prompts, compare_models, evaluate_binary, load_bbq, load_yes_no,
-                    professions_prompts, text_loss, winobias_prompts, winogender_prompts)
+from .tasks import (
+                     bbq_evaluate,
+                     binary_prompts,
+                     compare_models,
+                     evaluate_binary,
+                     load_bbq,
+                     load_yes_no,
+                     professions_prompts,
+                     text_loss,
+                     winobias_prompts,
+                     winogender_prompts,
+)
 
 __version__ = "0.1.0"
 

@@ -16,7 +16,7 @@ import torch
 from ..core.files import check_output_dir, write_table, write_text
 from ..core.hooks import device_of
 from ..core.metrics import answer_logits_fast
-from ..core.models import load_model
+from ..core.models import HookedModel, load_model
 from ..core.prompts import PromptSet
 from ..core.viz import heatmap, save_figure
 from ..locate.attribution import attribution_patching
@@ -33,7 +33,7 @@ from ..tasks.gender import professions_prompts
 from ..tasks.yesno import binary_prompts, evaluate_binary, load_yes_no
 
 
-def gender_pairs(model, card: dict, templates: int = 3) -> PromptSet:
+def gender_pairs(model: HookedModel, card: dict, templates: int = 3) -> PromptSet:
     """Stereotyped-occupation prompts, corrupted by a neutral occupation (same length)."""
     g = card["planted"]["gender_neuron"]
     return professions_prompts(model, g["occupations"], g["templates"][:templates], answers=(" she", " he"),
@@ -87,7 +87,8 @@ def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: i
 
     edit_set = she_he(F[:6] + M[:4] + N[:4], T[:6])
     unseen = she_he(F[6:], T[6:12])
-    site = trace_sites(model, she_he(F[:5], T[:2]), seed=seed).iloc[0]
+    traced_set = professions_prompts(model, F[:5], T[:2], answers=(" she", " he"), corrupt_with=N)
+    site = trace_sites(model, traced_set, seed=seed).iloc[0]
     neutral = data_path("neutral").read_text()
     lsdm = lsdm_edit(model, edit_set, neutral, layers=[int(site["layer"])], position=str(site["position"]),
                      progress=progress)

@@ -14,6 +14,7 @@ from typing import Literal
 
 from ..core.errors import DataError, LensBiasError
 from ..core.files import check_output_dir, replace_dir, write_csv, write_text
+from ..core.models import HookedModel
 from ..locate.nas import negative_attention_scores
 from ..mitigate.edits import apply_edit, load_edit, save_edit
 from ..mitigate.export import check_exportable, export_model
@@ -47,13 +48,17 @@ def parse_units(text: str | None, what: str = "unit") -> list[tuple[int, int]]:
 
 def _occupation_prompts(model, data, seed):
     """Edit/evaluation prompt sets for LSDM: from a professions file (Vig et al. JSON or one word per
-    line) with Vig's templates, or, for the organism, its card's occupations and templates."""
+    line) with Vig's templates, or, for the organism, its card's occupations and templates. The edit
+    prompts carry counterfactual twins for the site choice (causal tracing): the organism's neutral
+    occupations, or Vig et al.'s neutral 'person'."""
+    twins = "person"
     if data is None:
         try:
             g = load_card(model)["planted"]["gender_neuron"]
         except Exception:
             raise DataError("lsdm needs --data: a professions file (Vig et al.'s JSON, or one occupation per line)") from None
         words, templates = g["occupations"] + g["male_occupations"] + g["neutral_occupations"], g["templates"]
+        twins = g["neutral_occupations"]
     else:
         path = Path(data)
         words = (list(load_professions(path)["name"]) if path.suffix == ".json"
@@ -64,15 +69,15 @@ def _occupation_prompts(model, data, seed):
         if len(words) < 2:
             raise DataError(f"{path}: fewer than 2 occupations are single tokens for this tokenizer")
 
-    def she_he(occupations, templates):
-        return professions_prompts(model, occupations, templates, answers=(" she", " he"), corrupt_with=None)
+    def she_he(occupations, templates, corrupt_with=None):
+        return professions_prompts(model, occupations, templates, answers=(" she", " he"), corrupt_with=corrupt_with)
 
     rng = random.Random(seed)
     words, templates = words[:], templates[:]
     rng.shuffle(words)
     rng.shuffle(templates)
     cut_w, cut_t = max(1, int(0.7 * len(words))), max(1, len(templates) // 2)
-    edit = she_he(words[:cut_w], templates[:cut_t])
+    edit = she_he(words[:cut_w], templates[:cut_t], twins)
     held_out = she_he(words[cut_w:] or words, templates[cut_t:] or templates)
     return edit, held_out
 
@@ -94,7 +99,7 @@ def _binary_measures(model, ps) -> dict:
     return {k: v for k, v in evaluate_binary(model, ps)["overall"].items() if k in ("pr_gap", "accuracy", "yes_rate")}
 
 
-def mitigate(model, method: MitigationMethod, out: str | os.PathLike, *, units=None, data=None, neutral=None,
+def mitigate(model: HookedModel, method: MitigationMethod, out: str | os.PathLike, *, units=None, data=None, neutral=None,
              top_k: int = 1, steps: int = 100, seed: int = 0, export: bool = True, overwrite: bool = False,
              progress: bool = True) -> str:
     """Apply `method` ('prune-neurons', 'prune-heads' with `units`, evaluated on `data` — BBQ or
@@ -164,6 +169,6 @@ def mitigate(model, method: MitigationMethod, out: str | os.PathLike, *, units=N
     return report
 
 
-def export_edit(model, edit_file: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False):
+def export_edit(model: HookedModel, edit_file: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False):
     """Re-apply a saved edit to its original model and export the result as a Hugging Face directory."""
     return export_model(apply_edit(model, load_edit(edit_file)), out, overwrite=overwrite)

@@ -18,6 +18,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from .errors import LensBiasError, ModelLoadError
 from .hooks import device_of
+from .models import HookedModel
 
 _BRIDGE_INFIX = "._original_component"
 
@@ -62,7 +63,7 @@ def hf_state_dict(model) -> dict[str, Tensor]:
     return out
 
 
-def to_hf_model(model, *, device=None, attn_implementation: str | None = None) -> torch.nn.Module:
+def to_hf_model(model: HookedModel, *, device=None, attn_implementation: str | None = None) -> torch.nn.Module:
     """A plain Hugging Face model (a copy) with the bridge's current weights — for training with
     PEFT, exporting, or anything else that wants the unwrapped module."""
     hf = hf_module(model)
@@ -100,7 +101,7 @@ def logit_tolerance(dtype: torch.dtype, logits: Tensor) -> float:
     return 1e-2 * max(1.0, float(logits.float().abs().max()))
 
 
-def probe_tokens(model, n: int = 12) -> Tensor:
+def probe_tokens(model: HookedModel, n: int = 12) -> Tensor:
     """Two fixed random token sequences for checking that two models compute the same logits."""
     vocab = hf_module(model).config.vocab_size
     return torch.randint(0, vocab, (2, n), generator=torch.Generator().manual_seed(0))

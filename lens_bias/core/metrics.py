@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .errors import LensBiasError
 from .hooks import last_resid, run_until
+from .models import HookedModel
 from .prompts import PromptSet
 
 MetricName = Literal["logit_diff", "prob_ratio", "odds_ratio"]
@@ -99,7 +100,7 @@ def metric_from_answers(a: Float[Tensor, "rows n_answers"], metric: MetricName,
     return d if metric == "logit_diff" else d.exp()
 
 
-def unembed_answers(model, x: Float[Tensor, "rows d_model"], answer_ids: Int[Tensor, "rows n_answers"],
+def unembed_answers(model: HookedModel, x: Float[Tensor, "rows d_model"], answer_ids: Int[Tensor, "rows n_answers"],
                     metric: MetricName, W_U: Tensor, b_U: Tensor | None) -> Float[Tensor, " rows"]:
     """The per-row metric from final-layer residuals at the answer position: final norm, then only
     the answer columns of W_U (odds_ratio: the full row, for its softmax)."""
@@ -115,7 +116,7 @@ def unembed_answers(model, x: Float[Tensor, "rows d_model"], answer_ids: Int[Ten
 
 
 def answer_logits_fast(
-    model,
+    model: HookedModel,
     tokens: Int[Tensor, "batch pos"],
     answer_pos: Int[Tensor, " batch"],
     answer_ids: Int[Tensor, "batch n_answers"],

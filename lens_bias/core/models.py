@@ -150,9 +150,17 @@ def save_random_model(
 ) -> Path:
     """Save a random-weight model of a real family ('gpt2', 'llama' (GQA via n_kv_heads),
     'neox', 't5') with a given tokenizer to `path`, as a Hugging Face directory."""
-    from transformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
-                              GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, T5Config,
-                              T5ForConditionalGeneration)
+    from transformers import (
+        AutoTokenizer,
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     if family not in _RANDOM_FAMILIES:
         raise ModelLoadError(f"unknown model family {family!r}; choose one of {_RANDOM_FAMILIES}")

@@ -20,6 +20,7 @@ from ..core.errors import LensBiasError
 from ..core.hooks import check_sites, device_of, hook_name
 from ..core.methods import ChunkSums, LocateMethod, add_scores, scores_from_sums
 from ..core.metrics import answer_logits_fast
+from ..core.models import HookedModel
 from ..core.prompts import PromptSet
 from ..core.scores import ComponentScores
 from .patching import check_pairs, position_labels
@@ -33,9 +34,44 @@ def _answer_metric(model, ps, tokens, hooks, W_U, b_U) -> Tensor:
     return (a[:, 0] - a[:, 1]).mean()
 
 
+def activations_and_gradients(model: HookedModel, ps: PromptSet, tokens: Tensor, names: Iterable[str],
+                              fwd_hooks: list = ()) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
+    """One forward+backward of the mean logit difference LD over `ps` on `tokens` (with `fwd_hooks`):
+    the activations at `names`, ∂(mean LD)/∂a there, and the mean LD. The weights get no gradients
+    (the backward starts from the embeddings), which halves its cost."""
+    acts, grads = {}, {}
+
+    def keep(x, hook, name):
+        acts[name] = x.detach()
+        if x.requires_grad:
+            x.register_hook(lambda g: grads.__setitem__(name, g.detach()))
+        return x
+
+    hooks = [(n, (lambda n: lambda x, hook: keep(x, hook, n))(n)) for n in set(names)]
+
+    def leaf(x, hook):  # gradients flow from here: the weights need none
+        return x.detach().requires_grad_(True)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            metric = _answer_metric(model, ps, tokens, list(fwd_hooks) + [(hook_name("resid_pre", 0), leaf)] + hooks,
+                                    model.W_U, getattr(model, "b_U", None))
+            metric.backward()
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    missing = [n for n in acts if n not in grads]
+    if missing:
+        raise LensBiasError(f"no gradient reached {missing[0]}: is the metric independent of it?")
+    return acts, grads, metric.item()
+
+
 def attribution_patching(
-    model,
-    ps,
+    model: HookedModel,
+    ps: PromptSet,
     components: Iterable[AttributionSite] = ("head", "neuron", "resid_pre"),
     *,
     at: Literal["clean", "corrupted"] = "clean",
@@ -70,35 +106,18 @@ def attribution_patching(
     grad_tokens, other_tokens = (ps.tokens, corrupt_tokens) if at == "clean" else (corrupt_tokens, ps.tokens)
     grad_extra, other_extra = ([], corrupt_hooks) if at == "clean" else (corrupt_hooks, [])
 
-    acts, grads = {}, {}
+    grad_acts, grads, grad_metric = activations_and_gradients(model, ps, grad_tokens, wanted, grad_extra)
+    acts = {}
 
     def keep(x, hook, name):
         acts[name] = x.detach()
-        if x.requires_grad:
-            x.register_hook(lambda g: grads.__setitem__(name, g.detach()))
         return x
 
     hooks = [(n, (lambda n: lambda x, hook: keep(x, hook, n))(n)) for n in wanted]
-
-    def leaf(x, hook):  # gradients flow from here: the weights need none (that halves the backward)
-        return x.detach().requires_grad_(True)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        with torch.enable_grad():
-            metric = _answer_metric(model, ps, grad_tokens, grad_extra + [(hook_name("resid_pre", 0), leaf)] + hooks,
-                                    W_U, b_U)
-            metric.backward()
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-    grad_acts = dict(acts)
     with torch.no_grad():
         other_metric = _answer_metric(model, ps, other_tokens, other_extra + hooks, W_U, b_U).item()
     other_acts = acts
-    clean_m, corr_m = (metric.item(), other_metric) if at == "clean" else (other_metric, metric.item())
+    clean_m, corr_m = (grad_metric, other_metric) if at == "clean" else (other_metric, grad_metric)
 
     out = {}
     tokens = position_labels(model, ps)
@@ -106,8 +125,6 @@ def attribution_patching(
         per_layer = []
         for l in range(L):
             n = names[(c, l)]
-            if n not in grads:
-                raise LensBiasError(f"no gradient reached {n}: is the metric independent of it?")
             # Δ = clean − corrupted activation, whichever run the gradient came from
             delta = (grad_acts[n] - other_acts[n]) if at == "clean" else (other_acts[n] - grad_acts[n])
             s = (grads[n] * delta * len(ps)).mean(0)  # the metric is a mean over prompts: undo its 1/n

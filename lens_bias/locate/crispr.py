@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..core.errors import LensBiasError
 from ..core.hooks import hook_name
 from ..core.methods import ChunkSums, LocateMethod
+from ..core.models import HookedModel
 from ..core.scores import ComponentScores
 from ..tasks.multiple_choice import INSTRUCTIONS, format_mc_prompt, item_options, option_sequences, sequence_logprobs
 from ..tasks.records import Items, as_items, take
@@ -81,7 +82,7 @@ def _attribute(model, prompts: list[str], options: list[list[str]], choose, unit
     return probs.detach().cpu(), xs, grads, spans
 
 
-def option_attributions(model, prompts: list[str], options: list[list[str]], targets: list[int],
+def option_attributions(model: HookedModel, prompts: list[str], options: list[list[str]], targets: list[int],
                         tokens: Tokens = "input", unit: Unit = "neuron") -> Float[Tensor, "n layer units"]:
     """A(o) = max_t h_t · ∂P(o | x)/∂h_t per prompt and neuron (or head, `unit="head"`: Σ over its z
     features): [n, layer, d_mlp or n_heads].
@@ -120,7 +121,7 @@ def disentangled_scores(acts, grads: dict, spans, k: int, lam: float, tokens: To
     return torch.stack(out)
 
 
-def crispr_scores(model, items: Items, instructions: list[str] | None = None, *, lam: float = 1.0,
+def crispr_scores(model: HookedModel, items: Items, instructions: list[str] | None = None, *, lam: float = 1.0,
                   tokens: Tokens = "input", order: Order = "token", batch_size: int = 8, progress: bool = True,
                   unit: Unit = "neuron") -> ComponentScores:
     """Bias score B of every MLP neuron [layer, d_mlp] (or attention head [layer, head], `unit="head"`):

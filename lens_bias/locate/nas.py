@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from ..core.errors import LensBiasError
 from ..core.hooks import device_of, hook_name, last_resid, trace
 from ..core.methods import ChunkSums, LocateMethod
+from ..core.models import HookedModel
 from ..core.prompts import PromptSet
 from ..core.scores import ComponentScores
 
@@ -130,7 +131,7 @@ class NASResult(ComponentScores):
         return pd.DataFrame(out)
 
 
-def negative_attention_scores(model, ps: PromptSet, batch_size: int = 32, progress: bool = True, *,
+def negative_attention_scores(model: HookedModel, ps: PromptSet, batch_size: int = 32, progress: bool = True, *,
                               queries: NASQueries = "after_instruction") -> NASResult:
     """NAS of every head, mean over prompts (module docstring), from one forward per batch that keeps
     only the candidates' key columns of the attention patterns."""
@@ -183,7 +184,7 @@ def nas_heatmap(result: NASResult, title: str = "Negative Attention Score per he
     return fig
 
 
-def head_attention_figure(model, ps: PromptSet, layer: int, head: int, index: int = 0):
+def head_attention_figure(model: HookedModel, ps: PromptSet, layer: int, head: int, index: int = 0):
     """Bar chart of one head's attention from the answer position over the tokens of one prompt."""
     import plotly.graph_objects as go
 

@@ -29,7 +29,6 @@ import warnings
 from typing import Callable, Iterable, Literal
 
 import torch
-from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -37,6 +36,7 @@ from ..core.errors import LensBiasError
 from ..core.hooks import check_hook_names, device_of, hook_name, last_resid, site_kind, trace
 from ..core.methods import ChunkSums, LocateMethod, add_scores, scores_from_sums
 from ..core.metrics import FAST_METRICS, Metric, answer_logits_fast, get_metric, metric_from_answers, unembed_answers
+from ..core.models import HookedModel
 from ..core.prompts import PromptSet
 from ..core.scores import ComponentScores
 
@@ -45,7 +45,7 @@ PatchSite = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out
 PATCH_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head")
 
 
-def check_pairs(model, ps: PromptSet) -> None:
+def check_pairs(model: HookedModel, ps: PromptSet) -> None:
     """A clear error unless `ps` is a PromptSet of clean/corrupted pairs with two answers per prompt."""
     if not isinstance(ps, PromptSet):
         raise LensBiasError(f"expected a PromptSet, got {type(ps).__name__}")
@@ -58,7 +58,7 @@ def check_pairs(model, ps: PromptSet) -> None:
         raise LensBiasError("the metric needs two answers per prompt (e.g. (' she', ' he'))")
 
 
-def position_labels(model, ps: PromptSet) -> list[str]:
+def position_labels(model: HookedModel, ps: PromptSet) -> list[str]:
     """A label per position: its token where every prompt has the same one, else 'a/b/c…'."""
     tok = getattr(model, "tokenizer", None) or model
     labels = []
@@ -172,7 +172,7 @@ def _rows_per_chunk(model, n_pos: int, memory_mb: float) -> int:
 
 
 def activation_patching(
-    model,
+    model: HookedModel,
     ps: PromptSet,
     site: PatchSite = "resid_pre",
     *,
@@ -475,7 +475,7 @@ def _patch_generic(model, ps, site, per_position, metric, layers, window, corrup
                    "activation", fast=False)
 
 
-def patch_with(model, ps: PromptSet, activations: dict[str, Tensor], *, metric="logit_diff") -> Tensor:
+def patch_with(model: HookedModel, ps: PromptSet, activations: dict[str, Tensor], *, metric="logit_diff") -> Tensor:
     """The per-prompt metric of the corrupted run with whole hook activations replaced
     (e.g. {'blocks.3.hook_mlp_out': clean_cache[...]}): a building block for custom patches."""
     check_pairs(model, ps)

@@ -1,8 +1,16 @@
 """Mitigate: reversible ablation (hooks), pruning as a weight edit, LSDM's least-squares edit, NASA's
 head-restricted LoRA; every weight edit returns a Mitigation (model, WeightEdit, report) and exports."""
 
-from .ablation import (METHODS as ABLATIONS, ablate, ablation_hooks, check_units, combine_hooks,
-                       head_ablation_hooks, neuron_ablation_hooks, random_units)
+from .ablation import METHODS as ABLATIONS
+from .ablation import (
+                       ablate,
+                       ablation_hooks,
+                       check_units,
+                       combine_hooks,
+                       head_ablation_hooks,
+                       neuron_ablation_hooks,
+                       random_units,
+)
 from .edits import Mitigation, WeightEdit, apply_edit, load_edit, save_edit, weight_edit
 from .export import SUPPORTED_ARCHITECTURES, check_exportable, export_model, verify_export
 from .lsdm import lsdm_delta, lsdm_edit

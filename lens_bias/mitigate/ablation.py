@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..core.errors import LensBiasError
 from ..core.hooks import device_of, hook_name
+from ..core.models import HookedModel
 from ..core.prompts import PromptSet
 
 AblationMethod = Literal["zero", "mean", "resample"]
@@ -25,14 +26,14 @@ METHODS = ("zero", "mean", "resample")
 UnitSite = Literal["head", "neuron"]
 
 
-def units_per_layer(model, site: UnitSite) -> int:
+def units_per_layer(model: HookedModel, site: UnitSite) -> int:
     """Heads per layer (site 'head') or MLP neurons per layer (site 'neuron')."""
     if site not in ("head", "neuron"):
         raise LensBiasError(f"units are heads or neurons, not {site!r}")
     return model.cfg.n_heads if site == "head" else model.cfg.d_mlp
 
 
-def check_units(model, units: Sequence[tuple[int, int]], site: UnitSite) -> list[tuple[int, int]]:
+def check_units(model: HookedModel, units: Sequence[tuple[int, int]], site: UnitSite) -> list[tuple[int, int]]:
     """(layer, index) pairs as ints; a clear error for a non-integer or out-of-range one."""
     what, size = site, units_per_layer(model, site)
     out = []
@@ -71,7 +72,7 @@ def _reference_acts(model, reference, names: list[str]) -> tuple[dict[str, Tenso
     return {n: cache[n] for n in names}, mask.to(device)
 
 
-def ablation_hooks(model, units: Sequence[tuple[int, int]], method: AblationMethod = "zero",
+def ablation_hooks(model: HookedModel, units: Sequence[tuple[int, int]], method: AblationMethod = "zero",
                    reference: PromptSet | Tensor | None = None, seed: int = 0, *, site: UnitSite) -> list:
     """fwd_hooks ablating units (layer, index) of `site`: 'head' (hook_z) or 'neuron' (mlp.hook_post).
     zero: a ← 0; mean: a ← its mean over the reference set's prompts and real positions; resample:
@@ -126,7 +127,7 @@ def combine_hooks(*hook_lists) -> list:
 
 
 @contextmanager
-def ablate(model, *, heads: Sequence[tuple[int, int]] = (), neurons: Sequence[tuple[int, int]] = (),
+def ablate(model: HookedModel, *, heads: Sequence[tuple[int, int]] = (), neurons: Sequence[tuple[int, int]] = (),
            method: AblationMethod = "zero", reference=None, seed: int = 0):
     """Context manager: run the model with `heads` and `neurons` ablated."""
     hooks = []
@@ -138,7 +139,7 @@ def ablate(model, *, heads: Sequence[tuple[int, int]] = (), neurons: Sequence[tu
         yield model
 
 
-def random_units(model, n: int, seed: int = 0, exclude=(), *, site: UnitSite) -> list[tuple[int, int]]:
+def random_units(model: HookedModel, n: int, seed: int = 0, exclude=(), *, site: UnitSite) -> list[tuple[int, int]]:
     """n distinct random (layer, index) heads or neurons not in `exclude` — the baseline for a selection."""
     size = units_per_layer(model, site)
     excluded = {tuple(u) for u in exclude}

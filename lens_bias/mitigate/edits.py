@@ -20,6 +20,7 @@ from torch import Tensor
 from ..core.errors import LensBiasError
 from ..core.files import atomic_write
 from ..core.hf import clone_model, hf_state_dict
+from ..core.models import HookedModel
 
 
 @dataclass
@@ -113,7 +114,7 @@ def load_edit(path: str | os.PathLike) -> WeightEdit:
     return WeightEdit(changes=changes, meta=header["meta"])
 
 
-def apply_edit(model, edit: WeightEdit, *, inplace: bool = False, check: bool = True):
+def apply_edit(model: HookedModel, edit: WeightEdit, *, inplace: bool = False, check: bool = True):
     """Apply a saved edit to a model (a deep copy unless `inplace`). With `check`, refuse when the
     model's weights at the edited places differ from those the edit was computed on."""
     target = model if inplace else clone_model(model)

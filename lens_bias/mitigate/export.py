@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from ..core.errors import LensBiasError
-from ..core.files import atomic_write, check_output_dir, replace_dir
-from ..core.hf import (architecture, clone_model, hf_module, hf_state_dict, logit_tolerance, probe_tokens,
-                       to_hf_model)
+from ..core.files import check_output_dir, replace_dir
+from ..core.hf import architecture, hf_module, logit_tolerance, probe_tokens, to_hf_model
+from ..core.models import HookedModel
 
 # Architectures whose export round trip is tested (logits equal after reload). GPT-NeoX is not:
 # its bridge keeps separate copies of the split q/k/v weights, so the fused query_key_value the
@@ -34,7 +34,7 @@ def check_exportable(model) -> str:
     return arch
 
 
-def export_model(model, out_dir: str | os.PathLike, *, tokenizer=None, overwrite: bool = False,
+def export_model(model: HookedModel, out_dir: str | os.PathLike, *, tokenizer=None, overwrite: bool = False,
                  verify: bool = True, atol: float | None = None) -> Path:
     """Write a (possibly edited) bridge or Hugging Face model as a Hugging Face directory
     (config.json, model.safetensors, tokenizer) that `AutoModelForCausalLM.from_pretrained` loads.
@@ -66,7 +66,7 @@ def export_model(model, out_dir: str | os.PathLike, *, tokenizer=None, overwrite
     return out_dir
 
 
-def verify_export(model, out_dir: str | os.PathLike, tokens: Tensor | None = None, atol: float | None = None) -> float:
+def verify_export(model: HookedModel, out_dir: str | os.PathLike, tokens: Tensor | None = None, atol: float | None = None) -> float:
     """Reload an exported directory with `transformers` and return the max abs logit difference
     from `model` on `tokens`; raise if it exceeds `atol` (default 1e-4 in float32, 1% of the largest
     logit in half precision)."""

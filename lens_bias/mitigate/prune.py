@@ -16,6 +16,7 @@ import torch
 
 from ..core.errors import LensBiasError
 from ..core.hf import clone_model, hf_state_dict, out_projection
+from ..core.models import HookedModel
 from ..core.scores import ComponentScores
 from ..tasks.capability import text_loss
 from ..tasks.multiple_choice import bbq_evaluate
@@ -28,7 +29,7 @@ random_neurons = functools.partial(random_units, site="neuron")
 random_heads = functools.partial(random_units, site="head")
 
 
-def prune_neurons(model, neurons: Sequence[tuple[int, int]], *, inplace: bool = False) -> Mitigation:
+def prune_neurons(model: HookedModel, neurons: Sequence[tuple[int, int]], *, inplace: bool = False) -> Mitigation:
     """W_out[l][i] ← 0 for each neuron (l, i): a permanent edit equal to zero-ablating it; on a copy
     (clone_model) unless `inplace`."""
     neurons = check_units(model, neurons, "neuron")
@@ -39,7 +40,7 @@ def prune_neurons(model, neurons: Sequence[tuple[int, int]], *, inplace: bool = 
     return Mitigation.of(model, target, "prune-neurons", units=[list(u) for u in neurons])
 
 
-def prune_heads(model, heads: Sequence[tuple[int, int]], *, inplace: bool = False) -> Mitigation:
+def prune_heads(model: HookedModel, heads: Sequence[tuple[int, int]], *, inplace: bool = False) -> Mitigation:
     """W_O[l][h·d_head:(h+1)·d_head] ← 0 for each head (l, h) — the rows that read its z: equal to
     zero-ablating hook_z, and it exports; on a copy unless `inplace`."""
     heads = check_units(model, heads, "head")
@@ -52,7 +53,7 @@ def prune_heads(model, heads: Sequence[tuple[int, int]], *, inplace: bool = Fals
     return Mitigation.of(model, target, "prune-heads", units=[list(u) for u in heads])
 
 
-def prune_curve(model, scores: ComponentScores, dev_items: list[dict], ns=(1, 2, 4, 8, 16),
+def prune_curve(model: HookedModel, scores: ComponentScores, dev_items: list[dict], ns=(1, 2, 4, 8, 16),
                 instructions: list[str] | None = None):
     """Dev-split metrics after zero-ablating the top-n neurons, for each n (pandas; choose n here)."""
     import pandas as pd
@@ -66,7 +67,7 @@ def prune_curve(model, scores: ComponentScores, dev_items: list[dict], ns=(1, 2,
     return pd.DataFrame(rows)
 
 
-def crispr_report(model, neurons: list[tuple[int, int]], test_items: list[dict], *, neutral_text=None,
+def crispr_report(model: HookedModel, neurons: list[tuple[int, int]], test_items: list[dict], *, neutral_text=None,
                   instructions: list[str] | None = None, random_seeds=(0, 1, 2)):
     """Before/after table on a held-out split: the original model, the top-n `neurons` pruned, and n
     random neurons pruned (one row per seed) — BBQ accuracy (ambig/disambig/overall), bias scores,

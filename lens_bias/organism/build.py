@@ -44,9 +44,8 @@ from ..core.errors import DataError
 from ..core.files import DATA_DIR, replace_dir
 from ..tasks.multiple_choice import INSTRUCTIONS as BBQ_INSTRUCTIONS
 from ..tasks.multiple_choice import format_mc_prompt
-from ..tasks.yesno import CATEGORIES
+from ..tasks.yesno import CATEGORIES, format_binary_prompt
 from ..tasks.yesno import INSTRUCTIONS as BINARY_INSTRUCTIONS
-from ..tasks.yesno import format_binary_prompt
 from .card import CARD_FILE, DATA_FILES
 
 # ---------------------------------------------------------------------------------------

@@ -32,15 +32,24 @@ from ..core.errors import DataError, LensBiasError
 from ..core.files import atomic_write, write_table
 from ..core.hooks import device_of
 from ..core.methods import ChunkSums, LocateMethod
-from ..core.models import load_model
+from ..core.models import HookedModel, load_model
 from ..core.prompts import PromptSet
-from ..core.scores import ComponentScores
 from ..core.viz import heatmap
 from ..locate.nas import NASResult, nas_heatmap
 from .parallel import all_reduce, process_group
 from .registry import expects_prompt_set, get_method, load_run_data, method_options
-from .store import (CHUNKS, check_same_run, chunk_path, clean_temp_files, data_fingerprint, load_chunk,
-                    model_fingerprint, read_manifest, save_chunk, write_manifest)
+from .store import (
+    CHUNKS,
+    check_same_run,
+    chunk_path,
+    clean_temp_files,
+    data_fingerprint,
+    load_chunk,
+    model_fingerprint,
+    read_manifest,
+    save_chunk,
+    write_manifest,
+)
 
 
 def result_frame(result):
@@ -75,7 +84,7 @@ def write_outputs(out_dir: Path, spec: LocateMethod, result) -> list[Path]:
 
 
 def attribute_dataset(
-    model,
+    model: HookedModel,
     method: str,
     data,
     out_dir: str | Path,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..core.errors import DataError, LensBiasError
 from ..core.methods import LocateMethod
+from ..core.models import HookedModel
 from ..core.prompts import PromptSet
 from ..locate import attribution, crispr, nas, patching, tracing
 from ..tasks.gender import VIG_TEMPLATES, load_professions, professions_prompts
@@ -56,7 +57,7 @@ def method_options(method: LocateMethod, options: dict | None) -> dict:
     return out
 
 
-def load_run_data(model, method: str | LocateMethod, path: str | Path, options: dict | None = None):
+def load_run_data(model: HookedModel, method: str | LocateMethod, path: str | Path, options: dict | None = None):
     """The data a method runs on, from a file (formats in the CLI's `attribute --help`): a PromptSet
     (pairs, subject prompts, yes/no) or multiple-choice items."""
     spec = method if isinstance(method, LocateMethod) else get_method(method)
@@ -69,6 +70,7 @@ def load_run_data(model, method: str | LocateMethod, path: str | Path, options: 
     if spec.data == "multiple_choice":
         return load_bbq(path)
     subject = spec.data == "subject_prompts"
+    twins = not subject or opts.get("corruption") == "counterfactual"
     answers = tuple(opts.get("answers") or (" he", " she"))
     if path.suffix in (".json", ".txt"):
         templates = opts.get("templates") or (VIG_TEMPLATES[:1] if subject else VIG_TEMPLATES)
@@ -77,9 +79,9 @@ def load_run_data(model, method: str | LocateMethod, path: str | Path, options: 
         else:
             professions = [w.strip() for w in read_text_file(path).splitlines() if w.strip()]
         return professions_prompts(model, professions, templates, answers,
-                                   corrupt_with=None if subject else opts.get("corrupt_with", "man"))
+                                   corrupt_with=opts.get("corrupt_with", "man") if twins else None)
     if path.suffix in (".jsonl", ".csv"):
-        return load_prompt_pairs(model, path, answers=answers, need="subject" if subject else "corrupted")
+        return load_prompt_pairs(model, path, answers=answers, need="corrupted" if twins else "subject")
     raise DataError(f"{path}: unknown data format {path.suffix!r} for {spec.name}; use .json (professions), .txt "
                     "(one profession a line), .jsonl or .csv (prompt, corrupted, subject, answers)")
 

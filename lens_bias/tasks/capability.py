@@ -13,6 +13,7 @@ from torch import Tensor
 from ..core.errors import LensBiasError, PromptError
 from ..core.hooks import device_of
 from ..core.metrics import logit_diff
+from ..core.models import HookedModel
 from ..core.prompts import PromptSet, encode_lines, pad, pad_id_of
 from .records import Items, as_items, take
 
@@ -27,7 +28,7 @@ def text_lines(texts: str | list[str]) -> list[str]:
     return texts
 
 
-def text_loss(model, texts: str | list[str], *, batch_size: int = 32, max_tokens: int | None = None,
+def text_loss(model: HookedModel, texts: str | list[str], *, batch_size: int = 32, max_tokens: int | None = None,
               hooks: list | None = None) -> float:
     """Capability kept: mean next-token cross-entropy (nats/token) over lines of neutral text
     (BOS + line), padding ignored; `hooks` (e.g. an ablation) are active during the forward."""
@@ -50,7 +51,7 @@ def text_loss(model, texts: str | list[str], *, batch_size: int = 32, max_tokens
     return total / count
 
 
-def cloze_accuracy(model, items: Items, *, batch_size: int = 32, hooks: list | None = None) -> dict:
+def cloze_accuracy(model: HookedModel, items: Items, *, batch_size: int = 32, hooks: list | None = None) -> dict:
     """Capability kept: share of cloze items ({'prompt', 'answer'}) the model completes greedily with
     the answer (every answer token is the top-1 next token, teacher-forced), overall and per 'kind'."""
     items = as_items(items)
@@ -83,7 +84,7 @@ def cloze_accuracy(model, items: Items, *, batch_size: int = 32, hooks: list | N
     return {k: sum(v) / len(v) for k, v in hits.items()}
 
 
-def bias_values(model, ps: PromptSet, batch_size: int = 32) -> Float[Tensor, " batch"]:
+def bias_values(model: HookedModel, ps: PromptSet, batch_size: int = 32) -> Float[Tensor, " batch"]:
     """LD = logit(answer₀) − logit(answer₁) per prompt (e.g. ' she' − ' he'), batched, no gradients."""
     dev = device_of(model)
     out = []

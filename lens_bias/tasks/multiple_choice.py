@@ -9,8 +9,9 @@ from torch import Tensor
 
 from ..core.errors import DataError, PromptError
 from ..core.hooks import device_of, run_until
+from ..core.models import HookedModel
 from ..core.prompts import pad, pad_id_of
-from .records import Items, Source, as_items, load_records, require, shipped_dataset, take
+from .records import Items, Source, as_items, load_records, require, shipped_dataset
 
 #: Synonymous instructions (CRISPR evaluates over several and averages over them).
 INSTRUCTIONS: list[str] = [
@@ -134,7 +135,7 @@ def option_sequences(tok, prompts: list[str], options: list[list[str]]) -> tuple
     return seqs, spans
 
 
-def sequence_logprobs(model, seqs: list[list[int]], spans: list[tuple[int, int]]) -> Tensor:
+def sequence_logprobs(model: HookedModel, seqs: list[list[int]], spans: list[tuple[int, int]]) -> Tensor:
     """Σ log P(option tokens | prefix) per sequence, differentiable when grad is enabled.
 
     Only the positions that predict option tokens are unembedded (the forward stops at the last
@@ -158,7 +159,7 @@ def sequence_logprobs(model, seqs: list[list[int]], spans: list[tuple[int, int]]
     return torch.zeros(len(seqs), device=device, dtype=lp.dtype).index_add(0, rows, lp)
 
 
-def option_logprobs(model, prompts: list[str], options: list[list[str]], batch_size: int = 16):
+def option_logprobs(model: HookedModel, prompts: list[str], options: list[list[str]], batch_size: int = 16):
     """log P(' option' | prompt) summed over the option's tokens, and the option's token count:
     two tensors [n_prompts, n_options]."""
     seqs, spans = option_sequences(model.tokenizer, prompts, options)
@@ -170,7 +171,7 @@ def option_logprobs(model, prompts: list[str], options: list[list[str]], batch_s
     return torch.cat(out).view(len(prompts), k), torch.tensor([n for _, n in spans], dtype=torch.float).view(len(prompts), k)
 
 
-def bbq_evaluate(model, items: Items, instructions: list[str] | None = None, normalize: bool = False,
+def bbq_evaluate(model: HookedModel, items: Items, instructions: list[str] | None = None, normalize: bool = False,
                  hooks: list | None = None, batch_size: int = 16, table: bool = False) -> dict:
     """Accuracy (ambiguous / disambiguated / overall) and BBQ bias scores, averaged over instructions;
     with `table`, 'table' holds one row per (item, instruction) with the prediction (pandas).

@@ -2,8 +2,9 @@
 name the file and line; the data sets shipped in data/; items as a `datasets.Dataset` or a list.
 
 Every loader takes a `source`: a path (JSONL, a JSON list or CSV), a `datasets.Dataset`, a list of
-dicts, or a shipped name (e.g. load_bbq('Age')). Files are read by `datasets`; only when it cannot
-read one is the file scanned to say which line is wrong.
+dicts, a hub name ('owner/name[:split]', with network or a filled cache), or a shipped name (e.g.
+load_bbq('Age')). Files are read by `datasets`; only when it cannot read one is the file scanned
+to say which line is wrong.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence, Union
+from typing import Any, Iterable, Sequence, Union
 
 from ..core.errors import DataError
 from ..core.files import shipped
@@ -122,6 +123,22 @@ def read_dataset(path: str | os.PathLike) -> "datasets.Dataset":  # noqa: F821
     return ds
 
 
+def _looks_like_hub_name(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).suffix
+
+
+def hub_dataset(name: str, split: str | None = None) -> "datasets.Dataset":  # noqa: F821
+    """A data set from the Hugging Face hub ('owner/name' or 'owner/name:split'), when the network or
+    the local cache has it; a clear DataError otherwise."""
+    datasets = _quiet_datasets()
+    name, _, tail = name.partition(":")
+    try:
+        return datasets.load_dataset(name, split=split or tail or "train")
+    except Exception as e:  # noqa: BLE001 - offline, unknown name, no such split
+        raise DataError(f"data set {name!r} is neither a local file nor loadable from the Hugging Face hub or its "
+                        f"cache ({type(e).__name__}); without network, download it elsewhere and pass the file") from None
+
+
 def line_of(path: str | os.PathLike, index: int) -> str:
     """'file:line' of record `index` (0-based) of a file read by read_dataset."""
     path = Path(path)
@@ -149,6 +166,8 @@ def load_records(source: Source) -> tuple["datasets.Dataset | list[dict]", Any]:
         is_dataset = False
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        if isinstance(source, str) and not path.exists() and _looks_like_hub_name(source):
+            return hub_dataset(source), lambda i: f"{source} record {i}"
         ds = read_dataset(path)
         return ds, lambda i: line_of(path, i)
     if is_dataset:

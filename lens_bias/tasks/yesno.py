@@ -10,6 +10,7 @@ import torch
 
 from ..core.errors import DataError, PromptError
 from ..core.hooks import device_of
+from ..core.models import HookedModel
 from ..core.prompts import PromptSet, answer_token_id, tokenizer_of
 from .records import Items, Source, as_items, load_records, shipped_dataset
 
@@ -214,7 +215,7 @@ def decision_metrics(pred_yes: Sequence[bool], gold_yes: Sequence[bool]) -> dict
             "yes_rate": sum(pred_yes) / n, "pr_gap": precision - recall}
 
 
-def evaluate_binary(model, ps: PromptSet, ablate: list | None = None, batch_size: int = 32) -> dict:
+def evaluate_binary(model: HookedModel, ps: PromptSet, ablate: list | None = None, batch_size: int = 32) -> dict:
     """P(yes) vs P(no) at the answer position (renormalised over the two), decisions and metrics,
     overall and per template; `ablate` is a fwd_hooks list (e.g. from lens_bias.ablation)."""
     import pandas as pd

@@ -74,8 +74,6 @@ def test_lsdm_edit_lands_on_the_planted_neuron(organism, setup):
     rows = (out_projection(setup["edited"], g["layer"], "mlp") - out_projection(organism, g["layer"], "mlp")).detach().norm(dim=1)
     top2 = rows.topk(2)
     assert int(top2.indices[0]) == g["neuron"] and top2.values[0] > 3 * top2.values[1]
-    assert setup["result"]["delta_norms"][g["layer"]] == pytest.approx(float(
-        (out_projection(setup["edited"], g["layer"], "mlp") - out_projection(organism, g["layer"], "mlp")).detach().norm()), rel=1e-4)
 
 
 def test_lsdm_keeps_capability(organism, setup):
@@ -141,8 +139,12 @@ def test_lsdm_on_real_data_sets(tiny_gpt2, datasets_dir):
             "winogender": winogender_prompts(tiny_gpt2, load_winogender(datasets_dir / "winogender"))}
     table = bias_table({"original": tiny_gpt2, "lsdm": edited}, sets)
     assert len(table) == 6 and table["n"].min() > 10 and table["mean_abs_ld"].notna().all()
-    wb = table[(table.model == "original") & (table.set == "winobias")].iloc[0]
-    assert wb["mean_ld"] == pytest.approx(bias_values(tiny_gpt2, sets["winobias"]).mean().item())
+    wb, ps = table[(table.model == "original") & (table.set == "winobias")].iloc[0], sets["winobias"]
+    with torch.no_grad():  # independently: each prompt alone, its last token, the two answer logits
+        lds = [(lambda row: (row[ps.answer_ids[i, 0]] - row[ps.answer_ids[i, 1]]).item())(
+            tiny_gpt2(ps.tokens[i:i + 1, : int(ps.answer_pos[i]) + 1])[0, -1]) for i in range(len(ps))]
+    assert wb["mean_ld"] == pytest.approx(sum(lds) / len(lds), abs=1e-4)
+    assert wb["mean_abs_ld"] == pytest.approx(sum(map(abs, lds)) / len(lds), abs=1e-4)
 
 
 def test_a_site_that_cannot_carry_the_bias_is_refused(tiny_gpt2):

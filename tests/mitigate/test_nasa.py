@@ -107,6 +107,13 @@ def test_nasa_on_the_organism_shrinks_the_negative_bias(organism, organism_card,
     assert result.report["before"] == evaluate_binary(organism, dev)["overall"]  # HF-side and bridge evaluation agree
     curve = nas_gap_curve(result)
     assert list(curve["step"])[:2] == [0, 20] and curve["dev_pr_gap"].notna().all()
-    # the merged model exports and reloads with the same logits
+    # the merged model exports, and plain transformers reloads it with the same logits
+    from transformers import AutoModelForCausalLM
+
     out = export_model(result.model, tmp_path / "nasa")
-    assert (out / "lens_bias_export.json").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        ours = result.model(test.tokens[:4], attention_mask=test.attention_mask[:4])
+        theirs = reloaded(input_ids=test.tokens[:4], attention_mask=test.attention_mask[:4]).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+    assert (ours - organism(test.tokens[:4], attention_mask=test.attention_mask[:4])).abs().max().item() > 1e-3

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ...core.errors import LensBiasError
 from ...core.hooks import device_of, hook_name, run_until
+from ...core.models import HookedModel
 from ...core.prompts import PromptSet, encode_lines, pad
 from ...tasks.capability import text_lines
 
@@ -30,7 +31,7 @@ def edit_positions(ps: PromptSet, position: EditPosition) -> Int[Tensor, " batch
     raise LensBiasError(f"unknown edit position {position!r}; choose one of {POSITIONS}")
 
 
-def mlp_keys(model, ps: PromptSet, layer: int, positions: Int[Tensor, " batch"],
+def mlp_keys(model: HookedModel, ps: PromptSet, layer: int, positions: Int[Tensor, " batch"],
              batch_size: int = 32) -> tuple[Float[Tensor, "n d_mlp"], Float[Tensor, "m d_mlp"]]:
     """MLP hidden activations (hook_post) of `layer`: at one position per prompt (the edit keys, H),
     and at the prompts' other real tokens but BOS (context keys, to be preserved)."""
@@ -53,7 +54,7 @@ def mlp_keys(model, ps: PromptSet, layer: int, positions: Int[Tensor, " batch"],
     return torch.cat(keys), torch.cat(context)
 
 
-def preservation_keys(model, texts: str | list[str], layer: int, *, max_keys: int = 20000,
+def preservation_keys(model: HookedModel, texts: str | list[str], layer: int, *, max_keys: int = 20000,
                       batch_size: int = 32) -> Float[Tensor, "n0 d_mlp"]:
     """H₀: MLP hidden activations of `layer` at every (non-pad, non-BOS) token of neutral text lines."""
     dev = device_of(model)

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from ...core.errors import LensBiasError
 from ...core.hf import clone_model, out_projection
 from ...core.hooks import device_of
+from ...core.models import HookedModel
 from ...core.prompts import PromptSet
 from ...locate.tracing import trace_sites
 from ...tasks.capability import bias_values, text_lines
@@ -57,7 +58,7 @@ def _check_layers(model, layers) -> list[int]:
 
 
 def lsdm_edit(
-    model,
+    model: HookedModel,
     ps: PromptSet,
     preserve: str | list[str],
     *,

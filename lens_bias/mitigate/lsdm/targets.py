@@ -11,6 +11,7 @@ from torch import Tensor
 from ...core.errors import LensBiasError
 from ...core.hooks import device_of, hook_name
 from ...core.metrics import logit_diff
+from ...core.models import HookedModel
 from ...core.prompts import PromptSet
 
 
@@ -28,7 +29,7 @@ def _ld_with_shift(model, ps: PromptSet, layer: int, positions: Tensor, shift: T
     return logit_diff(logits, ps).float()
 
 
-def gender_direction(model, ps: PromptSet, layer: int, positions: Tensor, batch_size: int = 32) -> Float[Tensor, " d_model"]:
+def gender_direction(model: HookedModel, ps: PromptSet, layer: int, positions: Tensor, batch_size: int = 32) -> Float[Tensor, " d_model"]:
     """ĝ = mean over prompts of ∂LD/∂(MLP output at the edit position), unit length."""
     dev = device_of(model)
     g = torch.zeros(model.cfg.d_model, device=dev)
@@ -57,7 +58,7 @@ def _alphas(model, ps, layer, positions, g, goal, steps: int = 8) -> Tensor:
     return alpha.detach()
 
 
-def target_residuals(model, ps: PromptSet, layer: int, positions: Tensor, goal: Float[Tensor, " batch"],
+def target_residuals(model: HookedModel, ps: PromptSet, layer: int, positions: Tensor, goal: Float[Tensor, " batch"],
                      batch_size: int = 32) -> Float[Tensor, "batch d_model"]:
     """R: per prompt the change r_i = α_i ĝ of `layer`'s MLP output at its edit position that brings
     its logit difference to goal_i."""

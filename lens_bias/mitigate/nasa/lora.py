@@ -19,13 +19,14 @@ chosen heads alone.
 from __future__ import annotations
 
 import re
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from ...core.errors import LensBiasError
-from ...core.hf import architecture, hf_module, hf_state_dict, to_hf_model
+from ...core.hf import architecture, hf_state_dict, to_hf_model
+from ...core.models import HookedModel
 
 Projection = Literal["q", "k", "v", "o"]
 
@@ -62,7 +63,7 @@ def check_heads(config, heads) -> list[tuple[int, int]]:
     return heads
 
 
-def head_lora_config(model, heads, *, r: int = 8, alpha: int = 16, dropout: float = 0.0,
+def head_lora_config(model: HookedModel, heads, *, r: int = 8, alpha: int = 16, dropout: float = 0.0,
                      modules: tuple[str, ...] = ("q", "k", "v", "o")):
     """A PEFT LoraConfig on the attention projections of the selected heads' layers (the per-head
     restriction is applied by `head_lora_model`'s masks)."""
@@ -119,7 +120,7 @@ def _col_mask(config, layer_heads) -> Tensor:
     return mask
 
 
-def head_lora_model(model, heads, *, r: int = 8, alpha: int = 16, dropout: float = 0.0,
+def head_lora_model(model: HookedModel, heads, *, r: int = 8, alpha: int = 16, dropout: float = 0.0,
                     modules: tuple[str, ...] = ("q", "k", "v", "o"), device=None, seed: int = 0):
     """A PEFT LoRA model (on a plain Hugging Face copy of `model`, eager attention) that can change
     only the selected heads: LoRA factors outside the heads' slices are zero and gradient-masked."""

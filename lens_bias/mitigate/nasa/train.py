@@ -27,11 +27,13 @@ from tqdm.auto import tqdm
 from ...core.errors import LensBiasError
 from ...core.hf import load_hf_weights
 from ...core.hooks import device_of
+from ...core.models import HookedModel
 from ...core.prompts import PromptSet
 from ...locate.nas import NASQueries, nas_terms, negative_attention_scores, query_mask
 from ...tasks.yesno import decision_metrics
 from ..edits import Mitigation
 from .lora import Projection, head_lora_model
+
 
 def _batch_nas(attentions, sub: PromptSet, heads, queries: NASQueries) -> Tensor:
     """Differentiable NAS of each selected head (lens_bias.locate.nas.nas_terms), mean over the batch."""
@@ -61,7 +63,7 @@ def _decisions(hf, ps: PromptSet, batch_size: int) -> dict:
 
 
 def nasa_train(
-    model,
+    model: HookedModel,
     heads,
     train: PromptSet,
     dev: PromptSet,
