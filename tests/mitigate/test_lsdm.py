@@ -16,9 +16,12 @@ from lens_bias.organism import data_path
 from lens_bias.core import PromptSet
 
 
-def _prompts(model, occupations, templates):
+def _prompts(model, occupations, templates, twins=None):
+    """she/he prompts; with `twins` (neutral occupations) their counterfactual twins too."""
+    corrupted = None if twins is None else [t.format(twins[i % len(twins)]) for i in range(len(occupations))
+                                            for t in templates]
     return PromptSet.build(model, [t.format(o) for o in occupations for t in templates], (" she", " he"),
-                           subjects=[o for o in occupations for _ in templates])
+                           subjects=[o for o in occupations for _ in templates], corrupted=corrupted)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +54,7 @@ def test_lsdm_delta_solves_the_normal_equations():
 
 def test_tracing_finds_the_planted_site(organism, setup):
     g = setup["g"]
-    sites = trace_sites(organism, _prompts(organism, setup["F"][:5], setup["T"][:2]))
+    sites = trace_sites(organism, _prompts(organism, setup["F"][:5], setup["T"][:2], twins=setup["N"]))
     top = sites.iloc[0]
     assert (int(top["layer"]), top["position"]) == (g["layer"], "last")
 
