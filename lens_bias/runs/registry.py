@@ -13,7 +13,7 @@ from ..core.errors import DataError, LensBiasError
 from ..core.methods import LocateMethod
 from ..core.models import HookedModel
 from ..core.prompts import PromptSet
-from ..locate import attribution, crispr, nas, patching, tracing
+from ..locate import attribution, baselines, crispr, nas, patching, tracing
 from ..tasks.gender import VIG_TEMPLATES, load_professions, professions_prompts
 from ..tasks.multiple_choice import load_bbq
 from ..tasks.pairs import load_prompt_pairs
@@ -27,6 +27,7 @@ REGISTRY: dict[str, LocateMethod] = {m.name: m for m in (
     tracing.RUN,
     nas.RUN,
     crispr.RUN,
+    baselines.RUN,
 )}
 
 
