@@ -1,0 +1,158 @@
+"""Mutation check: plant plausible bugs in the methods, one at a time, and show the test suite catches each.
+
+    python benchmarks/mutation_check.py [--only NAME ...] [--list] [--keep]
+
+Each mutation replaces one snippet of one source file (a sign, a position, a skipped step) in a
+temporary copy of the repository and runs the tests that guard it; it is *caught* when they fail.
+A mutation whose snippet is no longer in the source is reported as STALE (the check must be updated
+with the code), and counts as a failure of this script. Exit code 0 only when every mutation is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    why: str
+
+
+MUTATIONS = [
+    Mutation("attribution: gradient × activation (no corrupted baseline)", "lens_bias/locate/attribution.py",
+             'delta = (grad_acts[n] - other_acts[n]) if at == "clean" else (other_acts[n] - grad_acts[n])',
+             'delta = grad_acts[n]', ("tests/locate/test_attribution.py",),
+             "the estimate must be ∂m/∂a · (a_clean − a_corr), not ∂m/∂a · a"),
+    Mutation("attribution: corrupted − clean (sign)", "lens_bias/locate/attribution.py",
+             'delta = (grad_acts[n] - other_acts[n]) if at == "clean" else (other_acts[n] - grad_acts[n])',
+             'delta = (other_acts[n] - grad_acts[n]) if at == "clean" else (grad_acts[n] - other_acts[n])',
+             ("tests/locate/test_attribution.py",), "a flipped sign ranks the protective components first"),
+    Mutation("NAS: raw attention to ' No'", "lens_bias/locate/nas.py",
+             "per_prompt.append(torch.stack([nas_terms(*got[l], mask) for l in range(L)], 1).cpu())",
+             "per_prompt.append(torch.stack([(got[l][0] * mask).sum(-1) for l in range(L)], 1).cpu())",
+             ("tests/locate/test_nas.py",), "NAS weighs the candidates' attention by its log ratio"),
+    Mutation("NAS: query positions one token early", "lens_bias/locate/nas.py",
+             "return (pos >= first) & (pos <= last)", "return (pos >= first - 1) & (pos <= last - 1)",
+             ("tests/locate/test_nas.py",), "the sum runs from L_I to L_P"),
+    Mutation("NAS: answer position read at q − 1", "lens_bias/locate/nas.py",
+             "return pos == last", "return pos == last - 1", ("tests/locate/test_nas.py",),
+             "queries='answer' reads the position that predicts the answer"),
+    Mutation("NAS: log(Yes/No) instead of log(No/Yes)", "lens_bias/locate/nas.py",
+             "(torch.log(att_neg + EPS) - torch.log(att_pos + EPS))", "(torch.log(att_pos + EPS) - torch.log(att_neg + EPS))",
+             ("tests/locate/test_nas.py",), "a positive NAS means more attention to ' No'"),
+    Mutation("CRISPR: ŷ may be the gold answer", "lens_bias/locate/crispr.py",
+             "wrong[torch.arange(len(chunk)), gold] = -1", "pass", ("tests/locate/test_crispr.py",),
+             "ŷ = argmax over o ≠ y"),
+    Mutation("CRISPR: no skill disentanglement", "lens_bias/locate/crispr.py",
+             "b = (a_hat - lam * a_gold.clamp(min=0)).amax(0)", "b = a_hat.amax(0)", ("tests/locate/test_crispr.py",),
+             "B = A(ŷ) − λ·relu(A(y))"),
+    Mutation("CRISPR: disentangle after the max over tokens by default", "lens_bias/locate/crispr.py",
+             'if order == "token":', 'if order != "token":', ("tests/locate/test_crispr.py",),
+             "the paper disentangles token by token, then takes the max"),
+    Mutation("CRISPR: no confusion weighting", "lens_bias/locate/crispr.py",
+             "total += (conf[:, None, None] * b).sum(0)", "total += b.sum(0)", ("tests/locate/test_crispr.py",),
+             "instances are weighted by their confusion score c = P(ŷ)"),
+    Mutation("tracing: noise one token off the subject", "lens_bias/locate/tracing.py",
+             "out[i, a:b] = torch.randn(b - a, d, generator=gen) * scale",
+             "out[i, a + 1:b + 1] = torch.randn(b - a, d, generator=gen) * scale", ("tests/locate/test_tracing.py",),
+             "the noise goes on the subject's tokens"),
+    Mutation("tracing: zero noise", "lens_bias/locate/tracing.py",
+             "scale = noise * embedding_std(model, ps, std)", "scale = 0.0 * embedding_std(model, ps, std)",
+             ("tests/locate/test_tracing.py",), "a corruption that corrupts nothing has no total effect"),
+    Mutation("metric: logit(a₁) − logit(a₀)", "lens_bias/core/metrics.py",
+             "d = a[:, 0] - a[:, 1]", "d = a[:, 1] - a[:, 0]", ("tests/locate/test_patching.py",),
+             "LD = logit(answer₀) − logit(answer₁)"),
+    Mutation("LSDM: preservation term dropped", "lens_bias/mitigate/lsdm/solve.py",
+             "A = H.T @ H / H.shape[0] + lam * (H0.T @ H0) / H0.shape[0]", "A = H.T @ H / H.shape[0]",
+             ("tests/mitigate/test_lsdm.py",), "the edit must leave other outputs unchanged"),
+    Mutation("LSDM: no change asked for", "lens_bias/mitigate/lsdm/main.py",
+             "goal = ld + (goal_final - ld) / (len(layers) - j)", "goal = ld", ("tests/mitigate/test_lsdm.py",),
+             "the targets move the logit difference to zero"),
+    Mutation("pruning: the next neuron's row", "lens_bias/mitigate/prune.py",
+             'out_projection(target, l, "mlp")[i].zero_()', 'out_projection(target, l, "mlp")[(i + 1) % target.cfg.d_mlp].zero_()',
+             ("tests/locate/test_crispr.py", "tests/mitigate/test_export.py"), "pruning = zero-ablating that neuron"),
+    Mutation("pruning: a head's slice off by one head", "lens_bias/mitigate/prune.py",
+             'out_projection(target, l, "attn")[h * d_head:(h + 1) * d_head].zero_()',
+             'out_projection(target, l, "attn")[(h + 1) % target.cfg.n_heads * d_head:((h + 1) % target.cfg.n_heads + 1) * d_head].zero_()',
+             ("tests/mitigate/test_ablation.py",), "pruning a head = zero-ablating its hook_z"),
+    Mutation("export: the saved weights are not the model's", "lens_bias/mitigate/export.py",
+             "        fresh.save_pretrained(tmp)\n",
+             "        [p.data.add_(0.01) for p in fresh.parameters()]\n        fresh.save_pretrained(tmp)\n",
+             ("tests/mitigate/test_export.py",), "transformers must reload the same logits"),
+    Mutation("ablation: mean over padding too", "lens_bias/mitigate/ablation.py",
+             "mean = (act * m).sum((0, 1)) / m.sum((0, 1))", "mean = act.mean((0, 1))",
+             ("tests/mitigate/test_ablation.py",), "the mean is over real tokens"),
+]
+
+
+def _copy_tree(dst: Path) -> None:
+    ignore = shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info", "lens-bias-out", ".pytest_cache")
+    for name in ("lens_bias", "tests", "notebooks", "benchmarks", "pyproject.toml"):
+        src = ROOT / name
+        (shutil.copytree(src, dst / name, ignore=ignore) if src.is_dir() else shutil.copy2(src, dst / name))
+    os.symlink(ROOT / "data", dst / "data")
+
+
+def run(mutations, keep: bool = False) -> int:
+    tmp = Path(tempfile.mkdtemp(prefix="lens-bias-mutants-"))
+    results = []
+    try:
+        _copy_tree(tmp)
+        env = {**os.environ, "PYTHONPATH": str(tmp), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        for m in mutations:
+            path = tmp / m.file
+            original = path.read_text()
+            if m.old not in original:
+                results.append((m, "STALE", 0.0))
+                print(f"STALE   {m.name}: snippet not found in {m.file}", flush=True)
+                continue
+            path.write_text(original.replace(m.old, m.new, 1))
+            t0 = time.time()
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests],
+                                  cwd=tmp, env=env, capture_output=True, text=True)
+            path.write_text(original)
+            status = "caught" if proc.returncode != 0 else "MISSED"
+            results.append((m, status, time.time() - t0))
+            print(f"{status:<7} {m.name} ({time.time() - t0:.0f} s; {', '.join(m.tests)})", flush=True)
+    finally:
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    caught = sum(s == "caught" for _, s, _ in results)
+    print(f"\n{caught} of {len(results)} mutations caught")
+    for m, s, _ in results:
+        if s != "caught":
+            print(f"  {s}: {m.name} — {m.why}")
+    return 0 if caught == len(results) else 1
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", help="run the mutations whose name contains one of these strings")
+    ap.add_argument("--list", action="store_true", help="list the mutations and exit")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary copy")
+    args = ap.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.only or any(s in m.name for s in args.only)]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}  [{m.file}]  — {m.why}")
+        return 0
+    return run(chosen, args.keep)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
