@@ -18,6 +18,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from .errors import LensBiasError, ModelLoadError
 from .hooks import device_of
+from .precision import float32_activations
 
 _BRIDGE_INFIX = "._original_component"
 
@@ -68,6 +69,7 @@ def to_hf_model(model, *, device=None, attn_implementation: str | None = None) -
     hf = hf_module(model)
     fresh = fresh_model(hf, device="cpu", attn_implementation=attn_implementation)
     fresh.load_state_dict({k: v.detach().to("cpu") for k, v in hf_state_dict(model).items()}, strict=True)
+    float32_activations(fresh)
     return fresh.to(device or device_of(hf)).eval()
 
 
@@ -89,6 +91,7 @@ def clone_model(model: TransformerBridge) -> TransformerBridge:
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"could not copy the model (its source {source!r} must stay readable): {e}") from None
     clone.eval()
+    float32_activations(clone)
     clone.lens_bias_source = source
     return clone
 
