@@ -52,7 +52,7 @@ def cmd_attribute(args) -> int:
     with distributed(args.device) as (rank, _, device):
         result = attribute_dataset(args.model, args.method, args.data, args.out, chunk_size=args.chunk_size,
                                    batch_size=args.batch_size, seed=args.seed, options=options, device=device,
-                                   dtype=args.dtype, progress=not args.quiet)
+                                   dtype=args.dtype, progress=not args.quiet, overwrite=args.overwrite)
     if rank != 0:
         return 0
     if result is None:
@@ -200,17 +200,28 @@ def _attribute_parser(sub) -> None:
                    help="answer words for .json/.txt data and rows without answers (default ' he' ' she')")
     a.add_argument("--instructions", type=int, default=None,
                    help="crispr: average over the first N of the 10 BBQ instructions (default all)")
+    a.add_argument("--overwrite", action="store_true",
+                   help="write into an --out that holds other files, or discard the run with other arguments there")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     _common(a)
     a.set_defaults(func=cmd_attribute)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv=None) -> int:
+    """Run one command; bad input (and a file the system refuses) ends with one line on stderr, exit 2."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except LensBiasError as e:
-        print(f"lens-bias: error: {e}", file=sys.stderr)
+        print(f"lens-bias: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file or folder the system refuses: permissions, a full disk, ...
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"lens-bias: error: {_one_line(e.strerror or e)}{where}", file=sys.stderr)
         return 2
 
 

@@ -16,6 +16,7 @@ from typing import Iterable, Literal
 import torch
 from torch import Tensor
 
+from ..core.checks import check_finite
 from ..core.errors import LensBiasError
 from ..core.hooks import check_sites, device_of, hook_name
 from ..core.methods import ChunkSums, LocateMethod, add_scores, scores_from_sums
@@ -116,7 +117,7 @@ def attribution_patching(
             if c in ("head", "neuron") and not per_position:
                 s = s.sum(0)  # over positions
             per_layer.append(s)
-        vals = torch.stack(per_layer).detach().cpu()
+        vals = check_finite(torch.stack(per_layer).detach().cpu(), f"attribution scores of {c}", model)
         unit = {"head": "head", "neuron": "neuron"}.get(c)
         dims = ("layer",) + (("pos",) if (unit is None or per_position) else ()) + ((unit,) if unit else ())
         res = ComponentScores(vals, dims, c, f"attribution@{at}", clean_m, corr_m, tokens)

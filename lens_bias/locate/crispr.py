@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..core.checks import check_finite
 from ..core.errors import LensBiasError
 from ..core.hooks import hook_name
 from ..core.methods import ChunkSums, LocateMethod
@@ -140,8 +141,7 @@ def crispr_scores(model, items: Items, instructions: list[str] | None = None, *,
         weights.append(weight)
     bar.close()
     vals = torch.stack(per_instruction).mean(0)
-    if torch.isnan(vals).any():
-        raise LensBiasError("NaN in neuron scores: check the model's dtype and inputs")
+    check_finite(vals, "CRISPR scores", model)
     return ComponentScores(vals, ("layer", unit), unit, "crispr",
                            extra={"lambda": lam, "tokens": tokens, "n_instructions": len(instructions),
                                   # Σ_items c·B and Σ_items c per instruction: sums that combine across chunks

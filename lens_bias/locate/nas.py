@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..core.checks import check_finite
 from ..core.errors import LensBiasError
 from ..core.hooks import device_of, hook_name, last_resid, trace
 from ..core.methods import ChunkSums, LocateMethod
@@ -130,8 +131,7 @@ def negative_attention_scores(model, ps: PromptSet, batch_size: int = 32, progre
         neg_all.append(neg.cpu())
         pos_all.append(pos.cpu())
     pp = torch.cat(per_prompt)
-    if torch.isnan(pp).any():
-        raise LensBiasError("NaN in attention patterns: check the model's dtype and inputs")
+    check_finite(pp, "NAS (attention to the candidates)", model)
     return NASResult.of(pp.mean(0), pp, torch.cat(neg_all).mean(0), torch.cat(pos_all).mean(0), ps.metadata)
 
 

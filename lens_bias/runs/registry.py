@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..core.errors import DataError, LensBiasError
+from ..core.errors import DataError, LensBiasError, PromptError
 from ..core.methods import LocateMethod
 from ..core.prompts import PromptSet
 from ..locate import attribution, crispr, nas, patching, tracing
 from ..tasks.gender import VIG_TEMPLATES, load_professions, professions_prompts
 from ..tasks.multiple_choice import load_bbq
 from ..tasks.pairs import load_prompt_pairs
-from ..tasks.records import read_text_file
+from ..tasks.records import located, read_text_file
 from ..tasks.yesno import binary_prompts, load_yes_no
 
 #: name → spec, one entry per method
@@ -65,7 +65,10 @@ def load_run_data(model, method: str | LocateMethod, path: str | Path, options: 
     if path.is_dir():
         raise DataError(f"{path} is a directory; --data wants a file")
     if spec.data == "yesno":
-        return binary_prompts(model, load_yes_no(path))
+        try:
+            return binary_prompts(model, load_yes_no(path))
+        except PromptError as e:
+            raise located(path, e) from None
     if spec.data == "multiple_choice":
         return load_bbq(path)
     subject = spec.data == "subject_prompts"

@@ -53,7 +53,20 @@ def check_heads(config, heads) -> list[tuple[int, int]]:
     """Validate (layer, head) pairs against a config; a clear error for any out of range."""
     _, n_heads, _, _ = _dims(config)
     n_layers = config.num_hidden_layers
-    heads = sorted({(int(l), int(h)) for l, h in heads})
+    pairs = []
+    for u in heads:
+        try:
+            l, h = u
+        except (TypeError, ValueError):
+            raise LensBiasError(f"head {u!r} is not a (layer, head) pair") from None
+        try:
+            whole = not any(isinstance(v, bool) or not float(v).is_integer() for v in (l, h))
+        except (TypeError, ValueError):
+            whole = False
+        if not whole:
+            raise LensBiasError(f"head ({l}, {h}): layer and head must be whole numbers")
+        pairs.append((int(l), int(h)))
+    heads = sorted(set(pairs))
     if not heads:
         raise LensBiasError("no heads selected")
     for l, h in heads:
