@@ -1,24 +1,34 @@
 """Negative Attention Score, NAS (Yu et al. 2024, "Correcting Negative Bias in Large Language Models
-through Negative Attention Score Alignment").
+through Negative Attention Score Alignment", NAACL 2025).
 
-For a yes/no prompt whose instruction names both candidates, let A[q, k] be a head's attention
-from query position q to key position k, `pos` / `neg` the positions of the positive (" Yes")
-and negative (" No") candidate tokens in the instruction, and Q the answer query position(s)
-(the last prompt token). Per head and prompt:
+For a yes/no prompt whose instruction names both candidates, let A[i, k] be a head's attention
+from query position i to key position k, t_Yes / t_No the positions of the positive (" Yes")
+and negative (" No") candidate tokens in the instruction, L_I the first position after the
+instruction and L_P the last prompt position (the one that predicts the answer). Per head and
+prompt:
 
-    NAS = Σ_{q∈Q} (A[q,pos] + A[q,neg]) · log((A[q,neg] + ε) / (A[q,pos] + ε)),   ε = 1e-9
+    NAS = Σ_{i=L_I}^{L_P} (A[i,t_Yes] + A[i,t_No]) · log((A[i,t_No] + ε) / (A[i,t_Yes] + ε)),   ε = 1e-9
 
 large and positive when the head attends to the candidates and prefers the negative one; the
-score of a head is its mean over the data set. Also reported: the attention to the negative
-candidate A[q,neg] and to the positive one. Only the answer rows of the attention patterns are
+score of a head is its mean over the data set (prompts). `queries="answer"` sums over i = L_P
+only (an option, not the paper's definition).
+
+Source: the paper's own method section could not be read offline; the formula is its Eq. as
+restated by Zheng et al.'s survey of attention heads (Eq. 7: i runs over prompt tokens, log of No
+over Yes) and the query range L_I..L_P by summaries of the paper. ε only guards log(0).
+
+Also reported: the mean attention over the same query positions to the negative candidate
+(att_neg) and to the positive one (att_pos). Only the candidates' key columns of the patterns are
 kept (a hook reads them and drops the rest): one forward per batch, no full cache.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
+from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -30,6 +40,28 @@ from ..core.prompts import PromptSet
 from ..core.scores import ComponentScores
 
 EPS = 1e-9
+NASQueries = Literal["after_instruction", "answer"]
+
+
+def nas_terms(att_neg: Float[Tensor, "*batch query"], att_pos: Float[Tensor, "*batch query"],
+              queries: Bool[Tensor, "*batch query"]) -> Float[Tensor, " *batch"]:
+    """NAS = Σ_{i∈Q} (A[i,t_Yes] + A[i,t_No]) · log((A[i,t_No] + ε)/(A[i,t_Yes] + ε)) — the attention of
+    every query position to each candidate in, the mask of the query positions Q; differentiable."""
+    terms = (att_pos + att_neg) * (torch.log(att_neg + EPS) - torch.log(att_pos + EPS))
+    return (terms * queries.to(terms.dtype)).sum(-1)
+
+
+def query_mask(ps: PromptSet, queries: NASQueries = "after_instruction") -> Bool[Tensor, "batch pos"]:
+    """Q per prompt: positions L_I..L_P (from the first token after the instruction to the answer
+    position) or, with queries='answer', L_P alone."""
+    if queries not in ("after_instruction", "answer"):
+        raise LensBiasError(f"queries must be 'after_instruction' or 'answer', not {queries!r}")
+    pos = torch.arange(ps.tokens.shape[1], device=ps.tokens.device)[None, :]
+    last = ps.answer_pos.to(pos.device)[:, None]
+    if queries == "answer":
+        return pos == last
+    first = torch.tensor([m["query_start"] for m in ps.metadata], device=pos.device)[:, None]
+    return (pos >= first) & (pos <= last)
 
 
 @dataclass
@@ -99,10 +131,12 @@ class NASResult(ComponentScores):
         return pd.DataFrame(out)
 
 
-def negative_attention_scores(model, ps: PromptSet, batch_size: int = 32, progress: bool = True) -> NASResult:
-    """NAS of every head, from one forward per batch that keeps only the answer rows of the patterns."""
-    if not ps.metadata or "neg_cand" not in ps.metadata[0]:
-        raise LensBiasError("NAS needs candidate positions: build the prompts with lens_bias.binary.binary_prompts")
+def negative_attention_scores(model, ps: PromptSet, batch_size: int = 32, progress: bool = True, *,
+                              queries: NASQueries = "after_instruction") -> NASResult:
+    """NAS of every head, mean over prompts (module docstring), from one forward per batch that keeps
+    only the candidates' key columns of the attention patterns."""
+    if not ps.metadata or "neg_cand" not in ps.metadata[0] or "query_start" not in ps.metadata[0]:
+        raise LensBiasError("NAS needs candidate positions: build the prompts with lens_bias.tasks.binary_prompts")
     L = model.cfg.n_layers
     device = device_of(model)
     per_prompt, neg_all, pos_all = [], [], []
@@ -111,25 +145,23 @@ def negative_attention_scores(model, ps: PromptSet, batch_size: int = 32, progre
     for sub in tqdm(batches, desc="NAS", disable=not progress):
         sub = sub.to(device)
         rows = torch.arange(len(sub), device=device)
-        q = sub.answer_pos
         kneg = torch.tensor([m["neg_cand"] for m in sub.metadata], device=device)
         kpos = torch.tensor([m["pos_cand"] for m in sub.metadata], device=device)
+        mask = query_mask(sub, queries)[:, None, :]  # [batch, 1, query]
         got: dict[int, tuple[Tensor, Tensor]] = {}
 
-        def grab(pattern, hook, layer=None):
-            a = pattern[rows, :, q]  # [batch, head, key]
-            got[layer] = (a[rows, :, kneg].float(), a[rows, :, kpos].float())
+        def grab(pattern, hook, layer=None):  # pattern [batch, head, query, key] → [batch, head, query]
+            got[layer] = (pattern[rows, :, :, kneg].float(), pattern[rows, :, :, kpos].float())
             return pattern
 
         hooks = [(n, (lambda l: lambda p, hook: grab(p, hook, l))(l)) for l, n in enumerate(names)]
         # the logits are not needed: stop after the last block
         with torch.no_grad(), trace(model, stop_at=last_resid(model), fwd_hooks=hooks):
             model(sub.tokens, attention_mask=sub.attention_mask)
-        neg = torch.stack([got[l][0] for l in range(L)], 1)  # [batch, layer, head]
-        pos = torch.stack([got[l][1] for l in range(L)], 1)
-        per_prompt.append(((pos + neg) * torch.log((neg + EPS) / (pos + EPS))).cpu())
-        neg_all.append(neg.cpu())
-        pos_all.append(pos.cpu())
+        n_q = mask.sum(-1).clamp(min=1)
+        per_prompt.append(torch.stack([nas_terms(*got[l], mask) for l in range(L)], 1).cpu())  # [batch, layer, head]
+        neg_all.append(torch.stack([(got[l][0] * mask).sum(-1) / n_q for l in range(L)], 1).cpu())
+        pos_all.append(torch.stack([(got[l][1] * mask).sum(-1) / n_q for l in range(L)], 1).cpu())
     pp = torch.cat(per_prompt)
     check_finite(pp, "NAS (attention to the candidates)", model)
     return NASResult.of(pp.mean(0), pp, torch.cat(neg_all).mean(0), torch.cat(pos_all).mean(0), ps.metadata)
@@ -174,7 +206,8 @@ def head_attention_figure(model, ps: PromptSet, layer: int, head: int, index: in
 # As a batch-run method (lens_bias.runs)
 # ---------------------------------------------------------------------------------------
 def _run_chunk(model, data: PromptSet, lo: int, hi: int, opts: dict, batch_size, state) -> ChunkSums:
-    res = negative_attention_scores(model, data[lo:hi], batch_size=batch_size or 32, progress=False)
+    res = negative_attention_scores(model, data[lo:hi], batch_size=batch_size or 32, progress=False,
+                                    queries=opts["queries"])
     n = hi - lo
     return ChunkSums({"nas": res.per_prompt.double().sum(0), "att_neg": res.att_neg.double() * n,
                       "att_pos": res.att_pos.double() * n}, n, rows={"per_prompt": res.per_prompt})
@@ -190,7 +223,7 @@ RUN = LocateMethod(
     name="nas",
     summary="Negative Attention Score of every head on yes/no prompts (Yu et al. 2024, NASA)",
     data="yesno",
-    options={},
+    options={"queries": "after_instruction"},
     run=_run_chunk,
     finalize=_finalize,
 )

@@ -171,8 +171,9 @@ def binary_prompts(
 ) -> PromptSet:
     """One prompt per item × instruction; answers (positive, negative) = (' Yes', ' No').
 
-    metadata per prompt: question, label, kind, template index, and `pos_cand`/`neg_cand`: the
-    token positions of the candidates named in the instruction (found by tokenising).
+    metadata per prompt: question, label, kind, template index, `pos_cand`/`neg_cand`: the token
+    positions of the candidates named in the instruction (their last occurrence in it), and
+    `query_start`: the first position after the instruction (NAS's L_I).
     """
     tok = tokenizer_of(model_or_tokenizer)
     items = as_items(items)
@@ -204,14 +205,18 @@ def binary_prompts(
     ps = PromptSet.build(model_or_tokenizer, prompts, tuple(candidates), metadata=meta)
     for i, m in enumerate(ps.metadata):
         row = ps.tokens[i, : int(ps.answer_pos[i]) + 1].tolist()
-        instr_len = len(tok(m["instruction"], add_special_tokens=False)["input_ids"]) + (row[0] == tok.bos_token_id)
+        head = [tok.bos_token_id] if row[0] == tok.bos_token_id else []
+        instruction = head + tok(m["instruction"], add_special_tokens=False)["input_ids"]
+        if row[: len(instruction)] != instruction:
+            raise PromptError(f"the instruction does not tokenise the same inside prompt {ps.prompts[i]!r}")
         found = []
         for cid, cand in zip(ids, candidates):
-            where = [p for p in range(min(instr_len + 1, len(row))) if row[p] == cid]
+            where = [p for p in range(len(instruction)) if row[p] == cid]
             if not where:
                 raise PromptError(f"candidate {cand!r} not found in the instruction of prompt {ps.prompts[i]!r}")
-            found.append(where[0])
+            found.append(where[-1])
         m["pos_cand"], m["neg_cand"] = found
+        m["query_start"] = len(instruction)  # L_I: the first position after the instruction
     return ps
 
 

@@ -162,3 +162,90 @@ def test_head_attribution_equals_the_gradient_of_a_head_scale(tiny_gpt2):
     assert ours[0, l, h].item() == pytest.approx(grad[:start].max().item(), rel=1e-4, abs=1e-7)
     with pytest.raises(LensBiasError, match="unit must be one of"):
         crispr_scores(tiny_gpt2, [{"context": "", "question": "q", "options": ["a", "b"], "label": 0}], unit="mlp")
+
+
+def _independent_crispr(hf, tok, items, instructions, lam, order):
+    """CRISPR's B from the paper, with plain transformers + autograd (no lens_bias code): every option
+    sequence run on its own; P(o|x) = softmax over options of Σ log P(option tokens); ŷ = argmax over
+    o ≠ y; c = P(ŷ); A_t(o) = h_t · Σ_seq ∂P(o|x)/∂h_t at the prompt's tokens (the prompt's activations
+    are the same in every option's sequence); B(x) = max_t [A_t(ŷ) − λ relu(A_t(y))] (order 'token')
+    or max_t A_t(ŷ) − λ relu(max_t A_t(y)); confusion-weighted mean over items; mean over instructions."""
+    L = hf.config.n_layer
+    per_ins = []
+    for ins in instructions:
+        total, weight = 0.0, 0.0
+        for it in items:
+            opts = [it["ans0"], it["ans1"], it["ans2"]]
+            prompt = [tok.bos_token_id] + tok(format_mc_prompt(ins, it["context"], it["question"], opts),
+                                              add_special_tokens=False)["input_ids"]
+            acts, logps = [], []
+            for o in opts:
+                o_ids = tok(" " + o, add_special_tokens=False)["input_ids"]
+                h = {}
+                handles = [hf.transformer.h[l].mlp.act.register_forward_hook(
+                    (lambda l: lambda m, i, out: h.__setitem__(l, out))(l)) for l in range(L)]
+                logits = hf(torch.tensor([prompt + o_ids])).logits[0].log_softmax(-1)
+                for hd in handles:
+                    hd.remove()
+                logps.append(sum(logits[len(prompt) - 1 + j, t] for j, t in enumerate(o_ids)))
+                acts.append(h)
+            probs = torch.stack(logps).softmax(-1)
+            p = probs.detach().clone()
+            p[it["label"]] = -1
+            y_hat, y = int(p.argmax()), it["label"]
+            n = len(prompt)
+
+            def attribution(target):
+                grads = torch.autograd.grad(probs[target], [a[l] for a in acts for l in range(L)], retain_graph=True)
+                out = []
+                for l in range(L):
+                    g = sum(grads[s * L + l][0, :n] for s in range(len(opts)))
+                    out.append(acts[0][l][0, :n].detach() * g)
+                return torch.stack(out)  # [layer, token, d_mlp]
+
+            a_hat, a_y = attribution(y_hat), attribution(y)
+            if order == "token":
+                b = (a_hat - lam * a_y.clamp(min=0)).amax(1)
+            else:
+                b = a_hat.amax(1) - lam * a_y.amax(1).clamp(min=0)
+            c = probs[y_hat].item()
+            total, weight = total + c * b, weight + c
+        per_ins.append(total / weight)
+    return torch.stack(per_ins).mean(0)
+
+
+@pytest.mark.parametrize("order", ["token", "aggregate_first"])
+def test_crispr_scores_equal_an_independent_computation(tiny_gpt2, tiny_gpt2_dir, order):
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    items = [{"context": "A grandfather and a grandson sat down.", "question": "Who forgot?",
+              "ans0": "The grandfather", "ans1": "The grandson", "ans2": "Unknown", "label": 2},
+             {"context": "Two friends met.", "question": "Who was rude?", "ans0": "Sam", "ans1": "Alex",
+              "ans2": "Cannot tell", "label": 1},
+             {"context": "", "question": "Which is a colour?", "ans0": "red", "ans1": "table", "ans2": "run",
+              "label": 0}]
+    ins = INSTRUCTIONS[:2]
+    # make the first item's gold the model's own top choice under the first instruction (so ŷ must exclude it)
+    lp, _ = option_logprobs(tiny_gpt2, [format_mc_prompt(ins[0], items[0]["context"], items[0]["question"],
+                                                         [items[0][f"ans{k}"] for k in range(3)])],
+                            [[items[0][f"ans{k}"] for k in range(3)]])
+    items[0]["label"] = int(lp[0].argmax())
+    ours = crispr_scores(tiny_gpt2, items, ins, lam=0.7, order=order, batch_size=2, progress=False)
+    ref = _independent_crispr(hf, tok, items, ins, 0.7, order)
+    assert ours.values.shape == ref.shape
+    assert torch.allclose(ours.values, ref.float(), rtol=1e-4, atol=1e-8), (ours.values - ref).abs().max()
+
+
+def test_the_order_of_aggregation_matters(tiny_gpt2):
+    """Disentangling token by token is not the same as after the max (else the option would be moot)."""
+    items = [{"context": "Two friends met.", "question": "Who was rude?", "ans0": "Sam", "ans1": "Alex",
+              "ans2": "Cannot tell", "label": 1}]
+    token = crispr_scores(tiny_gpt2, items, INSTRUCTIONS[:1], progress=False).values
+    first = crispr_scores(tiny_gpt2, items, INSTRUCTIONS[:1], order="aggregate_first", progress=False).values
+    assert (token - first).abs().max() > 1e-6
+    # max_t (a_t − λ relu b_t) ≥ a_t* − λ relu b_t* ≥ max_t a_t − λ relu(max_t b_t), t* = argmax a
+    assert (token >= first - 1e-7).all()
+    with pytest.raises(LensBiasError, match="tokens='input'"):
+        crispr_scores(tiny_gpt2, items, INSTRUCTIONS[:1], tokens="option", progress=False)

@@ -8,8 +8,8 @@ Training loss (documented choice; NASA's head selection and early stopping on th
     L = CE₂(y | logit_Yes, logit_No) + β · mean_{h ∈ selected} (NAS_h(batch) − NAS_balanced)²
 
 CE₂ is the cross-entropy of the gold answer over the two candidate logits at the answer
-position; NAS_h(batch) the batch mean of the head's Negative Attention Score (lens_bias.nas),
-computed differentiably from the attention pattern; NAS_balanced the mean NAS of the other,
+position; NAS_h(batch) the batch mean of the head's Negative Attention Score (the same definition
+as lens_bias.locate.nas, `queries` included), computed differentiably from the attention pattern; NAS_balanced the mean NAS of the other,
 unselected heads on the training data before training. Training stops early when the dev
 |P−R gap| has not improved for `patience` evaluations (without losing more than `max_acc_drop`
 accuracy); the best adapter is kept. Dropout stays off during training (the model is in eval mode),
@@ -26,29 +26,29 @@ from tqdm.auto import tqdm
 
 from ...core.errors import LensBiasError
 from ...core.hf import load_hf_weights
+from ...core.hooks import device_of
 from ...core.prompts import PromptSet
-from ...locate.nas import EPS, negative_attention_scores
+from ...locate.nas import NASQueries, nas_terms, negative_attention_scores, query_mask
 from ...tasks.yesno import decision_metrics
 from ..edits import Mitigation
 from .lora import Projection, head_lora_model
 
-def _batch_nas(attentions, sub: PromptSet, heads) -> Tensor:
-    """Differentiable NAS of each selected head, mean over the batch."""
+def _batch_nas(attentions, sub: PromptSet, heads, queries: NASQueries) -> Tensor:
+    """Differentiable NAS of each selected head (lens_bias.locate.nas.nas_terms), mean over the batch."""
     dev = attentions[0].device
     rows = torch.arange(len(sub), device=dev)
-    q = sub.answer_pos.to(dev)
     kneg = torch.tensor([m["neg_cand"] for m in sub.metadata], device=dev)
     kpos = torch.tensor([m["pos_cand"] for m in sub.metadata], device=dev)
+    mask = query_mask(sub, queries).to(dev)
     out = []
     for l, h in heads:
-        a = attentions[l][rows, h, q].float()  # [batch, key]
-        neg, pos = a[rows, kneg], a[rows, kpos]
-        out.append(((pos + neg) * torch.log((neg + EPS) / (pos + EPS))).mean())
+        a = attentions[l][:, h].float()  # [batch, query, key]
+        out.append(nas_terms(a[rows, :, kneg], a[rows, :, kpos], mask).mean())
     return torch.stack(out)
 
 
 def _decisions(hf, ps: PromptSet, batch_size: int) -> dict:
-    dev = next(hf.parameters()).device
+    dev = device_of(hf)
     pred = []
     with torch.no_grad():
         for sub in ps.batches(batch_size):
@@ -76,6 +76,7 @@ def nasa_train(
     r: int = 8,
     alpha: int = 16,
     modules: tuple[Projection, ...] = ("q", "k", "v", "o"),
+    queries: NASQueries = "after_instruction",
     seed: int = 0,
     device=None,
     progress: bool = True,
@@ -89,9 +90,9 @@ def nasa_train(
             raise LensBiasError(f"the {name} prompts need candidate positions: build them with binary_prompts")
     peft_model = head_lora_model(model, heads, r=r, alpha=alpha, modules=modules, device=device, seed=seed)
     heads = peft_model.lens_bias_heads
-    devc = next(peft_model.parameters()).device
+    devc = device_of(peft_model)
     L, H = model.cfg.n_layers, model.cfg.n_heads
-    base_nas = negative_attention_scores(model, train, batch_size=batch_size, progress=False).nas
+    base_nas = negative_attention_scores(model, train, batch_size=batch_size, progress=False, queries=queries).nas
     others = torch.ones(L, H, dtype=torch.bool)
     for l, h in heads:
         others[l, h] = False
@@ -114,7 +115,7 @@ def nasa_train(
         two = last.gather(1, sub.answer_ids[:, :2]).float()
         gold = torch.tensor([0 if m["label"] == "yes" else 1 for m in sub.metadata], device=devc)
         ce = torch.nn.functional.cross_entropy(two, gold)
-        align = ((_batch_nas(out.attentions, sub, heads) - nas_target) ** 2).mean()
+        align = ((_batch_nas(out.attentions, sub, heads, queries) - nas_target) ** 2).mean()
         loss = ce + beta * align
         if not torch.isfinite(loss):
             raise LensBiasError(f"NASA loss became {loss.item()} at step {step}; lower the learning rate")
@@ -142,7 +143,7 @@ def nasa_train(
     merged = copy.deepcopy(peft_model).merge_and_unload()
     edited = load_hf_weights(model, merged)
     after = _decisions(peft_model, dev, batch_size)
-    return Mitigation.of(model, edited, "nasa", units=[list(h) for h in heads], heads=heads, before=before,
+    return Mitigation.of(model, edited, "nasa", units=[list(h) for h in heads], heads=heads, queries=queries, before=before,
                          after=after, history=history, best_step=best[1], nas_target=nas_target, adapter=peft_model)
 
 
