@@ -59,7 +59,8 @@ def cmd_attribute(args) -> int:
         print(f"this job's chunks are done; other jobs' chunks are still missing in {args.out}")
         return 0
     m = read_manifest(args.out)
-    last = m["last_start"]
+    # this process's entry (another process may have finished the same run a moment later)
+    last = next((h for h in reversed(m.get("history", [])) if h.get("pid") == os.getpid()), m["last_start"])
     n = m["n_chunks"]
     print(f"{args.method} on {m['args']['n_prompts']} prompts, {n} chunk{'s' * (n != 1)} "
           f"({len(last['computed'])} computed now, {len(last['skipped'])} already done)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -232,7 +233,7 @@ def attribute_dataset(
         part = spec.run(model, data, lo, hi, opts, batch_size, state)
         check_finite(part.sums, f"{method} sums of chunk {i} (prompts {lo}..{hi - 1})", model)
         rec = {"key": key, "index": i, "lo": lo, "hi": hi, "count": part.count, "sums": part.sums, "meta": part.meta,
-               "rows": part.rows, "start": start_no, "rank": rank, "seconds": time.perf_counter() - t0}
+               "rows": part.rows, "start": start_no, "rank": rank, "pid": os.getpid(), "seconds": time.perf_counter() - t0}
         save_chunk(out_dir, i, rec, (args, key, n_chunks))
         computed.append(i)
 
@@ -290,9 +291,11 @@ def attribute_dataset(
             clean_temp_files(out_dir)
             write_outputs(out_dir, spec, result)
             outputs = sorted(p.name for p in out_dir.glob("*") if p.is_file() and not p.name.startswith("."))
-            write_manifest(out_dir, args, key, n_chunks, outputs=outputs, locked=True,
-                           last_start={"start": start_no, "world_size": world_size, "computed": computed,
-                                       "skipped": [i for i in range(n_chunks) if i not in set(computed)]})
+            entry = {"start": start_no, "pid": os.getpid(), "world_size": world_size, "computed": computed,
+                     "skipped": [i for i in range(n_chunks) if i not in set(computed)]}
+            history = (read_manifest(out_dir) or {}).get("history", [])[-49:] + [entry]
+            write_manifest(out_dir, args, key, n_chunks, outputs=outputs, locked=True, last_start=entry,
+                           history=history)
     if dist is not None:
         dist.barrier()  # every rank returns once rank 0's outputs are on disk
     return result

@@ -84,7 +84,7 @@ def write_manifest(out_dir: Path, args: dict, key: str, n_chunks: int, starts: i
          "chunks": {k: entries[k] for k in sorted(entries, key=int)},
          "starts": old.get("starts", 0) if starts is None else starts,
          "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
-         **{k: v for k, v in old.items() if k in ("model", "data", "outputs", "last_start")}, **extra}
+         **{k: v for k, v in old.items() if k in ("model", "data", "outputs", "last_start", "history")}, **extra}
     finished = finished_chunks(out_dir, m, n_chunks)
     m["finished"], m["complete"] = finished, len(finished) == n_chunks
     atomic_write(out_dir / MANIFEST, lambda f: f.write((json.dumps(m, indent=1) + "\n").encode()))
