@@ -135,8 +135,15 @@ def _mitigate_parsers(sub) -> None:
     e.set_defaults(func=cmd_export)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line on stderr (exit 2) like every other bad input."""
+
+    def error(self, message):
+        self.exit(2, f"lens-bias: error: {self.prog}: {_one_line(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lens-bias",
         description="Locate and mitigate social and negative bias inside language models (TransformerLens 4).",
     )

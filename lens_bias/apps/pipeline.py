@@ -188,4 +188,6 @@ def mitigate(model, method: MitigationMethod, out: str | os.PathLike, *, units=N
 
 def export_edit(model, edit_file: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False):
     """Re-apply a saved edit to its original model and export the result as a Hugging Face directory."""
+    check_output_dir(out, overwrite)  # before the work
+    check_exportable(model)
     return export_model(apply_edit(model, load_edit(edit_file)), out, overwrite=overwrite)

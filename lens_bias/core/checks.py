@@ -23,14 +23,14 @@ class NonFiniteError(LensBiasError):
 
 
 def first_nonfinite_parameter(model) -> tuple[str, int, int, tuple[int, ...]] | None:
-    """(name, number of non-finite entries, numel, index of the first) of the first parameter (or
-    buffer of floating type) holding NaN/inf, or None when every weight is finite."""
+    """(name, number of non-finite entries, numel, index of the first) of the first parameter holding
+    NaN/inf, or None when every weight is finite. (Buffers are not weights: some models keep -inf
+    masks in them.)"""
     if model is None or not hasattr(model, "named_parameters"):
         return None
     seen = set()
-    named = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
     with torch.no_grad():
-        for name, p in named:
+        for name, p in model.named_parameters():
             if p.data_ptr() in seen or p.numel() == 0 or not p.is_floating_point():
                 continue
             seen.add(p.data_ptr())

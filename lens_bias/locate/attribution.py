@@ -110,8 +110,10 @@ def attribution_patching(
             if n not in grads:
                 raise LensBiasError(f"no gradient reached {n}: is the metric independent of it?")
             # Δ = clean − corrupted activation, whichever run the gradient came from
-            delta = (grad_acts[n] - other_acts[n]) if at == "clean" else (other_acts[n] - grad_acts[n])
-            s = (grads[n] * delta * len(ps)).mean(0)  # the metric is a mean over prompts: undo its 1/n
+            # (in float32: in half precision the differences, products and sums lose their small terms)
+            a_g, a_o = grad_acts[n].float(), other_acts[n].float()
+            delta = (a_g - a_o) if at == "clean" else (a_o - a_g)
+            s = (grads[n].float() * delta * len(ps)).mean(0)  # the metric is a mean over prompts: undo its 1/n
             if c != "neuron":
                 s = s.sum(-1)  # over d_head / d_model → [pos] or [pos, head]
             if c in ("head", "neuron") and not per_position:

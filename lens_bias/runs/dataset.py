@@ -42,7 +42,7 @@ from ..locate.nas import NASResult, nas_heatmap
 from .parallel import all_reduce, process_group
 from .registry import expects_prompt_set, get_method, load_run_data, method_options
 from .store import (CHUNKS, LOCK, MANIFEST, check_same_run, chunk_entry, chunk_lock_path, chunk_path,
-                    clean_chunk_temps, clean_temp_files, data_fingerprint, discard_run, finished_chunks, load_chunk,
+                    clean_chunk_temps, clean_stale_locks, clean_temp_files, data_fingerprint, discard_run, finished_chunks, load_chunk,
                     model_fingerprint, read_manifest, run_differences, run_lock, save_chunk, write_manifest)
 
 
@@ -205,6 +205,7 @@ def attribute_dataset(
                     discard_run(out_dir)
                     (out_dir / CHUNKS).mkdir(parents=True, exist_ok=True)
             clean_temp_files(out_dir)
+            clean_stale_locks(out_dir)
             starts = ((read_manifest(out_dir) or {}).get("starts", 0) if not run_differences(old, args) else 0) + 1
             write_manifest(out_dir, args, key, n_chunks, starts, model=model_name, data=data_name, locked=True)
     if dist is not None:
@@ -289,6 +290,7 @@ def attribute_dataset(
     if write and (dist is None or rank == 0):
         with run_lock(out_dir):
             clean_temp_files(out_dir)
+            clean_stale_locks(out_dir)
             write_outputs(out_dir, spec, result)
             outputs = sorted(p.name for p in out_dir.glob("*") if p.is_file() and not p.name.startswith("."))
             entry = {"start": start_no, "pid": os.getpid(), "world_size": world_size, "computed": computed,

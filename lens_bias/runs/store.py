@@ -100,6 +100,13 @@ def clean_temp_files(out_dir: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+def clean_stale_locks(out_dir: Path) -> None:
+    """Remove chunk lock files a killed process left (a lock another process holds stays)."""
+    for p in (out_dir / CHUNKS).glob(".lock-chunk-*") if (out_dir / CHUNKS).is_dir() else ():
+        with file_lock(p, blocking=False):
+            pass  # taken: nobody holds it; released: the file is removed
+
+
 def clean_chunk_temps(out_dir: Path, i: int) -> None:
     """Remove chunk i's temp files (call holding chunk i's lock)."""
     for p in (out_dir / CHUNKS).glob(f".{chunk_path(out_dir, i).name}.*.tmp"):

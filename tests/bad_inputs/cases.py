@@ -137,6 +137,8 @@ CASES: list[Case] = [
     cli("tracing-different-lengths", f"attribute {M} --data {{d}}/p.jsonl --method tracing --out {{d}}/out --quiet", {"p.jsonl": jl(PAIR, {**PAIR, "prompt": "The nurse said that she", "corrupted": "The clerk said that she"})}, r"same number of tokens"),
     cli("crispr-instructions-11", f"attribute {M} --data {{d}}/b.jsonl --method crispr --instructions 11 --out {{d}}/out --quiet", {"b.jsonl": jl(*BBQ[:2])}, r"instructions must be 1\.\.10, got 11"),
     # options
+    cli("method-unknown", f"attribute {M} --data {{d}}/q.jsonl --method nope --out {{d}}/out", {"q.jsonl": jl(q())}, r"--method: invalid choice: 'nope'"),
+    cli("top-k-not-a-number", "mitigate --method nasa --top-k abc --out {d}/out", {}, r"--top-k: invalid int value: 'abc'"),
     cli("chunk-size-0", f"attribute {M} --data {{d}}/q.jsonl --method nas --chunk-size 0 --out {{d}}/out --quiet", {"q.jsonl": jl(q())}, r"chunk_size must be ≥ 1, got 0"),
     cli("batch-size-0", f"attribute {M} --data {{d}}/q.jsonl --method nas --batch-size 0 --out {{d}}/out --quiet", {"q.jsonl": jl(q())}, r"batch_size must be ≥ 1, got 0"),
     cli("components-unknown", f"attribute {M} --data {{d}}/p.jsonl --method patching --components mlp --out {{d}}/out --quiet", {"p.jsonl": jl(PAIR)}, r"unknown patching component\(s\) \['mlp'\]"),

@@ -113,7 +113,10 @@ def test_bad_input(case, tmp_path, request, capsys):
     args = case.run.format(d=d, ro=ro).split()
     from lens_bias.apps.cli import main
 
-    code = main(args)
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
     out, err = capsys.readouterr()
     lines = [line for line in err.splitlines() if line.strip() and not PROGRESS.search(line)]
     if case.code != 0:

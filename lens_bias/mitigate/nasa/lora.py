@@ -133,15 +133,17 @@ def _col_mask(config, layer_heads) -> Tensor:
 
 
 def head_lora_model(model, heads, *, r: int = 8, alpha: int = 16, dropout: float = 0.0,
-                    modules: tuple[str, ...] = ("q", "k", "v", "o"), device=None, seed: int = 0):
-    """A PEFT LoRA model (on a plain Hugging Face copy of `model`, eager attention) that can change
-    only the selected heads: LoRA factors outside the heads' slices are zero and gradient-masked."""
+                    modules: tuple[str, ...] = ("q", "k", "v", "o"), device=None, seed: int = 0,
+                    dtype: torch.dtype | None = None):
+    """A PEFT LoRA model (on a plain Hugging Face copy of `model`, eager attention, in `dtype` when
+    given) that can change only the selected heads: LoRA factors outside the heads' slices are zero
+    and gradient-masked."""
     from peft import get_peft_model
 
     torch.manual_seed(seed)
     cfg = head_lora_config(model, heads, r=r, alpha=alpha, dropout=dropout, modules=modules)
     arch = architecture(model)
-    hf = to_hf_model(model, device=device, attn_implementation="eager")
+    hf = to_hf_model(model, device=device, attn_implementation="eager", dtype=dtype)
     config = hf.config
     heads = check_heads(config, heads)
     peft_model = get_peft_model(hf, cfg)
