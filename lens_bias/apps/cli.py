@@ -52,14 +52,15 @@ def cmd_attribute(args) -> int:
     with distributed(args.device) as (rank, _, device):
         result = attribute_dataset(args.model, args.method, args.data, args.out, chunk_size=args.chunk_size,
                                    batch_size=args.batch_size, seed=args.seed, options=options, device=device,
-                                   dtype=args.dtype, progress=not args.quiet)
+                                   dtype=args.dtype, progress=not args.quiet, overwrite=args.overwrite)
     if rank != 0:
         return 0
     if result is None:
         print(f"this job's chunks are done; other jobs' chunks are still missing in {args.out}")
         return 0
     m = read_manifest(args.out)
-    last = m["last_start"]
+    # this process's entry (another process may have finished the same run a moment later)
+    last = next((h for h in reversed(m.get("history", [])) if h.get("pid") == os.getpid()), m["last_start"])
     n = m["n_chunks"]
     print(f"{args.method} on {m['args']['n_prompts']} prompts, {n} chunk{'s' * (n != 1)} "
           f"({len(last['computed'])} computed now, {len(last['skipped'])} already done)")
@@ -134,8 +135,15 @@ def _mitigate_parsers(sub) -> None:
     e.set_defaults(func=cmd_export)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line on stderr (exit 2) like every other bad input."""
+
+    def error(self, message):
+        self.exit(2, f"lens-bias: error: {self.prog}: {_one_line(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lens-bias",
         description="Locate and mitigate social and negative bias inside language models (TransformerLens 4).",
     )
@@ -200,17 +208,28 @@ def _attribute_parser(sub) -> None:
                    help="answer words for .json/.txt data and rows without answers (default ' he' ' she')")
     a.add_argument("--instructions", type=int, default=None,
                    help="crispr: average over the first N of the 10 BBQ instructions (default all)")
+    a.add_argument("--overwrite", action="store_true",
+                   help="write into an --out that holds other files, or discard the run with other arguments there")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     _common(a)
     a.set_defaults(func=cmd_attribute)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv=None) -> int:
+    """Run one command; bad input (and a file the system refuses) ends with one line on stderr, exit 2."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except LensBiasError as e:
-        print(f"lens-bias: error: {e}", file=sys.stderr)
+        print(f"lens-bias: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file or folder the system refuses: permissions, a full disk, ...
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"lens-bias: error: {_one_line(e.strerror or e)}{where}", file=sys.stderr)
         return 2
 
 

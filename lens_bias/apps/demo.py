@@ -9,11 +9,13 @@ against the organism's recorded ground truth. Figures (HTML) and tables (CSV) go
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
-from ..core.files import check_output_dir, write_table, write_text
+from ..core.files import check_output_dir, move_into, write_table, write_text
 from ..core.hooks import device_of
 from ..core.metrics import answer_logits_fast
 from ..core.models import HookedModel, load_model
@@ -42,11 +44,26 @@ def gender_pairs(model: HookedModel, card: dict, templates: int = 3) -> PromptSe
 
 def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: int = 0, progress: bool = False,
              overwrite: bool = False) -> str:
-    """Run the demo into `out` (refused when it holds files, unless `overwrite`); returns the report."""
+    """Run the demo into `out` (refused when it holds files, unless `overwrite`); returns the report.
+
+    The files are written to a temporary sibling folder and moved into `out` when all are done, so a
+    failed or killed demo leaves `out` as it was."""
     out = check_output_dir(out, overwrite)
-    torch.manual_seed(seed)
-    out.mkdir(parents=True, exist_ok=True)
     model = load_model("organism", device=device, dtype=dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        report = _demo(model, work, out, seed, progress)
+        move_into(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return report
+
+
+def _demo(model, out: Path, final: Path, seed: int, progress: bool) -> str:
+    """The demo's steps, writing into `out`; the report names `final`, where the files end up."""
+    torch.manual_seed(seed)
     card = load_card("organism")
     truth = card["planted"]
     lines = ["lens_bias demo — model organism (ground truth in data/organism/lens_bias_card.json)", ""]
@@ -131,7 +148,7 @@ def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: i
         f"  ablate it: precision−recall gap {b['pr_gap']:+.3f} → {a['pr_gap']:+.3f}, "
         f"accuracy {b['accuracy']:.3f} → {a['accuracy']:.3f}, yes-rate {b['yes_rate']:.3f} → {a['yes_rate']:.3f}",
         "",
-        f"figures and tables: {out.resolve()}",
+        f"figures and tables: {final.resolve()}",
     ]
     report = "\n".join(lines)
     write_text(out / "report.txt", report + "\n")

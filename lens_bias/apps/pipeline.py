@@ -12,7 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from ..core.errors import DataError, LensBiasError
+from ..core.checks import check_weights_finite
+from ..core.errors import DataError, LensBiasError, PromptError
 from ..core.files import check_output_dir, replace_dir, write_csv, write_text
 from ..core.models import HookedModel
 from ..locate.nas import negative_attention_scores
@@ -25,7 +26,7 @@ from ..organism import data_path, load_card
 from ..tasks.capability import bias_values, compare_models, text_loss
 from ..tasks.gender import VIG_TEMPLATES, load_professions, professions_prompts
 from ..tasks.multiple_choice import bbq_evaluate, load_bbq
-from ..tasks.records import read_dataset, read_text_file
+from ..tasks.records import located, read_dataset, read_text_file
 from ..tasks.yesno import binary_prompts, evaluate_binary, load_yes_no
 
 MitigationMethod = Literal["prune-neurons", "prune-heads", "lsdm", "nasa"]
@@ -91,8 +92,16 @@ def _task_measures(model, data) -> dict:
         keys = ("accuracy", "accuracy_ambig", "accuracy_disambig", "bias_ambig", "bias_disambig",
                 "stereotyped_rate_ambig")
         return {"bbq": lambda m: {k: v for k, v in bbq_evaluate(m, items).items() if k in keys}}
-    ps = binary_prompts(model, load_yes_no(data))
+    ps = _yes_no_prompts(model, data)
     return {"yesno": lambda m: _binary_measures(m, ps)}
+
+
+def _yes_no_prompts(model, data, items=None):
+    """binary_prompts of a yes/no file (or its `items`), an error naming the file's line."""
+    try:
+        return binary_prompts(model, load_yes_no(data) if items is None else items)
+    except PromptError as e:
+        raise located(data, e) from None
 
 
 def _binary_measures(model, ps) -> dict:
@@ -108,9 +117,17 @@ def mitigate(model: HookedModel, method: MitigationMethod, out: str | os.PathLik
     the exported model (out/model) and report.txt; return the report."""
     if method not in METHODS:
         raise LensBiasError(f"unknown mitigation {method!r}; choose one of {METHODS}")
+    # everything that can be refused is refused before any work
     out = check_output_dir(out, overwrite)
     if export:
-        check_exportable(model)  # refuse before any work, not after
+        check_exportable(model)
+    n_heads = model.cfg.n_layers * model.cfg.n_heads
+    if method == "nasa" and not units and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                                           or not 1 <= top_k <= n_heads):
+        raise LensBiasError(f"--top-k must be a number of heads from 1 to {n_heads} (the model's heads), got {top_k}")
+    if method == "nasa" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise LensBiasError(f"--steps must be ≥ 1, got {steps}")
+    check_weights_finite(model, "mitigate")
     neutral_text = read_text_file(neutral) if neutral else data_path("neutral").read_text()
     units = list(units or [])
     measures = {"neutral_loss": lambda m: text_loss(m, neutral_text)}
@@ -132,13 +149,18 @@ def mitigate(model: HookedModel, method: MitigationMethod, out: str | os.PathLik
                      f"{sum(v ** 2 for v in res['delta_norms'].values()) ** 0.5:.3f}; edit prompts LD "
                      f"{res['bias_before']:+.3f} → {res['bias_after']:+.3f}")
     else:
-        items = load_yes_no(data or data_path("yesno"))
-        random.Random(seed).shuffle(items)
+        source = data or data_path("yesno")
+        items = load_yes_no(source)
         n = len(items)
         if n < 10:
-            raise DataError(f"nasa needs at least 10 yes/no items, got {n}")
+            raise DataError(f"{source}: nasa needs at least 10 yes/no items, got {n}")
+        every = _yes_no_prompts(model, source, items)  # bad items named by line, before the shuffle
+        order = list(range(n))
+        random.Random(seed).shuffle(order)
+        per = len(every) // n  # prompts per item (one per instruction), item-major
         a, b = int(0.6 * n), int(0.8 * n)
-        train, dev, test = (binary_prompts(model, part) for part in (items[:a], items[a:b], items[b:]))
+        train, dev, test = (every[[j * per + t for j in part for t in range(per)]]
+                            for part in (order[:a], order[a:b], order[b:]))
         heads = units or negative_attention_scores(model, train, progress=progress).top_heads(top_k)
         result = nasa_train(model, heads, train, dev, steps=steps, seed=seed, progress=progress)
         measures["test"] = lambda m: _binary_measures(m, test)
@@ -171,4 +193,6 @@ def mitigate(model: HookedModel, method: MitigationMethod, out: str | os.PathLik
 
 def export_edit(model: HookedModel, edit_file: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False):
     """Re-apply a saved edit to its original model and export the result as a Hugging Face directory."""
+    check_output_dir(out, overwrite)  # before the work
+    check_exportable(model)
     return export_model(apply_edit(model, load_edit(edit_file)), out, overwrite=overwrite)

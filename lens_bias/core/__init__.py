@@ -1,6 +1,7 @@
 """Core: loading models, the bridge ↔ Hugging Face conversion, the one hook vocabulary and forward
 helpers, prompt sets and padding, metrics, the locate result type, files, errors, figures."""
 
+from .checks import NonFiniteError, check_finite, check_weights_finite
 from .errors import DataError, LensBiasError, ModelLoadError, PromptError
 from .files import DATA_DIR, atomic_write, check_output_dir, replace_dir, shipped, write_table, write_text
 from .hf import architecture, clone_model, hf_module, hf_state_dict, load_hf_weights, out_projection, to_hf_model
@@ -24,7 +25,8 @@ from .scores import ComponentScores
 from .viz import heatmap, save_figure, top_bar
 
 __all__ = [
-    "DataError", "LensBiasError", "ModelLoadError", "PromptError",
+    "DataError", "LensBiasError", "ModelLoadError", "PromptError", "NonFiniteError", "check_finite",
+    "check_weights_finite",
     "DATA_DIR", "atomic_write", "check_output_dir", "replace_dir", "shipped", "write_table", "write_text",
     "architecture", "clone_model", "hf_module", "hf_state_dict", "load_hf_weights", "out_projection", "to_hf_model",
     "SITES", "Site", "check_hook_names", "device_of", "hook_name", "last_resid", "run_until", "site_kind", "trace",

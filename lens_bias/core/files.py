@@ -1,13 +1,20 @@
-"""Atomic file writes: write beside the target, fsync, rename — nothing half-written on disk."""
+"""Atomic file writes: write beside the target, fsync, rename — nothing half-written on disk. Output
+folders checked before any work (writable, not holding a user's files); advisory file locks."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks
+    fcntl = None
 
 from .errors import DataError, LensBiasError
 
@@ -61,15 +68,85 @@ def write_csv(path: str | os.PathLike, df) -> Path:
     return write_text(path, df.to_csv(index=False))
 
 
+def check_writable(path: str | os.PathLike) -> Path:
+    """A LensBiasError, before any work, when the output folder `path` (existing or to be created)
+    cannot be written: a file in the way, or no permission (tried by creating a file, not guessed)."""
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise LensBiasError(f"cannot use output folder {path}: {probe} is a file, not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".lens-bias-write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise LensBiasError(f"cannot write to output folder {path}: {probe} is not writable ({why})") from None
+    return path
+
+
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an output directory that exists and is not empty unless `overwrite` (before any work)."""
+    """Refuse, before any work, an output directory that exists and is not empty unless `overwrite`,
+    and one that cannot be written."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise LensBiasError(f"output path {path} exists and is not a directory")
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise LensBiasError(f"output directory {path} exists and is not empty; pass overwrite=True "
                             "(--overwrite) to replace it")
-    return path
+    return check_writable(path)
+
+
+def move_into(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Move a finished temp directory's entries into `final` (created when missing): each file is
+    renamed over its namesake, each sub-folder replaced whole; other entries of `final` stay."""
+    tmp, final = Path(tmp), Path(final)
+    if not final.exists():
+        return replace_dir(tmp, final)
+    for entry in sorted(tmp.iterdir()):
+        if entry.is_dir():
+            replace_dir(entry, final / entry.name)
+        else:
+            os.chmod(entry, FILE_MODE)
+            os.replace(entry, final / entry.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, *, blocking: bool = True) -> Iterator[bool]:
+    """Hold an exclusive advisory lock (flock) on the file `path` within the block. Yields True when
+    held; with `blocking=False`, False at once when another process holds it. The lock file is
+    removed on release (a waiter that got the removed file's lock notices and retries)."""
+    path = Path(path)
+    if fcntl is None:  # pragma: no cover
+        yield True
+        return
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                yield False
+                return
+            raise
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed it while we waited: lock the new one
+    try:
+        yield True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
 
 
 def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:

@@ -19,6 +19,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from .errors import LensBiasError, ModelLoadError
 from .hooks import device_of
 from .models import HookedModel
+from .precision import float32_activations
 
 _BRIDGE_INFIX = "._original_component"
 
@@ -35,13 +36,14 @@ def architecture(model) -> str:
     return archs[0]
 
 
-def fresh_model(hf: torch.nn.Module, device="meta", attn_implementation: str | None = None) -> torch.nn.Module:
-    """A new Hugging Face model of `hf`'s config and dtype (on the meta device: just its keys)."""
+def fresh_model(hf: torch.nn.Module, device="meta", attn_implementation: str | None = None,
+                dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A new Hugging Face model of `hf`'s config and dtype (or `dtype`; on the meta device: just its keys)."""
     from transformers import AutoModelForCausalLM
 
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(hf.config, torch_dtype=next(hf.parameters()).dtype, **kw)
+        return AutoModelForCausalLM.from_config(hf.config, torch_dtype=dtype or next(hf.parameters()).dtype, **kw)
 
 
 def hf_state_dict(model) -> dict[str, Tensor]:
@@ -63,12 +65,14 @@ def hf_state_dict(model) -> dict[str, Tensor]:
     return out
 
 
-def to_hf_model(model: HookedModel, *, device=None, attn_implementation: str | None = None) -> torch.nn.Module:
+def to_hf_model(model: HookedModel, *, device=None, attn_implementation: str | None = None,
+                dtype: torch.dtype | None = None) -> torch.nn.Module:
     """A plain Hugging Face model (a copy) with the bridge's current weights — for training with
-    PEFT, exporting, or anything else that wants the unwrapped module."""
+    PEFT, exporting, or anything else that wants the unwrapped module; in `dtype` when given."""
     hf = hf_module(model)
-    fresh = fresh_model(hf, device="cpu", attn_implementation=attn_implementation)
+    fresh = fresh_model(hf, device="cpu", attn_implementation=attn_implementation, dtype=dtype)
     fresh.load_state_dict({k: v.detach().to("cpu") for k, v in hf_state_dict(model).items()}, strict=True)
+    float32_activations(fresh)
     return fresh.to(device or device_of(hf)).eval()
 
 
@@ -90,6 +94,7 @@ def clone_model(model: TransformerBridge) -> TransformerBridge:
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"could not copy the model (its source {source!r} must stay readable): {e}") from None
     clone.eval()
+    float32_activations(clone)
     clone.lens_bias_source = source
     return clone
 
@@ -126,7 +131,9 @@ def load_hf_weights(model: TransformerBridge, hf_model: torch.nn.Module, *, inpl
         ours = target(tokens.to(device_of(target))).float().cpu()
         theirs = hf_model(input_ids=tokens.to(device_of(hf_model))).logits.float().cpu()
         diff = (ours - theirs).abs().max().item()
-    if not diff <= logit_tolerance(next(hf_model.parameters()).dtype, theirs):
+    dtypes = {next(hf_model.parameters()).dtype, next(hf_module(target).parameters()).dtype}
+    coarse = next((d for d in (torch.bfloat16, torch.float16) if d in dtypes), torch.float32)  # weights were cast
+    if not diff <= logit_tolerance(coarse, theirs):
         raise LensBiasError(f"the bridge did not take the weights of architecture {architecture(target)!r} "
                             f"(logits differ by {diff:.3g}); GPT-NeoX bridges keep copies of the split q/k/v")
     return target

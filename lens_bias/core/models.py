@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from .checks import check_weights_finite
 from .errors import ModelLoadError
 from .files import DATA_DIR
+from .precision import float32_activations
 
 #: The hooked model every function takes: a TransformerBridge with raw Hugging Face weights.
 HookedModel = TransformerBridge
@@ -31,9 +33,23 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ModelLoadError(f"unknown device {device!r}: {e}") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "meta":
+        raise ModelLoadError("device 'meta' holds no weights; use 'cpu' or a GPU")
+    backend = getattr(torch, dev.type, None) if dev.type != "mps" else getattr(torch.backends, "mps", None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        build = f"torch {torch.__version__}"
+        raise ModelLoadError(f"device {device!r} is not available here ({build} sees no {dev.type.upper()} device); "
+                             "use --device cpu (device='cpu') or leave it out to pick one")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and count is not None and dev.index >= count():
+        raise ModelLoadError(f"device {device!r} does not exist: this machine has {count()} {dev.type} device(s)")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -122,14 +138,36 @@ def load_model(
         model = TransformerBridge.boot_transformers(source, device=dev, dtype=dt, tokenizer=tokenizer)
     except ModelLoadError:
         raise
-    except (OSError, ValueError, KeyError, NotImplementedError) as e:
-        raise ModelLoadError(f"could not load model {source!r} ({kind}): {type(e).__name__}: {e}") from None
+    except (OSError, ValueError, KeyError, NotImplementedError, RuntimeError, EOFError) as e:
+        raise ModelLoadError(f"could not load model {source!r} ({kind}): {type(e).__name__}: {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - safetensors, pickle and JSON readers raise their own types
+        if type(e).__name__ not in ("SafetensorError", "UnpicklingError", "JSONDecodeError", "HeaderTooLarge"):
+            raise
+        raise ModelLoadError(f"could not load model {source!r}: {_weights_file(source)} is corrupt or truncated "
+                             f"({type(e).__name__}: {_first_line(e)})") from None
     model.eval()
+    float32_activations(model)  # float16: GELU's x³ would overflow (lens_bias.core.precision)
+    check_weights_finite(model, f"model {source!r}")
     tok = model.tokenizer
     if tok is not None and tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
     model.lens_bias_source = source
     return model
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def _weights_file(source: str) -> str:
+    """The weights file(s) of a local model directory, for error messages."""
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
+        if files:
+            return ", ".join(str(path / f) for f in files[:3])
+    return f"the weights of {source}"
 
 
 _RANDOM_FAMILIES = ("gpt2", "llama", "neox", "t5")

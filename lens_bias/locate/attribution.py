@@ -16,6 +16,7 @@ from typing import Iterable, Literal
 import torch
 from torch import Tensor
 
+from ..core.checks import check_finite
 from ..core.errors import LensBiasError
 from ..core.hooks import check_sites, device_of, hook_name
 from ..core.methods import ChunkSums, LocateMethod, add_scores, scores_from_sums
@@ -126,14 +127,16 @@ def attribution_patching(
         for l in range(L):
             n = names[(c, l)]
             # Δ = clean − corrupted activation, whichever run the gradient came from
-            delta = (grad_acts[n] - other_acts[n]) if at == "clean" else (other_acts[n] - grad_acts[n])
-            s = (grads[n] * delta * len(ps)).mean(0)  # the metric is a mean over prompts: undo its 1/n
+            # (in float32: in half precision the differences, products and sums lose their small terms)
+            a_g, a_o = grad_acts[n].float(), other_acts[n].float()
+            delta = (a_g - a_o) if at == "clean" else (a_o - a_g)
+            s = (grads[n].float() * delta * len(ps)).mean(0)  # the metric is a mean over prompts: undo its 1/n
             if c != "neuron":
                 s = s.sum(-1)  # over d_head / d_model → [pos] or [pos, head]
             if c in ("head", "neuron") and not per_position:
                 s = s.sum(0)  # over positions
             per_layer.append(s)
-        vals = torch.stack(per_layer).detach().cpu()
+        vals = check_finite(torch.stack(per_layer).detach().cpu(), f"attribution scores of {c}", model)
         unit = {"head": "head", "neuron": "neuron"}.get(c)
         dims = ("layer",) + (("pos",) if (unit is None or per_position) else ()) + ((unit,) if unit else ())
         res = ComponentScores(vals, dims, c, f"attribution@{at}", clean_m, corr_m, tokens)

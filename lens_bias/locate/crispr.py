@@ -27,6 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..core.checks import check_finite
 from ..core.errors import LensBiasError
 from ..core.hooks import hook_name
 from ..core.methods import ChunkSums, LocateMethod
@@ -169,8 +170,7 @@ def crispr_scores(model: HookedModel, items: Items, instructions: list[str] | No
         weights.append(weight)
     bar.close()
     vals = torch.stack(per_instruction).mean(0)
-    if torch.isnan(vals).any():
-        raise LensBiasError("NaN in neuron scores: check the model's dtype and inputs")
+    check_finite(vals, "CRISPR scores", model)
     return ComponentScores(vals, ("layer", unit), unit, "crispr",
                            extra={"lambda": lam, "tokens": tokens, "order": order, "n_instructions": len(instructions),
                                   # Σ_items c·B and Σ_items c per instruction: sums that combine across chunks

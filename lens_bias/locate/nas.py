@@ -32,6 +32,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..core.checks import check_finite
 from ..core.errors import LensBiasError
 from ..core.hooks import device_of, hook_name, last_resid, trace
 from ..core.methods import ChunkSums, LocateMethod
@@ -163,8 +164,7 @@ def negative_attention_scores(model: HookedModel, ps: PromptSet, batch_size: int
         neg_all.append(torch.stack([(got[l][0] * mask).sum(-1) / n_q for l in range(L)], 1).cpu())
         pos_all.append(torch.stack([(got[l][1] * mask).sum(-1) / n_q for l in range(L)], 1).cpu())
     pp = torch.cat(per_prompt)
-    if not torch.isfinite(pp).all():
-        raise LensBiasError("non-finite values in the attention patterns: check the model's weights, dtype and inputs")
+    check_finite(pp, "NAS (attention to the candidates)", model)
     return NASResult.of(pp.mean(0), pp, torch.cat(neg_all).mean(0), torch.cat(pos_all).mean(0), ps.metadata)
 
 

@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..core.checks import check_weights_finite
 from ..core.errors import LensBiasError
 from ..core.hooks import check_sites, device_of, hook_name
 from ..core.methods import ChunkSums, LocateMethod, add_scores, scores_from_sums
@@ -131,6 +132,7 @@ def causal_trace(
     chunk's start × samples as `first_row` and the whole set's embedding_std as `std`.
     """
     sites = check_sites(sites, TRACE_SITES, "causal tracing")
+    check_weights_finite(model, "causal tracing")
     if not isinstance(ps, PromptSet):
         raise LensBiasError(f"expected a PromptSet, got {type(ps).__name__}")
     if corruption not in ("noise", "counterfactual"):

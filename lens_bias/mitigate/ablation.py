@@ -42,7 +42,11 @@ def check_units(model: HookedModel, units: Sequence[tuple[int, int]], site: Unit
             l, i = u
         except (TypeError, ValueError):
             raise LensBiasError(f"{what} {u!r} is not a (layer, index) pair") from None
-        if any(isinstance(v, bool) or not float(v).is_integer() for v in (l, i)):
+        try:
+            whole = not any(isinstance(v, bool) or not float(v).is_integer() for v in (l, i))
+        except (TypeError, ValueError):
+            whole = False
+        if not whole:
             raise LensBiasError(f"{what} ({l}, {i}): layer and index must be whole numbers")
         out.append((int(l), int(i)))
     units = out

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.checks import check_finite
 from ..core.errors import LensBiasError
 from ..core.files import atomic_write
 from ..core.hf import clone_model, hf_state_dict
@@ -74,7 +75,7 @@ def weight_edit(original, edited, meta: dict | None = None) -> WeightEdit:
             if best is None or len(idx) < len(best[1]):
                 best = (dim, idx)
         dim, idx = best
-        new = wb.detach().cpu().index_select(dim, idx).clone()
+        new = check_finite(wb.detach().cpu().index_select(dim, idx).clone(), f"the edited weight {name}")
         old = wa.detach().cpu().index_select(dim, idx)
         edit.changes[name] = {"dim": dim, "index": idx, "values": new, "fingerprint": _fingerprint(old),
                               "delta_norm": float((new.double() - old.double()).norm())}

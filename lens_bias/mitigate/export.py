@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..core.checks import check_weights_finite
 from ..core.errors import LensBiasError
 from ..core.files import check_output_dir, replace_dir
 from ..core.hf import architecture, hf_module, logit_tolerance, probe_tokens, to_hf_model
@@ -47,6 +48,7 @@ def export_model(model: HookedModel, out_dir: str | os.PathLike, *, tokenizer=No
     check_exportable(model)
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite)
+    check_weights_finite(model, "export")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     fresh = to_hf_model(model, device="cpu")
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -28,8 +29,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..core.checks import check_finite
 from ..core.errors import DataError, LensBiasError
-from ..core.files import atomic_write, write_table
+from ..core.files import atomic_write, check_writable, file_lock, write_table
 from ..core.hooks import device_of
 from ..core.methods import ChunkSums, LocateMethod
 from ..core.models import HookedModel, load_model
@@ -40,13 +42,23 @@ from .parallel import all_reduce, process_group
 from .registry import expects_prompt_set, get_method, load_run_data, method_options
 from .store import (
     CHUNKS,
+    LOCK,
+    MANIFEST,
     check_same_run,
+    chunk_entry,
+    chunk_lock_path,
     chunk_path,
+    clean_chunk_temps,
+    clean_stale_locks,
     clean_temp_files,
     data_fingerprint,
+    discard_run,
+    finished_chunks,
     load_chunk,
     model_fingerprint,
     read_manifest,
+    run_differences,
+    run_lock,
     save_chunk,
     write_manifest,
 )
@@ -83,6 +95,38 @@ def write_outputs(out_dir: Path, spec: LocateMethod, result) -> list[Path]:
     return written
 
 
+def _user_files(out_dir: Path) -> list[str]:
+    """Entries of an existing folder that no lens-bias run wrote (a run's own: its manifest, chunks,
+    lock and temp files)."""
+    if not out_dir.is_dir():
+        return []
+    ours = {MANIFEST, CHUNKS, LOCK}
+    return sorted(p.name for p in out_dir.iterdir()
+                  if p.name not in ours and not (p.name.startswith(f".{MANIFEST}.") and p.name.endswith(".tmp")))
+
+
+def _pad_positions(rec: dict, width: int | None) -> dict:
+    """A chunk whose prompts are all shorter than the data set's longest has fewer positions (a
+    PromptSet slice drops all-padding columns): its per-position sums are padded to `width` with what
+    a position after a prompt's end scores — no effect: the corrupted metric for patching and tracing
+    (their values are metrics), 0 for attribution (its values are effects)."""
+    if width is None:
+        return rec
+    for key, m in (rec.get("meta") or {}).items():
+        if not isinstance(m, dict) or "pos" not in (m.get("dims") or ()):
+            continue
+        axis = list(m["dims"]).index("pos")
+        values = rec["sums"][f"{key}/values"]
+        short = width - values.shape[axis]
+        if short <= 0:
+            continue
+        fill = rec["sums"][f"{key}/corrupted"].double() if m.get("method") in ("activation", "tracing") else 0.0
+        shape = list(values.shape)
+        shape[axis] = short
+        rec["sums"][f"{key}/values"] = torch.cat([values, torch.zeros(shape, dtype=values.dtype) + fill], axis)
+    return rec
+
+
 def attribute_dataset(
     model: HookedModel,
     method: str,
@@ -99,6 +143,7 @@ def attribute_dataset(
     world_size: int | None = None,
     progress: bool = True,
     write: bool = True,
+    overwrite: bool = False,
 ):
     """Run `method` over `data` in resumable chunks of `chunk_size` prompts; the combined result.
 
@@ -110,16 +155,28 @@ def attribute_dataset(
     Returns dict[str, ComponentScores] (patching, attribution, tracing), NASResult (nas) or
     ComponentScores (crispr), without per-prompt values except NAS's; None for a job
     (rank/world_size without torch.distributed) that finds other jobs' chunks still missing.
-    Finished chunks on disk are skipped; `write` adds the table and heatmaps to out_dir.
+    Finished chunks on disk whose checksum matches the manifest are skipped; `write` adds the table
+    and heatmaps to out_dir. An existing out_dir that holds no run, or a run with other arguments
+    and finished chunks, is refused unless `overwrite` (which discards that run's chunks and
+    outputs). Processes sharing out_dir never compute the same chunk (a lock per chunk).
     """
     spec = get_method(method)
-    if chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise LensBiasError(f"chunk_size must be ≥ 1, got {chunk_size}")
-    if batch_size is not None and batch_size < 1:
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise LensBiasError(f"batch_size must be ≥ 1, got {batch_size}")
     opts = method_options(spec, options)
     if isinstance(data, (str, Path)) and not Path(data).is_file():
         raise DataError(f"data file {data} {'is a directory' if Path(data).is_dir() else 'does not exist'}")
+    out_dir = Path(out_dir)
+    # the output folder, before any work: a folder, writable, and not a user's folder
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LensBiasError(f"{out_dir} is a file; the output must be a folder")
+    if read_manifest(out_dir) is None and _user_files(out_dir) and not overwrite:
+        shown = ", ".join(_user_files(out_dir)[:3])
+        raise LensBiasError(f"{out_dir} holds files but no lens-bias run ({shown}, ...): its files would be "
+                            "overwritten; use another folder, or pass overwrite=True (--overwrite)")
+    check_writable(out_dir)
     if isinstance(model, (str, Path)):
         model_name = str(model)
         model = load_model(model, device=device, dtype=dtype)
@@ -135,6 +192,7 @@ def attribute_dataset(
     n = len(data)
     if n == 0:
         raise DataError("no prompts to run on")
+    width = data.tokens.shape[1] if isinstance(data, PromptSet) else None
 
     dist = process_group()
     if dist is not None:
@@ -142,22 +200,32 @@ def attribute_dataset(
     rank, world_size = rank or 0, world_size or 1
     if not 0 <= rank < world_size:
         raise LensBiasError(f"rank {rank} is not in 0..{world_size - 1}")
-    out_dir = Path(out_dir)
     torch.manual_seed(seed)
     args = {"method": method, "model_sha256": model_fingerprint(model), "data_sha256": data_hash,
             "n_prompts": n, "chunk_size": chunk_size, "seed": seed, "options": opts}
     key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
     n_chunks = math.ceil(n / chunk_size)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise LensBiasError(f"{out_dir} is a file; the output must be a folder")
-    check_same_run(out_dir, read_manifest(out_dir), args)
+    if not overwrite:
+        check_same_run(out_dir, read_manifest(out_dir), args)
+    # bad input the method finds in the whole data set fails here, before anything is written
+    state = spec.prepare(model, data, opts, seed) if spec.prepare is not None else None
+
+    created = not out_dir.exists()
     writes_manifest = dist is None or rank == 0
     if rank == 0:
         (out_dir / CHUNKS).mkdir(parents=True, exist_ok=True)
-        if dist is not None or world_size == 1:  # independent jobs may be writing theirs right now
+        with run_lock(out_dir):
+            old = read_manifest(out_dir)
+            if run_differences(old, args):
+                if finished_chunks(out_dir, old) and not overwrite:
+                    check_same_run(out_dir, old, args)  # another process started another run meanwhile
+                if overwrite:
+                    discard_run(out_dir)
+                    (out_dir / CHUNKS).mkdir(parents=True, exist_ok=True)
             clean_temp_files(out_dir)
-        starts = ((read_manifest(out_dir) or {}).get("starts", 0)) + 1
-        write_manifest(out_dir, args, key, n_chunks, starts, model=model_name, data=data_name)
+            clean_stale_locks(out_dir)
+            starts = ((read_manifest(out_dir) or {}).get("starts", 0) if not run_differences(old, args) else 0) + 1
+            write_manifest(out_dir, args, key, n_chunks, starts, model=model_name, data=data_name, locked=True)
     if dist is not None:
         keys = [None] * world_size
         dist.all_gather_object(keys, key)  # also the barrier after rank 0's manifest
@@ -166,35 +234,63 @@ def attribute_dataset(
     (out_dir / CHUNKS).mkdir(parents=True, exist_ok=True)
     start_no = (read_manifest(out_dir) or {}).get("starts", 1)
 
-    state = spec.prepare(model, data, opts, seed) if spec.prepare is not None else None
+    def load(i: int, manifest: dict | None):
+        entry = chunk_entry(manifest, i)
+        return load_chunk(chunk_path(out_dir, i), key, entry, i) if entry is not None else None
+
     mine = [i for i in range(n_chunks) if i % world_size == rank]
-    done = {i for i in mine if load_chunk(chunk_path(out_dir, i), key) is not None}
-    bar = tqdm(total=len(mine), initial=len(done), disable=not progress, unit="chunk",
+    bar = tqdm(total=len(mine), disable=not progress, unit="chunk",
                desc=f"{method}" + (f" rank {rank}" if world_size > 1 else ""),
                position=rank if world_size > 1 else None)
-    computed = []
-    for i in mine:
-        if i in done:
-            continue
+    computed: list[int] = []
+
+    def compute(i: int) -> None:
+        """Chunk i, computed and saved (call holding its lock)."""
+        clean_chunk_temps(out_dir, i)
         lo, hi = i * chunk_size, min(n, (i + 1) * chunk_size)
         t0 = time.perf_counter()
         part = spec.run(model, data, lo, hi, opts, batch_size, state)
+        check_finite(part.sums, f"{method} sums of chunk {i} (prompts {lo}..{hi - 1})", model)
         rec = {"key": key, "index": i, "lo": lo, "hi": hi, "count": part.count, "sums": part.sums, "meta": part.meta,
-               "rows": part.rows, "start": start_no, "rank": rank, "seconds": time.perf_counter() - t0}
-        save_chunk(out_dir, i, rec)
+               "rows": part.rows, "start": start_no, "rank": rank, "pid": os.getpid(), "seconds": time.perf_counter() - t0}
+        save_chunk(out_dir, i, rec, (args, key, n_chunks))
         computed.append(i)
-        if writes_manifest:
-            write_manifest(out_dir, args, key, n_chunks)
-        bar.update(1)
-    bar.close()
+
+    try:
+        manifest = read_manifest(out_dir)
+        busy = []
+        for i in mine:
+            if load(i, manifest) is not None:
+                bar.update(1)
+                continue
+            with file_lock(chunk_lock_path(out_dir, i), blocking=False) as held:
+                if not held:  # another process is computing it
+                    busy.append(i)
+                    continue
+                if load(i, read_manifest(out_dir)) is None:  # it may have finished it just now
+                    compute(i)
+            bar.update(1)
+        for i in busy:  # wait for the other process; compute what it left (it may have died)
+            with file_lock(chunk_lock_path(out_dir, i)):
+                if load(i, read_manifest(out_dir)) is None:
+                    compute(i)
+            bar.update(1)
+    except BaseException:
+        if writes_manifest and not finished_chunks(out_dir, read_manifest(out_dir)):
+            _undo_start(out_dir, created)  # nothing finished: leave the folder as it was
+        raise
+    finally:
+        bar.close()
 
     owned = mine if dist is not None else range(n_chunks)
+    manifest = read_manifest(out_dir)
     total, rows, missing = ChunkSums({}, 0), {}, []
     for i in owned:
-        rec = load_chunk(chunk_path(out_dir, i), key)
+        rec = load(i, manifest)
         if rec is None:
             missing.append(i)
             continue
+        rec = _pad_positions(rec, width)
         for k, v in rec["sums"].items():
             total.sums[k] = total.sums[k] + v.double() if k in total.sums else v.double().clone()
         total.meta, total.count = rec["meta"] or total.meta, total.count + rec["count"]
@@ -203,8 +299,6 @@ def attribute_dataset(
     if dist is not None:
         total, rows, computed = all_reduce(dist, total, rows, computed, device_of(model))
     elif missing:
-        if writes_manifest:
-            write_manifest(out_dir, args, key, n_chunks)
         warnings.warn(f"{len(missing)} of {n_chunks} chunks are not finished yet (e.g. chunk {missing[0]}); "
                       "the job that finishes the last one combines them")
         return None
@@ -212,11 +306,29 @@ def attribute_dataset(
         total.rows[k] = torch.cat([rows[i][k] for i in sorted(rows)])
     result = spec.finalize(model, data, total, opts)
     if write and (dist is None or rank == 0):
-        write_outputs(out_dir, spec, result)
-        outputs = sorted(p.name for p in out_dir.glob("*") if p.is_file() and not p.name.startswith("."))
-        write_manifest(out_dir, args, key, n_chunks, outputs=outputs,
-                        last_start={"start": start_no, "world_size": world_size, "computed": computed,
-                                    "skipped": [i for i in range(n_chunks) if i not in set(computed)]})
+        with run_lock(out_dir):
+            clean_temp_files(out_dir)
+            clean_stale_locks(out_dir)
+            write_outputs(out_dir, spec, result)
+            outputs = sorted(p.name for p in out_dir.glob("*") if p.is_file() and not p.name.startswith("."))
+            entry = {"start": start_no, "pid": os.getpid(), "world_size": world_size, "computed": computed,
+                     "skipped": [i for i in range(n_chunks) if i not in set(computed)]}
+            history = (read_manifest(out_dir) or {}).get("history", [])[-49:] + [entry]
+            write_manifest(out_dir, args, key, n_chunks, outputs=outputs, locked=True, last_start=entry,
+                           history=history)
     if dist is not None:
         dist.barrier()  # every rank returns once rank 0's outputs are on disk
     return result
+
+
+def _undo_start(out_dir: Path, created: bool) -> None:
+    """After a run failed before any chunk finished: remove its manifest (it binds nothing) and, when
+    this run created the folder, the folder."""
+    with run_lock(out_dir):
+        (out_dir / MANIFEST).unlink(missing_ok=True)
+        clean_temp_files(out_dir)
+    chunks = out_dir / CHUNKS
+    if chunks.is_dir() and not any(chunks.iterdir()):
+        chunks.rmdir()
+    if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()

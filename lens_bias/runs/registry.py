@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..core.errors import DataError, LensBiasError
+from ..core.errors import DataError, LensBiasError, PromptError
 from ..core.methods import LocateMethod
 from ..core.models import HookedModel
 from ..core.prompts import PromptSet
@@ -17,7 +17,7 @@ from ..locate import attribution, baselines, crispr, nas, patching, tracing
 from ..tasks.gender import VIG_TEMPLATES, load_professions, professions_prompts
 from ..tasks.multiple_choice import load_bbq
 from ..tasks.pairs import load_prompt_pairs
-from ..tasks.records import read_text_file
+from ..tasks.records import located, read_text_file
 from ..tasks.yesno import binary_prompts, load_yes_no
 
 #: name → spec, one entry per method
@@ -67,7 +67,10 @@ def load_run_data(model: HookedModel, method: str | LocateMethod, path: str | Pa
     if path.is_dir():
         raise DataError(f"{path} is a directory; --data wants a file")
     if spec.data == "yesno":
-        return binary_prompts(model, load_yes_no(path))
+        try:
+            return binary_prompts(model, load_yes_no(path))
+        except PromptError as e:
+            raise located(path, e) from None
     if spec.data == "multiple_choice":
         return load_bbq(path)
     subject = spec.data == "subject_prompts"

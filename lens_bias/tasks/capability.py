@@ -10,6 +10,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..core.checks import check_finite
 from ..core.errors import LensBiasError, PromptError
 from ..core.hooks import device_of
 from ..core.metrics import logit_diff
@@ -48,7 +49,7 @@ def text_loss(model: HookedModel, texts: str | list[str], *, batch_size: int = 3
         count += int((labels[:, 1:] != -100).sum())
     if count == 0:
         raise LensBiasError("no tokens to score: every line is a single token")
-    return total / count
+    return check_finite(total / count, "text loss", model)
 
 
 def cloze_accuracy(model: HookedModel, items: Items, *, batch_size: int = 32, hooks: list | None = None) -> dict:
@@ -76,7 +77,9 @@ def cloze_accuracy(model: HookedModel, items: Items, *, batch_size: int = 32, ho
                               f"of {n_ctx}")
         ids, mask = pad(seqs)
         with torch.no_grad(), model.hooks(fwd_hooks=hooks or []):
-            top = model(ids.to(dev), attention_mask=mask.to(dev)).argmax(-1)
+            logits = model(ids.to(dev), attention_mask=mask.to(dev))
+        check_finite(logits.amax(-1), "cloze logits", model)  # a NaN logit makes amax NaN
+        top = logits.argmax(-1)
         for it, q, (start, n), row in zip(chunk, seqs, spans, top):
             ok = row[start - 1:start - 1 + n].tolist() == q[start:start + n]
             hits["overall"].append(ok)
@@ -92,7 +95,7 @@ def bias_values(model: HookedModel, ps: PromptSet, batch_size: int = 32) -> Floa
         b = b.to(dev)
         with torch.no_grad():
             out.append(logit_diff(model(b.tokens, attention_mask=b.attention_mask), b).float())
-    return torch.cat(out)
+    return check_finite(torch.cat(out), "logit difference", model)
 
 
 def bias_table(models: dict, sets: dict[str, PromptSet], batch_size: int = 32):

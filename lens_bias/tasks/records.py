@@ -156,6 +156,17 @@ def line_of(path: str | os.PathLike, index: int) -> str:
     return f"{path} record {index + 1}"
 
 
+def located(path: str | os.PathLike, error: Exception) -> Exception:
+    """`error` (about record `error.item`, 0-based, when it says so) as the same type with the file and
+    line named: 'data.jsonl:3: ...'."""
+    item = getattr(error, "item", None)
+    where = line_of(path, item) if isinstance(item, int) else str(path)
+    message = str(error)
+    if isinstance(item, int):
+        message = message.split(": ", 1)[1] if message.startswith("yes/no item ") else message
+    return type(error)(f"{where}: {message}")
+
+
 def load_records(source: Source) -> tuple["datasets.Dataset | list[dict]", Any]:  # noqa: F821
     """(records, where) from a path, a datasets.Dataset or a list of dicts; `where(i)` names record i
     for error messages ('file:line', or 'item i')."""

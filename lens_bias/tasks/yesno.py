@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 
+from ..core.checks import check_finite
 from ..core.errors import DataError, PromptError
 from ..core.hooks import device_of
 from ..core.models import HookedModel
@@ -156,6 +157,13 @@ def load_gsm8k(source: Source = "gsm8k", n: int | None = None, seed: int = 0) ->
 
 
 # ---- prompt sets ------------------------------------------------------------------------
+def _item_error(k: int, message: str) -> PromptError:
+    """A PromptError about item k (0-based) that knows the item (`.item`), so a loader can name its line."""
+    err = PromptError(f"yes/no item {k + 1}: {message}")
+    err.item = k
+    return err
+
+
 def binary_prompts(
     model_or_tokenizer,
     items: Items,
@@ -172,14 +180,29 @@ def binary_prompts(
     items = as_items(items)
     if not len(items):
         raise PromptError("no yes/no items given")
+    instructions = list(instructions)
+    if not instructions:
+        raise PromptError("no instructions given")
     ids = [answer_token_id(tok, c) for c in candidates]
+    n_ctx = getattr(getattr(model_or_tokenizer, "cfg", None), "n_ctx", None)
     prompts, meta = [], []
-    for it in items:
-        label = normalize_label(it.get("label"), f" of question {it.get('question')!r}")
+    for k, it in enumerate(items):
+        q = it.get("question")
+        if not isinstance(q, str) or not q.strip():
+            raise _item_error(k, f"needs a non-empty 'question' string (got {q!r})")
+        try:
+            label = normalize_label(it.get("label"), f" of question {q[:60]!r}")
+        except PromptError as e:
+            raise _item_error(k, str(e)) from None
         for t, ins in enumerate(instructions):
-            prompts.append(format_binary_prompt(ins, it["question"]))
-            meta.append({"question": it["question"], "label": label, "kind": it.get("kind", ""), "template": t,
+            prompts.append(format_binary_prompt(ins, q))
+            meta.append({"question": q, "label": label, "kind": it.get("kind", ""), "template": t,
                          "instruction": ins, "gold": 1 if label == "yes" else 0})
+            if n_ctx:
+                n_tok = len(tok(prompts[-1], add_special_tokens=False)["input_ids"]) + (tok.bos_token_id is not None)
+                if n_tok > n_ctx:
+                    raise _item_error(k, f"its prompt is {n_tok} tokens, longer than the model's context of {n_ctx} "
+                                         f"(question {q[:50]!r}...)")
     ps = PromptSet.build(model_or_tokenizer, prompts, tuple(candidates), metadata=meta)
     for i, m in enumerate(ps.metadata):
         row = ps.tokens[i, : int(ps.answer_pos[i]) + 1].tolist()
@@ -229,9 +252,7 @@ def evaluate_binary(model: HookedModel, ps: PromptSet, ablate: list | None = Non
             last = logits[torch.arange(len(sub), device=device), sub.answer_pos]
             two = last.gather(1, sub.answer_ids[:, :2]).float().softmax(-1)
             p_yes.append(two[:, 0].cpu())
-    p_yes = torch.cat(p_yes)
-    if torch.isnan(p_yes).any():
-        raise PromptError("the model produced NaN probabilities")
+    p_yes = check_finite(torch.cat(p_yes), "P(yes) of the yes/no prompts", model)
     gold = [m["label"] == "yes" for m in ps.metadata]
     pred = (p_yes > 0.5).tolist()
     per_template = {t: decision_metrics([p for p, m in zip(pred, ps.metadata) if m["template"] == t],

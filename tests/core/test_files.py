@@ -30,3 +30,65 @@ def test_replace_dir(tmp_path):
     replace_dir(new, old)
     assert os.listdir(old) == ["new.txt"] and sorted(os.listdir(tmp_path)) == ["model"]
     assert stat.S_IMODE(old.stat().st_mode) == 0o777 & ~_umask()  # not mkdtemp's 0700
+
+
+def test_move_into_keeps_other_files(tmp_path):
+    from lens_bias.core.files import move_into
+
+    final, tmp = tmp_path / "out", tmp_path / ".out.tmp"
+    final.mkdir()
+    (final / "mine.txt").write_text("the user's")
+    (final / "report.txt").write_text("old report")
+    (final / "model").mkdir()
+    (final / "model" / "stale.bin").write_text("stale")
+    tmp.mkdir()
+    (tmp / "report.txt").write_text("new report")
+    (tmp / "model").mkdir()
+    (tmp / "model" / "config.json").write_text("{}")
+    move_into(tmp, final)
+    assert (final / "mine.txt").read_text() == "the user's" and (final / "report.txt").read_text() == "new report"
+    assert os.listdir(final / "model") == ["config.json"] and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+LOCKER = """
+import sys, time
+from lens_bias.core.files import file_lock
+with file_lock(sys.argv[1]) as held:
+    print("held", held, flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_file_lock_excludes_other_processes(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from lens_bias.core.files import file_lock
+
+    lock = tmp_path / ".lock"
+    p = subprocess.Popen([sys.executable, "-c", LOCKER, str(lock), "3"], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held True"
+    with file_lock(lock, blocking=False) as held:
+        assert held is False  # the other process holds it
+    t0 = time.monotonic()
+    with file_lock(lock) as held:  # waits for it
+        assert held is True and lock.exists()
+    assert time.monotonic() - t0 > 0.5
+    assert not lock.exists()  # removed on release
+    p.wait()
+
+
+def test_check_output_dir_refuses_before_work(tmp_path):
+    from lens_bias.core import LensBiasError
+    from lens_bias.core.files import check_output_dir
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(LensBiasError, match="f is a file, not a folder"):
+        check_output_dir(tmp_path / "f" / "out", overwrite=False)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("x")
+    with pytest.raises(LensBiasError, match="not empty"):
+        check_output_dir(tmp_path / "d", overwrite=False)
+    assert check_output_dir(tmp_path / "d", overwrite=True) == tmp_path / "d"
+    assert not [p for p in tmp_path.rglob(".*")]  # the write probe leaves nothing

@@ -54,7 +54,20 @@ def check_heads(config, heads) -> list[tuple[int, int]]:
     """Validate (layer, head) pairs against a config; a clear error for any out of range."""
     _, n_heads, _, _ = _dims(config)
     n_layers = config.num_hidden_layers
-    heads = sorted({(int(l), int(h)) for l, h in heads})
+    pairs = []
+    for u in heads:
+        try:
+            l, h = u
+        except (TypeError, ValueError):
+            raise LensBiasError(f"head {u!r} is not a (layer, head) pair") from None
+        try:
+            whole = not any(isinstance(v, bool) or not float(v).is_integer() for v in (l, h))
+        except (TypeError, ValueError):
+            whole = False
+        if not whole:
+            raise LensBiasError(f"head ({l}, {h}): layer and head must be whole numbers")
+        pairs.append((int(l), int(h)))
+    heads = sorted(set(pairs))
     if not heads:
         raise LensBiasError("no heads selected")
     for l, h in heads:
@@ -121,15 +134,17 @@ def _col_mask(config, layer_heads) -> Tensor:
 
 
 def head_lora_model(model: HookedModel, heads, *, r: int = 8, alpha: int = 16, dropout: float = 0.0,
-                    modules: tuple[str, ...] = ("q", "k", "v", "o"), device=None, seed: int = 0):
-    """A PEFT LoRA model (on a plain Hugging Face copy of `model`, eager attention) that can change
-    only the selected heads: LoRA factors outside the heads' slices are zero and gradient-masked."""
+                    modules: tuple[str, ...] = ("q", "k", "v", "o"), device=None, seed: int = 0,
+                    dtype: torch.dtype | None = None):
+    """A PEFT LoRA model (on a plain Hugging Face copy of `model`, eager attention, in `dtype` when
+    given) that can change only the selected heads: LoRA factors outside the heads' slices are zero
+    and gradient-masked."""
     from peft import get_peft_model
 
     torch.manual_seed(seed)
     cfg = head_lora_config(model, heads, r=r, alpha=alpha, dropout=dropout, modules=modules)
     arch = architecture(model)
-    hf = to_hf_model(model, device=device, attn_implementation="eager")
+    hf = to_hf_model(model, device=device, attn_implementation="eager", dtype=dtype)
     config = hf.config
     heads = check_heads(config, heads)
     peft_model = get_peft_model(hf, cfg)

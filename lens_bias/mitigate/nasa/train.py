@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ...core.errors import LensBiasError
-from ...core.hf import load_hf_weights
+from ...core.hf import hf_module, load_hf_weights
 from ...core.hooks import device_of
 from ...core.models import HookedModel
 from ...core.prompts import PromptSet
@@ -90,7 +90,11 @@ def nasa_train(
     for name, ps in (("train", train), ("dev", dev)):
         if len(ps) == 0 or not ps.metadata or "neg_cand" not in ps.metadata[0]:
             raise LensBiasError(f"the {name} prompts need candidate positions: build them with binary_prompts")
-    peft_model = head_lora_model(model, heads, r=r, alpha=alpha, modules=modules, device=device, seed=seed)
+    # float16 cannot hold the NAS term's gradient (∂/∂A log(A + ε) reaches 1/ε where a head ignores a
+    # candidate): a float16 model trains on a float32 copy, and the merged weights are cast back
+    train_dtype = torch.float32 if next(hf_module(model).parameters()).dtype == torch.float16 else None
+    peft_model = head_lora_model(model, heads, r=r, alpha=alpha, modules=modules, device=device, seed=seed,
+                                 dtype=train_dtype)
     heads = peft_model.lens_bias_heads
     devc = device_of(peft_model)
     L, H = model.cfg.n_layers, model.cfg.n_heads

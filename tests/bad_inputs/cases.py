@@ -1,0 +1,192 @@
+"""The bad-input corpus: every case a new user met, one line each, run by test_bad_inputs.py.
+
+A CLI case is `cli(name, args, files, match)`: `args` is the command line with {d} for the case's own
+folder and {ro} for a folder nobody may write; `files` maps names under {d} to their contents (text,
+bytes, or a function that builds them); the command must exit 2 (or `code`) with exactly one line on
+stderr matching the regex `match`, leave every file it was given unchanged and leave no {d}/out
+behind. An API case is `api(name, call, files, match, error)`: `call(e)` gets e.d (the folder),
+e.organism (the shipped model organism) and e.nan (the organism with one NaN weight) and must raise
+`error` with a message matching `match`. `xfail="owner: why"` marks a case another branch fixes.
+To add a case, add a line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import lens_bias as lb
+from lens_bias.core import DataError, LensBiasError, ModelLoadError, NonFiniteError, PromptError, resolve_device
+from lens_bias.locate import activation_patching, attribution_patching, causal_trace, crispr_scores
+from lens_bias.locate.nas import negative_attention_scores
+from lens_bias.mitigate.nasa import head_lora_model
+from lens_bias.tasks import MC_INSTRUCTIONS, load_yes_no
+from lens_bias.tasks.capability import bias_values, cloze_accuracy, text_loss
+
+ROOT = Path(__file__).resolve().parents[2]
+ORGANISM = ROOT / "data" / "organism"
+ORG_DATA = ROOT / "data" / "organism_data"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    run: str | Callable  # CLI arguments, or an API call
+    files: dict = field(default_factory=dict)
+    match: str = ""
+    code: int = 2
+    error: type = LensBiasError
+    xfail: str | None = None
+
+
+def cli(name, args, files=None, match="", code=2, xfail=None) -> Case:
+    return Case(name, args, dict(files or {}), match, code, LensBiasError, xfail)
+
+
+def api(name, call, files=None, match="", error=LensBiasError, xfail=None) -> Case:
+    return Case(name, call, dict(files or {}), match, 2, error, xfail)
+
+
+# ---- building blocks -----------------------------------------------------------------------------
+def jl(*rows: dict) -> str:
+    """JSON lines."""
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def q(question="Is 3 more than 2?", label="yes") -> dict:
+    return {"question": question, "label": label}
+
+
+LONG = "Is " + "very " * 600 + "big?"  # ≈ 600 tokens; the organism's context is 128
+PAIR = {"prompt": "The nurse said that", "corrupted": "The clerk said that", "subject": "nurse", "answers": [" she", " he"]}
+BBQ = [json.loads(line) for line in (ORG_DATA / "bbq_age.jsonl").read_text().splitlines()[:6]]
+M = "--model organism --device cpu"
+
+
+def model_dir(fault: str) -> Callable[[Path], None]:
+    """A copy of the organism's folder with one fault: truncate / garbage / empty weights, a NaN
+    weight, no config.json, a config that is not JSON."""
+    def build(path: Path) -> None:
+        shutil.copytree(ORGANISM, path)
+        w = path / "model.safetensors"
+        if fault == "truncate":
+            w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+        elif fault == "garbage":
+            w.write_bytes(b"\xff" * 16 + w.read_bytes()[16:])
+        elif fault == "empty":
+            w.write_bytes(b"")
+        elif fault == "nan":
+            from safetensors.torch import load_file, save_file
+
+            t = load_file(w)
+            t["transformer.h.1.mlp.c_proj.weight"][5, 7] = float("nan")
+            save_file(t, w, metadata={"format": "pt"})
+        elif fault == "no-config":
+            (path / "config.json").unlink()
+        elif fault == "bad-config":
+            (path / "config.json").write_text("{not json")
+    return build
+
+
+def folder(**files) -> Callable[[Path], None]:
+    """A folder holding `files` (a user's own folder)."""
+    def build(path: Path) -> None:
+        path.mkdir()
+        for name, text in files.items():
+            (path / name).write_text(text)
+    return build
+
+
+NAN_WEIGHT = r"weight transformer\.h\.1\.mlp\.c_proj\.weight holds 1 non-finite value"
+ON_NAN = dict(error=NonFiniteError, match=NAN_WEIGHT)
+
+# ---- the corpus ----------------------------------------------------------------------------------
+CASES: list[Case] = [
+    # models and devices
+    cli("weights-truncated", "info --model {d}/m", {"m": model_dir("truncate")}, r"m/model\.safetensors is corrupt or truncated"),
+    cli("weights-garbage-header", "info --model {d}/m", {"m": model_dir("garbage")}, r"m/model\.safetensors is corrupt or truncated"),
+    cli("weights-empty", "info --model {d}/m", {"m": model_dir("empty")}, r"m/model\.safetensors is corrupt or truncated"),
+    cli("weights-nan", "info --model {d}/m", {"m": model_dir("nan")}, NAN_WEIGHT),
+    cli("model-no-config", "info --model {d}/m", {"m": model_dir("no-config")}, r"m has no config\.json"),
+    cli("model-bad-config", "info --model {d}/m", {"m": model_dir("bad-config")}, r"could not load model .*m"),
+    cli("model-missing", "info --model {d}/nothing", {}, r"nothing' does not exist"),
+    cli("device-cuda-without-cuda", "info --model organism --device cuda", {}, r"device 'cuda' is not available here"),
+    cli("device-unknown", "info --model organism --device gpu0", {}, r"unknown device 'gpu0'"),
+    cli("dtype-unknown", "info --model organism --dtype float8", {}, r"unknown dtype 'float8'"),
+    api("device-cuda-api", lambda e: resolve_device("cuda"), {}, r"device 'cuda' is not available", ModelLoadError),
+    api("weights-truncated-api", lambda e: lb.load_model(e.d / "m"), {"m": model_dir("truncate")}, r"corrupt or truncated", ModelLoadError),
+    # data files: encodings, nulls, malformed lines
+    cli("data-latin1", f"attribute {M} --data {{d}}/q.jsonl --method nas --out {{d}}/out --quiet", {"q.jsonl": '{"question": "Is caf\xe9 open?", "label": "yes"}\n'.encode("latin-1")}, r"q\.jsonl:1: not UTF-8 text \(byte 0xe9\)"),
+    cli("data-bom-csv", f"attribute {M} --data {{d}}/q.csv --method nas --out {{d}}/out --quiet", {"q.csv": "\ufeffquestion,label\nIs 3 more than 2?,yes\n"}, r"nas on 4 prompts", code=0),
+    cli("data-bom-jsonl", f"attribute {M} --data {{d}}/q.jsonl --method nas --out {{d}}/out --quiet", {"q.jsonl": "\ufeff" + jl(q())}, r"nas on 4 prompts", code=0),
+    cli("question-null", f"attribute {M} --data {{d}}/q.jsonl --method nas --out {{d}}/out --quiet", {"q.jsonl": jl(q(), q(None))}, r"q\.jsonl:2: needs a non-empty 'question' \(got None\)"),
+    cli("question-empty-csv", f"attribute {M} --data {{d}}/q.csv --method nas --out {{d}}/out --quiet", {"q.csv": "question,label\n,yes\n"}, r"q\.csv:2: needs a non-empty 'question'"),
+    cli("label-not-yes-no", f"attribute {M} --data {{d}}/q.jsonl --method nas --out {{d}}/out --quiet", {"q.jsonl": jl(q(), q(label="maybe"))}, r"label 'maybe' at .*q\.jsonl:2 is not yes/no"),
+    cli("jsonl-malformed-line", f"attribute {M} --data {{d}}/q.jsonl --method nas --out {{d}}/out --quiet", {"q.jsonl": jl(q()) + '{"question": "Is it?", \n'}, r"q\.jsonl:2: malformed JSON line"),
+    cli("json-list-not-objects", f"attribute {M} --data {{d}}/q.json --method nas --out {{d}}/out --quiet", {"q.json": json.dumps([q(), "Is it?"])}, r"q\.json: item 2 of the JSON list is not an object"),
+    cli("data-empty", f"attribute {M} --data {{d}}/q.jsonl --method nas --out {{d}}/out --quiet", {"q.jsonl": "\n"}, r"q\.jsonl is empty"),
+    cli("data-missing", f"attribute {M} --data {{d}}/none.jsonl --method nas --out {{d}}/out --quiet", {}, r"none\.jsonl does not exist"),
+    cli("data-is-a-folder", f"attribute {M} --data {{d}}/f --method nas --out {{d}}/out --quiet", {"f": folder()}, r"f is a directory"),
+    cli("data-unknown-format", f"attribute {M} --data {{d}}/p.tsv --method patching --out {{d}}/out --quiet", {"p.tsv": "prompt\tcorrupted\n"}, r"p\.tsv: unknown data format '\.tsv'"),
+    cli("pairs-no-corrupted", f"attribute {M} --data {{d}}/p.jsonl --method patching --out {{d}}/out --quiet", {"p.jsonl": jl(PAIR, {"prompt": "The nurse said that"})}, r"p\.jsonl:2: no 'corrupted'"),
+    cli("pairs-multi-token-answer", f"attribute {M} --data {{d}}/p.jsonl --method patching --out {{d}}/out --quiet", {"p.jsonl": jl({**PAIR, "answers": [" she", " zyzzyva"]})}, r"answer ' zyzzyva' is \d+ tokens"),
+    cli("tracing-no-subject", f"attribute {M} --data {{d}}/p.jsonl --method tracing --out {{d}}/out --quiet", {"p.jsonl": jl({k: v for k, v in PAIR.items() if k != "subject"})}, r"p\.jsonl:1: no 'subject'"),
+    cli("tracing-different-lengths", f"attribute {M} --data {{d}}/p.jsonl --method tracing --out {{d}}/out --quiet", {"p.jsonl": jl(PAIR, {**PAIR, "prompt": "The nurse said that she", "corrupted": "The clerk said that she"})}, r"same number of tokens"),
+    cli("crispr-instructions-11", f"attribute {M} --data {{d}}/b.jsonl --method crispr --instructions 11 --out {{d}}/out --quiet", {"b.jsonl": jl(*BBQ[:2])}, r"instructions must be 1\.\.10, got 11"),
+    # options
+    cli("method-unknown", f"attribute {M} --data {{d}}/q.jsonl --method nope --out {{d}}/out", {"q.jsonl": jl(q())}, r"--method: invalid choice: 'nope'"),
+    cli("top-k-not-a-number", "mitigate --method nasa --top-k abc --out {d}/out", {}, r"--top-k: invalid int value: 'abc'"),
+    cli("chunk-size-0", f"attribute {M} --data {{d}}/q.jsonl --method nas --chunk-size 0 --out {{d}}/out --quiet", {"q.jsonl": jl(q())}, r"chunk_size must be ≥ 1, got 0"),
+    cli("batch-size-0", f"attribute {M} --data {{d}}/q.jsonl --method nas --batch-size 0 --out {{d}}/out --quiet", {"q.jsonl": jl(q())}, r"batch_size must be ≥ 1, got 0"),
+    cli("components-unknown", f"attribute {M} --data {{d}}/p.jsonl --method patching --components mlp --out {{d}}/out --quiet", {"p.jsonl": jl(PAIR)}, r"unknown patching component\(s\) \['mlp'\]"),
+    cli("top-k-negative", "mitigate --method nasa --top-k -1 --out {d}/out --no-export --quiet", {}, r"--top-k must be a number of heads from 1 to 16 .*got -1"),
+    cli("top-k-too-many", "mitigate --method nasa --top-k 100 --out {d}/out --no-export --quiet", {}, r"--top-k must be a number of heads from 1 to 16 .*got 100"),
+    cli("units-fraction", "mitigate --method prune-heads --units 2:1.7 --out {d}/out --no-export", {}, r"cannot read component '2:1\.7'"),
+    cli("units-out-of-range", "mitigate --method prune-heads --units 2:9 --out {d}/out --no-export", {}, r"head \(2, 9\): index 9 out of range"),
+    cli("neutral-empty", "mitigate --method prune-neurons --units 0:1 --neutral {d}/n.txt --out {d}/out --no-export", {"n.txt": "\n\n"}, r"n\.txt is empty"),
+    cli("edit-file-corrupt", "export --edit {d}/e.safetensors --out {d}/out", {"e.safetensors": b"\x00" * 40}, r"e\.safetensors is not a lens_bias edit file"),
+    # over-long prompts: the context check on every path
+    cli("long-question-nas", f"attribute {M} --data {{d}}/q.jsonl --method nas --out {{d}}/out --quiet", {"q.jsonl": jl(q(), q(LONG))}, r"q\.jsonl:2: its prompt is \d+ tokens, longer than the model's context of 128"),
+    cli("long-question-mitigate-data", "mitigate --method prune-heads --units 2:1 --data {d}/q.jsonl --out {d}/out --no-export", {"q.jsonl": jl(q(), q(LONG))}, r"q\.jsonl:2: its prompt is \d+ tokens, longer than the model's context"),
+    cli("long-question-nasa", "mitigate --method nasa --data {d}/q.jsonl --out {d}/out --no-export --quiet", {"q.jsonl": jl(*[q()] * 6, q(LONG), *[q()] * 5)}, r"q\.jsonl:7: its prompt is \d+ tokens"),
+    api("long-question-binary-prompts", lambda e: lb.binary_prompts(e.organism, [q(), q(LONG)]), {}, r"yes/no item 2: its prompt is \d+ tokens", PromptError),
+    api("long-question-evaluate", lambda e: lb.evaluate_binary(e.organism, lb.binary_prompts(e.organism, [q(LONG)])), {}, r"longer than the model's context of 128", PromptError),
+    # output folders: unwritable, in the way, or a user's own
+    cli("out-unwritable-mitigate", "mitigate --method prune-neurons --units 0:1 --out {ro}/out", {}, r"cannot write to output folder .*not writable"),
+    cli("out-unwritable-export", "export --edit {d}/e.safetensors --out {ro}/out", {"e.safetensors": lambda p: lb.mitigate.save_edit(lb.mitigate.WeightEdit(), p)}, r"cannot write to output folder"),
+    cli("out-unwritable-attribute", f"attribute {M} --data {{d}}/q.jsonl --method nas --out {{ro}}/out --quiet", {"q.jsonl": jl(q())}, r"cannot write to output folder"),
+    cli("out-unwritable-demo", "demo --out {ro}/out", {}, r"cannot write to output folder"),
+    cli("out-under-a-file", "mitigate --method prune-neurons --units 0:1 --out {d}/f/out", {"f": "a file"}, r"f is a file, not a folder"),
+    cli("attribute-into-users-folder", f"attribute {M} --data {{d}}/q.jsonl --method nas --out {{d}}/mine --quiet", {"q.jsonl": jl(q()), "mine": folder(**{"scores.csv": "mine\n", "report.txt": "mine\n"})}, r"mine holds files but no lens-bias run \(report\.txt, scores\.csv"),
+    cli("demo-into-users-folder", "demo --out {d}/mine", {"mine": folder(**{"report.txt": "mine\n"})}, r"mine exists and is not empty; pass overwrite=True \(--overwrite\)"),
+    cli("mitigate-into-users-folder", "mitigate --method prune-neurons --units 0:1 --out {d}/mine --no-export", {"mine": folder(**{"report.txt": "mine\n"})}, r"mine exists and is not empty"),
+    # formats told apart by the records, not the first line
+    cli("bbq-json-list-to-mitigate", "mitigate --method prune-neurons --units 3:266 --data {d}/b.json --neutral {d}/n.txt --out {d}/out --no-export --quiet", {"b.json": json.dumps(BBQ), "n.txt": "The cat sat on the mat.\n"}, r"bbq_accuracy", code=0),
+    # units and counts
+    api("prune-heads-fraction", lambda e: lb.prune_heads(e.organism, [(2, 1.7)]), {}, r"head \(2, 1\.7\): layer and index must be whole numbers"),
+    api("prune-neurons-text", lambda e: lb.prune_neurons(e.organism, [("a", 1)]), {}, r"neuron \(a, 1\): layer and index must be whole numbers"),
+    api("nasa-heads-fraction", lambda e: head_lora_model(e.organism, [(2, 1.7)]), {}, r"head \(2, 1\.7\): layer and head must be whole numbers"),
+    api("top-heads-negative", lambda e: e.nas.top_heads(-1), {}, r"n = -1 units asked for, but the scores cover 16"),
+    api("top-heads-too-many", lambda e: e.nas.top_heads(100), {}, r"n = 100 units asked for, but the scores cover 16"),
+    api("question-null-api", lambda e: lb.binary_prompts(e.organism, [q(), {"question": None, "label": "yes"}]), {}, r"yes/no item 2: needs a non-empty 'question' string \(got None\)", PromptError),
+    api("question-null-file", lambda e: load_yes_no(e.d / "q.jsonl"), {"q.jsonl": jl(q(None))}, r"q\.jsonl:1: needs a non-empty 'question' \(got None\)", DataError),
+    api("attribute-dataset-into-users-folder", lambda e: lb.attribute_dataset(e.organism, "nas", e.d / "q.jsonl", e.d / "mine", progress=False), {"q.jsonl": jl(q()), "mine": folder(**{"scores.csv": "x\n"})}, r"holds files but no lens-bias run", LensBiasError),
+    # one NaN weight: every method says which
+    api("nan-attribution", lambda e: attribution_patching(e.nan, e.pairs), {}, **ON_NAN),
+    api("nan-patching", lambda e: activation_patching(e.nan, e.pairs, "mlp_out", progress=False), {}, **ON_NAN, xfail="speed: wires check_finite into patching.py"),
+    api("nan-tracing", lambda e: causal_trace(e.nan, e.pairs, sites=("mlp_out",), progress=False), {}, **ON_NAN),
+    api("nan-nas", lambda e: negative_attention_scores(e.nan, e.yesno, progress=False), {}, **ON_NAN),
+    api("nan-crispr", lambda e: crispr_scores(e.nan, BBQ[:1], MC_INSTRUCTIONS[:1], progress=False), {}, **ON_NAN),
+    api("nan-bbq-evaluate", lambda e: lb.bbq_evaluate(e.nan, BBQ[:2]), {}, **ON_NAN, xfail="bbq: check_finite in tasks/multiple_choice.py"),
+    api("nan-evaluate-binary", lambda e: lb.evaluate_binary(e.nan, e.yesno), {}, **ON_NAN),
+    api("nan-text-loss", lambda e: text_loss(e.nan, "The cat sat on the mat."), {}, **ON_NAN),
+    api("nan-cloze", lambda e: cloze_accuracy(e.nan, [{"prompt": "The capital of France is", "answer": " Paris"}]), {}, **ON_NAN),
+    api("nan-bias-values", lambda e: bias_values(e.nan, e.pairs), {}, **ON_NAN),
+    api("nan-lsdm", lambda e: lb.lsdm_edit(e.nan, e.pairs, "The cat sat.", layers=[0], position="last", progress=False), {}, **ON_NAN),
+    api("nan-export", lambda e: lb.export_model(e.nan, e.d / "out"), {}, **ON_NAN),
+    api("nan-mitigate", lambda e: lb.apps.pipeline.mitigate(e.nan, "prune-neurons", e.d / "out", units=[(0, 1)], progress=False), {}, **ON_NAN),
+    api("nan-attribute-dataset", lambda e: lb.attribute_dataset(e.nan, "patching", e.pairs, e.d / "out", options={"components": ["mlp_out"]}, progress=False), {}, **ON_NAN),
+]
