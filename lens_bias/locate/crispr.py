@@ -21,8 +21,9 @@ from ..core.errors import LensBiasError
 from ..core.hooks import hook_name
 from ..core.methods import ChunkSums, LocateMethod
 from ..core.scores import ComponentScores
-from ..tasks.records import Items, as_items, take
-from ..tasks.multiple_choice import INSTRUCTIONS, format_mc_prompt, item_options, option_sequences, sequence_logprobs
+from ..tasks.records import Items, take
+from ..tasks.multiple_choice import (INSTRUCTIONS, format_mc_prompt, item_options, option_sequences, sequence_logprobs,
+                                      validate_items)
 
 Unit = Literal["neuron", "head"]
 UNITS = ("neuron", "head")
@@ -104,9 +105,7 @@ def crispr_scores(model, items: Items, instructions: list[str] | None = None, *,
     confusion-weighted mean over instances of A(ŷ) − λ·max(A(y), 0), averaged over instructions.
     Instances the model already answers with ŷ far below y still count, weighted by their (small)
     confusion score."""
-    items = as_items(items)
-    if not len(items):
-        raise LensBiasError("no BBQ items to attribute")
+    items = validate_items(items)  # labels are option indices, every item has the same number of options
     if unit not in UNITS:
         raise LensBiasError(f"unit must be one of {sorted(UNITS)}, not {unit!r}")
     instructions = instructions or INSTRUCTIONS
