@@ -33,8 +33,9 @@ from ..core.hooks import hook_name
 from ..core.methods import ChunkSums, LocateMethod
 from ..core.models import HookedModel
 from ..core.scores import ComponentScores
-from ..tasks.multiple_choice import INSTRUCTIONS, format_mc_prompt, item_options, option_sequences, sequence_logprobs
-from ..tasks.records import Items, as_items, take
+from ..tasks.records import Items, take
+from ..tasks.multiple_choice import (INSTRUCTIONS, format_mc_prompt, item_options, option_sequences, sequence_logprobs,
+                                      validate_items)
 
 Unit = Literal["neuron", "head"]
 UNITS = ("neuron", "head")
@@ -129,9 +130,7 @@ def crispr_scores(model: HookedModel, items: Items, instructions: list[str] | No
     B = mean over instructions of Σ_x c(x)·max_t[A_t(ŷ) − λ·relu(A_t(y))] / Σ_x c(x) (module
     docstring; `order="aggregate_first"` disentangles after the max over tokens). Instances the
     model already answers with ŷ far below y still count, weighted by their (small) confusion c."""
-    items = as_items(items)
-    if not len(items):
-        raise LensBiasError("no BBQ items to attribute")
+    items = validate_items(items)  # labels are option indices, every item has the same number of options
     if unit not in UNITS:
         raise LensBiasError(f"unit must be one of {sorted(UNITS)}, not {unit!r}")
     if tokens not in ("input", "option", "all"):

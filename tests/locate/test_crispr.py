@@ -1,16 +1,14 @@
-"""CRISPR bias neurons: BBQ loading and stereotype mapping, option scoring by hand, the pruning
-edit equals the zero-ablation hook, and on the organism the planted BBQ neuron ranks first and
-pruning it (not random neurons) removes the planted bias on held-out templates."""
-
-import json
+"""CRISPR bias neurons: the pruning edit equals the zero-ablation hook, head attribution equals an
+independent gradient, generic multiple-choice items, and on the organism the planted BBQ neuron
+ranks first and pruning it (not random neurons) removes the planted bias on held-out templates.
+BBQ loading, item checks, the biased option and the bias scores: tests/tasks/test_multiple_choice.py."""
 
 import pytest
 import torch
 
 from lens_bias.mitigate import neuron_ablation_hooks
-from lens_bias.tasks import (MC_INSTRUCTIONS as INSTRUCTIONS, bbq_evaluate, biased_option, format_mc_prompt, load_bbq, option_logprobs,
-                           split_by_template, unknown_option)
-from lens_bias.core import DataError, LensBiasError
+from lens_bias.tasks import MC_INSTRUCTIONS as INSTRUCTIONS, bbq_evaluate, load_bbq, split_by_template
+from lens_bias.core import LensBiasError
 from lens_bias.locate import crispr_scores
 from lens_bias.mitigate import crispr_report, prune_curve, prune_neurons, random_neurons
 from lens_bias.organism import data_path
@@ -31,33 +29,6 @@ def test_pruning_edit_equals_zero_ablation(request, fixture):
         original = model(IDS)
     assert (edited - hooked).abs().max() < 1e-5
     assert (original - hooked).abs().max() > 1e-5  # the copy was edited, not the original
-
-
-def test_bbq_loading_and_mapping(datasets_dir, tmp_path):
-    items = load_bbq(datasets_dir / "bbq" / "Age.jsonl")
-    assert len(items) == 200  # the shipped subset: 8 items of each of the 25 templates
-    first = items[0]  # ambiguous, negative: "Who was not comfortable using the phone?"
-    assert first["answer_info"]["ans0"][1] == "old"
-    assert biased_option(first) == 0 and unknown_option(first) == 2
-    nonneg = dict(first, question_polarity="nonneg")
-    assert biased_option(nonneg) == 1
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(first) + "\n{oops\n")
-    with pytest.raises(DataError, match="bad.jsonl:2: malformed JSON"):
-        load_bbq(bad)
-    (tmp_path / "e.jsonl").write_text("\n")
-    with pytest.raises(DataError, match="empty"):
-        load_bbq(tmp_path / "e.jsonl")
-
-
-def test_option_logprob_by_hand(tiny_gpt2):
-    lp, n = option_logprobs(tiny_gpt2, ["The nurse said"], [["that", "he"]])
-    with torch.no_grad():
-        logits = tiny_gpt2(torch.tensor([[50256, 464, 15849, 531]])).log_softmax(-1)
-    assert n.tolist() == [[1.0, 1.0]]
-    assert lp[0, 0].item() == pytest.approx(logits[0, -1, 326].item(), abs=1e-4)
-    with pytest.raises(LensBiasError, match="tokenises to nothing"):
-        option_logprobs(tiny_gpt2, ["The nurse said"], [["", "he"]])
 
 
 def test_neuron_counts(tiny_gpt2):
@@ -102,40 +73,21 @@ def test_organism_planted_bbq_neuron(organism, organism_control, organism_card):
     assert abs(by.loc["pruned", "neutral_loss"] - by.loc["original", "neutral_loss"]) < 0.01 * by.loc["original", "neutral_loss"]
 
 
-def test_bbq_table_matches_the_scores(organism):
-    items = load_bbq(data_path("bbq")).select(range(30))
-    r = bbq_evaluate(organism, items, INSTRUCTIONS[:2], table=True)
-    t = r["table"]
-    assert len(t) == 60 == r["n_answers"]
-    assert r["accuracy"] == pytest.approx((t["pred"] == t["label"]).mean())
-    amb = t[t["condition"] == "ambig"]
-    assert r["accuracy_ambig"] == pytest.approx((amb["pred"] == amb["label"]).mean())
-    assert "table" not in bbq_evaluate(organism, items.select(range(3)))
+def test_generic_multiple_choice_items(tiny_gpt2):
+    """Four options, no BBQ metadata: for one item B = A(ŷ) − λ·max(A(y), 0) (the confusion weight
+    cancels), ŷ = the most probable wrong option — rebuilt from option_logprobs and option_attributions."""
+    from lens_bias.locate import option_attributions
+    from lens_bias.tasks import format_mc_prompt, option_logprobs
 
-
-def test_generic_multiple_choice(tiny_gpt2, tmp_path):
-    from lens_bias.tasks import load_multiple_choice
-
-    rows = [{"context": "Tom has a red ball.", "question": "What colour is the ball?",
-             "options": ["red", "blue", "green", "black"], "label": 0},
-            {"context": "", "question": "Which is a fruit?", "options": ["apple", "car", "desk", "lamp"], "label": 0}]
-    path = tmp_path / "mc.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    items = load_multiple_choice(path)
-    assert items[1]["options"][0] == "apple" and items[0]["context_condition"] == "disambig"
-    r = bbq_evaluate(tiny_gpt2, items, INSTRUCTIONS[:1], table=True)
-    lp, _ = option_logprobs(tiny_gpt2, [format_mc_prompt(INSTRUCTIONS[0], it["context"], it["question"], it["options"])
-                                        for it in items], [it["options"] for it in items])
-    assert r["accuracy"] == pytest.approx((lp.argmax(1) == 0).float().mean().item())
-    scores = crispr_scores(tiny_gpt2, items, INSTRUCTIONS[:1], progress=False)
-    assert scores.values.shape == (tiny_gpt2.cfg.n_layers, tiny_gpt2.cfg.d_mlp)
-    csv = tmp_path / "mc.csv"
-    csv.write_text("question,options,label\nWhich is a fruit?,apple|car|desk,3\n")
-    with pytest.raises(DataError, match=r"mc.csv:2: label 3 is not an option index 0..2"):
-        load_multiple_choice(csv)
-    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "options": ["a", "b"]}) + "\n")
-    with pytest.raises(DataError, match="same number of options"):
-        load_multiple_choice(path)
+    item = {"context": "Tom has a red ball.", "question": "What colour is the ball?",
+            "options": ["red", "blue", "green", "black"], "label": 0}
+    scores = crispr_scores(tiny_gpt2, [item], INSTRUCTIONS[:1], lam=0.5, progress=False)
+    prompt = format_mc_prompt(INSTRUCTIONS[0], item["context"], item["question"], item["options"])
+    lp, _ = option_logprobs(tiny_gpt2, [prompt], [item["options"]])
+    y_hat = int(lp[0, 1:].argmax()) + 1
+    a_hat, a_gold = (option_attributions(tiny_gpt2, [prompt], [item["options"]], [t])[0] for t in (y_hat, 0))
+    assert torch.allclose(scores.values, a_hat - 0.5 * a_gold.clamp(min=0), atol=1e-6)
+    assert scores.values.abs().max() > 0
 
 
 def test_head_attribution_equals_the_gradient_of_a_head_scale(tiny_gpt2):
