@@ -33,8 +33,8 @@ the corrupted keys/values, the heads' output deltas) plus the activations of one
 chunk of patched rows, or the group's own cached forward). Prompts are processed in groups and
 rows in chunks sized from that budget, so the peak does not grow with the batch or data set
 size. It does not cover the result table (layers × components × prompts floats) or the
-allocator's slack. On CPU a chunk is also capped at CPU_TOKENS_PER_CHUNK tokens: larger chunks
-compute no faster and their activations fall out of the cache.
+allocator's slack. On CPU a chunk's activations are also capped at CPU_CHUNK_MB: larger chunks
+compute no faster and fall out of the processor's caches.
 """
 
 from __future__ import annotations
@@ -334,9 +334,10 @@ def _cached_run(model, tokens, attention_mask, names: set[str], extra_hooks=(), 
 # ---------------------------------------------------------------------------------------
 # Memory plan
 # ---------------------------------------------------------------------------------------
-#: on CPU, at most this many tokens (rows × positions) per patched forward: bigger chunks compute
-#: no faster, and their activations no longer fit in the processor's caches
-CPU_TOKENS_PER_CHUNK = 512
+#: on CPU, at most this many MiB of activations per patched forward (≈ 512 tokens of a d_model-768
+#: GPT-2): bigger chunks compute no faster, their activations fall out of the processor's caches and
+#: every allocation of that size costs page faults
+CPU_CHUNK_MB = 48
 
 
 def _dims(model) -> dict:
@@ -371,7 +372,7 @@ def _bytes_per_prompt(model, kind: str, n_pos: int, n_cached: int, n_kv_layers: 
 
 class _Plan:
     """Prompts per group and the size of each patched forward, so that one group's caches plus one
-    forward's activations fit `memory_mb` (and, on CPU, a forward holds ≤ CPU_TOKENS_PER_CHUNK tokens)."""
+    forward's activations fit `memory_mb` (and, on CPU, CPU_CHUNK_MB)."""
 
     def __init__(self, model, ps: PromptSet, kind: str, n_cached: int, n_kv_layers: int, memory_mb: float,
                  batch_size: int | None, vocab_rows: bool = False):
@@ -389,22 +390,19 @@ class _Plan:
                                 f"(needs ≈ {(per_prompt + own) / 2**20:.1f} MiB)")
         self.group = min(group, n)
         self.work = budget - self.group * per_prompt  # ≥ one forward of the whole group
-        self.tokens = max(P, CPU_TOKENS_PER_CHUNK) if device_of(model).type == "cpu" else None
+        if device_of(model).type == "cpu":
+            self.work = min(self.work, max(CPU_CHUNK_MB * 2**20, own))
         self.max_rows = batch_size
 
     def fits(self, rows: int, n_query: int, n_keys: int) -> bool:
         """Whether a forward of `rows` rows, `n_query` positions each, attending to `n_keys` keys fits."""
         if self.max_rows is not None and rows > self.max_rows:
             return False
-        if self.tokens is not None and rows * n_query > self.tokens:
-            return False
         return _forward_bytes(self.dims, rows, n_query, n_keys) <= self.work
 
     def full_rows(self) -> int:
         """Rows per hooked full forward."""
         rows = max(1, int(self.work // self.per_row_full))
-        if self.tokens is not None:
-            rows = min(rows, max(1, self.tokens // self.P))
         return min(rows, self.max_rows) if self.max_rows is not None else rows
 
 
