@@ -4,28 +4,47 @@ Each component (a residual position, an attention or MLP output, a head's hook_z
 lens_bias.core.hooks) is patched from the clean run into the corrupted run and the answer metric
 is read; the value equals `transformer_lens.patching`'s. One engine, `activation_patching`; the
 variants at the end fix its arguments with functools.partial. Many components share one forward:
-the corrupted batch is expanded to one (component, prompt) pair per row, chunked to a memory
-budget. Work that cannot change the result is skipped:
+the corrupted batch is expanded to one (component, prompt) pair per row, in chunks. Work that
+cannot change the result is skipped:
 
-- the forward starts at the patched layer from the cached corrupted residual (`resid_pre`, or
-  `resid_mid` with the patched attention/head output added, which also skips the patched
-  layer's attention) by calling the model's blocks directly — the bridge's `start_at_layer`
-  still runs the earlier blocks;
-- it stops inside the last block: the last MLP, the final norm and the unembedding run at the
-  answer position only, on the answer rows of W_U;
-- rows whose patch is a no-op (clean activation == corrupted, e.g. positions before the first
-  differing token, or a last-layer position other than the answer's) take the corrupted value.
+- layers: a row enters at the patched layer from the cached corrupted residual (`resid_pre`, or
+  `resid_mid` with the patched attention/head output added, which also skips the patched layer's
+  attention) by calling the model's blocks directly — the bridge's `start_at_layer` still runs
+  the earlier blocks;
+- positions before the change: with causal attention, positions before the first one the patch
+  changes (the first token where clean and corrupted differ, or the patched position) are the
+  corrupted run's in every patched run. A row computes only positions s..answer; the keys and
+  values of positions < s come from the corrupted run (recorded once, handed to the attention
+  as its KV cache). Cost is proportional to the tokens from the first difference onwards, so
+  pairs that share long prefixes are cheap;
+- the end: the last block's MLP, the final norm and the unembedding run at the answer position
+  only, on the answer rows of W_U (in float32: logit differences of bf16/fp16 models keep
+  their precision);
+- no-op rows (clean activation == corrupted, or a position after the answer, or a last-layer
+  position other than the answer's) take the corrupted value.
 
-A self-check (the shortcut forward must reproduce the corrupted run's answer logits) guards the
-fast path; architectures it does not fit fall back, with a warning, to one hooked forward per
-chunk of rows (`fast=False` forces that path).
+Self-checks (the shortcut forward, with and without a cached prefix, must reproduce the corrupted
+run's answer metric) guard the fast path; architectures it does not fit fall back, with a
+warning, to one hooked forward per chunk of rows (`fast=False` forces that path).
+
+Memory: `memory_mb` bounds what patching adds on top of the model's weights: the caches of one
+group of prompts (the clean and corrupted activations at the patched sites and entry residuals,
+the corrupted keys/values, the heads' output deltas) plus the activations of one forward (a
+chunk of patched rows, or the group's own cached forward). Prompts are processed in groups and
+rows in chunks sized from that budget, so the peak does not grow with the batch or data set
+size. It does not cover the result table (layers × components × prompts floats) or the
+allocator's slack. On CPU a chunk's activations are also capped at CPU_CHUNK_MB: larger chunks
+compute no faster and fall out of the processor's caches.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import inspect
 import warnings
+from dataclasses import replace
 from typing import Callable, Iterable, Literal
 
 import torch
@@ -33,9 +52,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..core.errors import LensBiasError
-from ..core.hooks import check_hook_names, device_of, hook_name, last_resid, site_kind, trace
+from ..core.hooks import check_hook_names, device_of, hook_name, last_resid, run_until, site_kind, trace
 from ..core.methods import ChunkSums, LocateMethod, add_scores, scores_from_sums
-from ..core.metrics import FAST_METRICS, Metric, answer_logits_fast, get_metric, metric_from_answers, unembed_answers
+from ..core.metrics import FAST_METRICS, Metric, get_metric, metric_from_answers
 from ..core.models import HookedModel
 from ..core.prompts import PromptSet
 from ..core.scores import ComponentScores
@@ -70,107 +89,329 @@ def position_labels(model: HookedModel, ps: PromptSet) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------
-# The shortcut forward: enter at a layer from a residual state, leave at the answer position
+# Checks and the answer metric
 # ---------------------------------------------------------------------------------------
+def _check_finite(x: Tensor, what: str) -> None:
+    """A LensBiasError when `x` holds NaN or inf (a broken model or overflowing dtype), never an all-NaN table."""
+    if not bool(torch.isfinite(x).all()):
+        raise LensBiasError(f"{what} contain NaN or inf: the model's outputs are not finite (check its weights, "
+                            "or load it in a wider dtype)")
+
+
+def _low_precision(model) -> bool:
+    dt = next(model.parameters()).dtype
+    return dt in (torch.float16, torch.bfloat16)
+
+
+def _tolerance(model) -> float:
+    """How closely two evaluations of the same forward agree in the model's dtype (abs = rel)."""
+    dt = next(model.parameters()).dtype
+    return {torch.bfloat16: 6e-2, torch.float16: 1e-2}.get(dt, 1e-4)
+
+
+class _Answers:
+    """The per-row metric from final residuals at the answer position: final norm in the model's dtype,
+    then only the answer columns of W_U (odds_ratio: the whole row, for its softmax) in float32."""
+
+    def __init__(self, model, ps: PromptSet, metric: str):
+        self.model, self.metric, self.ids = model, metric, ps.answer_ids
+        self.W_U, b_U = model.W_U, getattr(model, "b_U", None)
+        self.b_U = None if b_U is None else b_U.float()
+        self.W_full = self.W_U.float() if metric == "odds_ratio" else None
+        self.bad = torch.zeros((), dtype=torch.bool, device=self.W_U.device)
+
+    def __call__(self, x: Tensor, prompts: Tensor) -> Tensor:
+        ids = self.ids[prompts]
+        x = self.model.ln_final(x[:, None])[:, 0].float()
+        if self.metric == "odds_ratio":
+            logits = x @ self.W_full + (self.b_U if self.b_U is not None else 0)
+            a = logits.gather(1, ids)
+            logp = logits.log_softmax(-1).gather(1, ids)
+        else:
+            a, logp = torch.einsum("rd,dra->ra", x, self.W_U[:, ids].float()), None
+            if self.b_U is not None:
+                a = a + self.b_U[ids]
+        self.bad |= ~torch.isfinite(a).all()  # checked once at the end (no sync per chunk)
+        return metric_from_answers(a, self.metric, logp)
+
+    def check(self, what: str) -> None:
+        if bool(self.bad):
+            raise LensBiasError(f"{what} contain NaN or inf: the model's outputs are not finite (check its weights, "
+                                "or load it in a wider dtype)")
+
+
+# ---------------------------------------------------------------------------------------
+# The shortcut forward: enter at a layer from a residual state, run positions s..e-1 only,
+# leave at the answer position
+# ---------------------------------------------------------------------------------------
+#: names under which blocks take a KV cache
+_PAST_NAMES = ("past_key_values", "past_key_value", "layer_past")
+#: block arguments the shortcut knows how to cut to a window of positions
+_WINDOWED_ARGS = ("attention_mask", "position_embeddings", "position_ids", "cache_position")
+
+
+class _KVRecorder:
+    """Handed to each attention as its KV cache in the corrupted run: keeps every layer's keys and values."""
+
+    def __init__(self):
+        self.kv: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        self.kv[layer_idx] = (key.detach(), value.detach())
+        return key, value
+
+
+class _PrefixKV:
+    """Handed to each attention as its KV cache in a patched forward of positions s..e-1: puts the
+    corrupted run's keys and values of positions 0..s-1 in front (causal attention leaves them unchanged)."""
+
+    def __init__(self, kv: dict, prompts: Tensor, s: int):
+        self.kv, self.prompts, self.s = kv, prompts, s
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        if self.s == 0:
+            return key, value
+        pk, pv = self.kv[layer_idx]
+        return (torch.cat([pk[self.prompts, ..., : self.s, :], key], -2),
+                torch.cat([pv[self.prompts, ..., : self.s, :], value], -2))
+
+
+def _positional_names(block) -> list[str] | None:
+    fn = getattr(block, "original_component", None) or block
+    try:
+        params = inspect.signature(fn.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _by_name(names: list[str] | None, args: tuple, kwargs: dict) -> dict | None:
+    """A block call's arguments other than the hidden states, by name (None when they cannot be named)."""
+    if names is None or len(args) > len(names):
+        return None
+    named = dict(zip(names[1:], args[1:]))
+    named.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+    return named
+
+
 def _index_batch(obj, n_prompts: int, prompts: Tensor):
     """Captured block arguments, with every per-prompt tensor indexed by `prompts` (rows)."""
     if isinstance(obj, Tensor):
-        return obj[prompts.to(obj.device)] if obj.ndim >= 2 and obj.shape[0] == n_prompts else obj
-    if isinstance(obj, tuple):
-        return tuple(_index_batch(o, n_prompts, prompts) for o in obj)
-    if isinstance(obj, list):
-        return [_index_batch(o, n_prompts, prompts) for o in obj]
+        return obj[prompts] if obj.ndim >= 1 and obj.shape[0] == n_prompts else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_index_batch(o, n_prompts, prompts) for o in obj)
     if isinstance(obj, dict):
         return {k: _index_batch(v, n_prompts, prompts) for k, v in obj.items()}
     return obj
 
 
+def _window_arg(name: str, v, s: int, e: int):
+    """A (row-indexed) block argument cut to query positions s..e-1 and key positions 0..e-1."""
+    if not isinstance(v, (Tensor, tuple, list)) or (s == 0 and e is None):
+        return v
+    if name == "attention_mask":
+        return v[..., s:e, :e] if v.ndim == 4 else v[..., :e]
+    if name == "position_embeddings":
+        return type(v)(t[..., s:e, :] for t in v)
+    if name in ("position_ids", "cache_position"):
+        return v[..., s:e]
+    return v
+
+
+def _has_position_axis(v, n_pos: int) -> bool:
+    if isinstance(v, Tensor):
+        return n_pos in tuple(v.shape[1:])
+    if isinstance(v, (tuple, list)):
+        return any(_has_position_axis(o, n_pos) for o in v)
+    if isinstance(v, dict):
+        return any(_has_position_axis(o, n_pos) for o in v.values())
+    return False
+
+
 class _Shortcut:
-    """Runs blocks k..L-1 from a residual state with the arguments the model gave them."""
+    """Runs blocks k..L-1 on positions s..e-1 from a residual state, with the arguments the model
+    gave them and the corrupted run's keys/values of positions 0..s-1."""
 
-    def __init__(self, model, block_args: list, n_prompts: int, answer_pos: Tensor, answer_ids: Tensor,
-                 metric: str):
-        self.model, self.block_args, self.n = model, block_args, n_prompts
-        self.answer_pos, self.answer_ids, self.metric = answer_pos, answer_ids, metric
+    def __init__(self, model, block_args: list[dict], past_names: list[str | None], kv: dict, n_prompts: int,
+                 n_pos: int, answers: _Answers, answer_pos: Tensor):
+        self.model, self.block_args, self.past_names, self.kv = model, block_args, past_names, kv
+        self.n, self.P, self.answers, self.answer_pos = n_prompts, n_pos, answers, answer_pos
         self.L = model.cfg.n_layers
-        self.W_U, self.b_U = model.W_U, getattr(model, "b_U", None)
+        # a window needs every attention to take our KV cache and every argument to be cuttable
+        self.windowed = all(p is not None for p in past_names) and all(
+            not _has_position_axis(v, n_pos) for args in block_args for k, v in args.items()
+            if k not in _WINDOWED_ARGS)
 
-    def _block(self, k: int, x: Tensor, prompts: Tensor) -> Tensor:
-        args, kwargs = self.block_args[k]
-        out = self.model.blocks[k](x, *_index_batch(args, self.n, prompts), **_index_batch(kwargs, self.n, prompts))
+    def _kwargs(self, k: int, prompts: Tensor, s: int, e: int, memo: dict) -> dict:
+        out = {}
+        for name, v in self.block_args[k].items():
+            key = (name, id(v))
+            if key not in memo:
+                memo[key] = _window_arg(name, _index_batch(v, self.n, prompts), s, e if e < self.P else None)
+            out[name] = memo[key]
+        if self.past_names[k] is not None:
+            out[self.past_names[k]] = _PrefixKV(self.kv, prompts, s)
+        if "use_cache" in self.block_args[k] or self.past_names[k] is not None:
+            out["use_cache"] = False
+        return out
+
+    def _block(self, k: int, x: Tensor, kw: dict) -> Tensor:
+        out = self.model.blocks[k](x, **kw)
         return out[0] if isinstance(out, (tuple, list)) else out
 
     def _mlp_half(self, k: int, x: Tensor) -> Tensor:
         blk = self.model.blocks[k]
         return x + blk.mlp(blk.ln2(x))
 
-    def _attn_half(self, k: int, x: Tensor, prompts: Tensor) -> Tensor:
+    def _attn_half(self, k: int, x: Tensor, kw: dict) -> Tensor:
         mid = hook_name("resid_mid", k)
         with trace(self.model, stop_at=mid) as acts:
-            self._block(k, x, prompts)
+            self._block(k, x, kw)
         return acts[mid]
 
-    def run(self, x: Tensor, entry: str, layer: int, prompts: Tensor, hooks=(), full_last: bool = False) -> Tensor:
-        """Metric per row after entering with residual `x` at `layer` ('pre': block input,
-        'mid': after the attention, 'pre' at L: the final residual)."""
+    def run(self, x: Tensor, entry: str, layer: int, prompts: Tensor, s: int = 0, full_last: bool = False) -> Tensor:
+        """Metric per row after entering with residual `x` [rows, e - s, d] (positions s..e-1) at
+        `layer` ('pre': block input, 'mid': after the attention, 'pre' at L: the final residual)."""
         L, rows = self.L, torch.arange(len(prompts), device=x.device)
-        ans = self.answer_pos[prompts]
-        ctx = self.model.hooks(fwd_hooks=list(hooks)) if hooks else contextlib.nullcontext()
-        with ctx:
-            if entry == "mid" and layer == L - 1:
-                xa = self._mlp_half(L - 1, x[rows, ans][:, None])[:, 0]
-            elif entry == "pre" and layer == L:
-                xa = x[rows, ans]
+        e = s + x.shape[1]
+        ans = self.answer_pos[prompts] - s
+        if entry == "pre" and layer == L:
+            xa = x[rows, ans]
+        elif entry == "mid" and layer == L - 1 and not full_last:
+            xa = self._mlp_half(L - 1, x[rows, ans][:, None])[:, 0]
+        else:
+            memo: dict = {}
+            start = layer
+            if entry == "mid":
+                x = self._mlp_half(layer, x)
+                start = layer + 1
+            for k in range(start, L - 1):
+                x = self._block(k, x, self._kwargs(k, prompts, s, e, memo))
+            kw = self._kwargs(L - 1, prompts, s, e, memo)
+            if full_last:
+                xa = self._block(L - 1, x, kw)[rows, ans]
             else:
-                start = layer
-                if entry == "mid":
-                    x = self._mlp_half(layer, x)
-                    start = layer + 1
-                for k in range(start, L - 1):
-                    x = self._block(k, x, prompts)
-                if full_last:
-                    xa = self._block(L - 1, x, prompts)[rows, ans]
-                else:
-                    mid = self._attn_half(L - 1, x, prompts)
-                    xa = self._mlp_half(L - 1, mid[rows, ans][:, None])[:, 0]
-        return unembed_answers(self.model, xa, self.answer_ids[prompts], self.metric, self.W_U, self.b_U)
+                mid = self._attn_half(L - 1, x, kw)
+                xa = self._mlp_half(L - 1, mid[rows, ans][:, None])[:, 0]
+        return self.answers(xa, prompts)
 
 
 def _cached_run(model, tokens, attention_mask, names: set[str], extra_hooks=(), capture_blocks: bool = False):
-    """One forward (stopped after the last block) caching `names` and, optionally, the arguments
-    each block is called with; returns (cache, final residual, block arguments)."""
-    captured = {}
+    """One forward (stopped after the last block) caching `names` and, optionally, the arguments each
+    block is called with and every attention's keys and values.
+    Returns (cache, block arguments by name, each block's KV-cache argument name, keys/values)."""
     L = model.cfg.n_layers
-    last = last_resid(model)
+    captured: dict[int, dict] = {}
+    past_names: list[str | None] = [None] * L
+    recorder = _KVRecorder()
     handles = []
     if capture_blocks:
-        def capture(k):
+        def capture(k, names_k):
             def pre(module, args, kwargs):
+                named = _by_name(names_k, args, kwargs)
+                if named is None:
+                    return None
                 if k not in captured:
-                    kw = {n: (None if "past" in n else (False if n == "use_cache" else v)) for n, v in kwargs.items()
-                          if n != "hidden_states"}
-                    captured[k] = (tuple(args[1:]), kw)
+                    captured[k] = {n: v for n, v in named.items() if n not in _PAST_NAMES and n != "use_cache"}
+                past = next((p for p in _PAST_NAMES if p in names_k), None)
+                if past is None:
+                    return None
+                past_names[k] = past
+                hidden = args[0] if args else kwargs["hidden_states"]
+                return (hidden,), {**named, past: recorder, "use_cache": False}
             return pre
-        handles = [model.blocks[k].register_forward_pre_hook(capture(k), with_kwargs=True) for k in range(L)]
+        for k in range(L):
+            names_k = _positional_names(model.blocks[k])
+            handles.append(model.blocks[k].register_forward_pre_hook(capture(k, names_k), with_kwargs=True))
     try:
-        with trace(model, names, stop_at=last, fwd_hooks=extra_hooks, detach=True) as cache:
+        with trace(model, names | {last_resid(model)}, stop_at=last_resid(model), fwd_hooks=extra_hooks,
+                   detach=True) as cache:
             model(tokens, attention_mask=attention_mask, use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return cache, cache[last], [captured.get(k) for k in range(L)]
+    _trim_heap(tokens.device)
+    return cache, [captured.get(k) for k in range(L)], past_names, recorder.kv
+
+
+# ---------------------------------------------------------------------------------------
+# Memory plan
+# ---------------------------------------------------------------------------------------
+#: on CPU, at most this many MiB of activations per patched forward (≈ 512 tokens of a d_model-768
+#: GPT-2): bigger chunks compute no faster, their activations fall out of the processor's caches and
+#: every allocation of that size costs page faults
+CPU_CHUNK_MB = 48
+
+
+def _dims(model) -> dict:
+    cfg = model.cfg
+    d = cfg.d_model
+    H = cfg.n_heads
+    d_head = getattr(cfg, "d_head", None) or d // H
+    kvh = getattr(cfg, "n_key_value_heads", None) or H
+    return {"d": d, "H": H, "d_mlp": getattr(cfg, "d_mlp", None) or 4 * d, "d_kv": kvh * d_head,
+            "bytes": torch.finfo(next(model.parameters()).dtype).bits // 8}
+
+
+def _forward_bytes(m: dict, rows: int, n_query: int, n_keys: int) -> float:
+    """Activations alive at once in one block forward of `rows` × `n_query` positions attending to
+    `n_keys` keys, for model dimensions `m` (_dims; estimated, calibrated on GPT-2 and Llama bridges: the
+    MLP's hidden layer and its activation function's temporaries dominate, then the attention scores
+    and the keys/values)."""
+    per_query = 14 * m["d"] + 4 * m["d_mlp"] + 3 * m["H"] * n_keys
+    per_key = 4 * m["d_kv"] + 2 * m["d"]
+    return rows * m["bytes"] * (n_query * per_query + n_keys * per_key)
+
+
+def _bytes_per_prompt(model, kind: str, n_pos: int, n_cached: int, n_kv_layers: int) -> float:
+    """What one prompt adds to a group's caches: `n_cached` [pos, d_model]-sized activations (both
+    runs), keys and values, the head deltas of one layer (float32)."""
+    m = _dims(model)
+    per_pos = m["bytes"] * (n_cached * m["d"] + 2 * n_kv_layers * m["d_kv"])
+    if kind == "head":
+        per_pos += 4 * m["H"] * m["d"]
+    return n_pos * per_pos
+
+
+class _Plan:
+    """Prompts per group and the size of each patched forward, so that one group's caches plus one
+    forward's activations fit `memory_mb` (and, on CPU, CPU_CHUNK_MB)."""
+
+    def __init__(self, model, ps: PromptSet, kind: str, n_cached: int, n_kv_layers: int, memory_mb: float,
+                 batch_size: int | None, vocab_rows: bool = False):
+        n, P = ps.tokens.shape
+        self.dims, self.P = _dims(model), P
+        budget = memory_mb * 2**20
+        per_prompt = _bytes_per_prompt(model, kind, P, n_cached, n_kv_layers)
+        own = _forward_bytes(self.dims, 1, P, P)  # the group's cached forward, per prompt
+        if vocab_rows:  # full logits [rows, pos, vocab] (a metric function on the hooked path)
+            own += P * model.cfg.d_vocab * 4
+        self.per_row_full = own
+        group = int(budget // (per_prompt + own))
+        if group < 1:
+            raise LensBiasError(f"memory_mb={memory_mb:g} is too small for one prompt of {P} tokens "
+                                f"(needs ≈ {(per_prompt + own) / 2**20:.1f} MiB)")
+        self.group = min(group, n)
+        self.work = budget - self.group * per_prompt  # ≥ one forward of the whole group
+        if device_of(model).type == "cpu":
+            self.work = min(self.work, max(CPU_CHUNK_MB * 2**20, own))
+        self.max_rows = batch_size
+
+    def fits(self, rows: int, n_query: int, n_keys: int) -> bool:
+        """Whether a forward of `rows` rows, `n_query` positions each, attending to `n_keys` keys fits."""
+        if self.max_rows is not None and rows > self.max_rows:
+            return False
+        return _forward_bytes(self.dims, rows, n_query, n_keys) <= self.work
+
+    def full_rows(self) -> int:
+        """Rows per hooked full forward."""
+        rows = max(1, int(self.work // self.per_row_full))
+        return min(rows, self.max_rows) if self.max_rows is not None else rows
 
 
 # ---------------------------------------------------------------------------------------
 # Activation patching
 # ---------------------------------------------------------------------------------------
-def _rows_per_chunk(model, n_pos: int, memory_mb: float) -> int:
-    cfg = model.cfg
-    d_mlp = getattr(cfg, "d_mlp", None) or 4 * cfg.d_model
-    per_row = 4 * n_pos * (10 * cfg.d_model + 3 * d_mlp + 3 * cfg.n_heads * n_pos)
-    return max(1, int(memory_mb * 2**20 // per_row))
-
-
 def activation_patching(
     model: HookedModel,
     ps: PromptSet,
@@ -194,9 +435,10 @@ def activation_patching(
     restores the same position/head in a window of layers centred on each layer (ROME's
     windowed tracing). `corruption(prompt_idx) -> fwd hooks` makes the corrupted run from the
     clean tokens (e.g. noise on the subject embeddings) instead of `ps.corrupted_tokens`.
-    `batch_size` (rows of (site, prompt) per forward) defaults to what fits `memory_mb`.
+    `memory_mb` bounds the memory patching adds (caches of a group of prompts plus one forward's
+    activations; see the module docstring); `batch_size` caps the (site, prompt) rows per forward.
     metric: 'logit_diff', 'prob_ratio', 'odds_ratio' or a function (logits, PromptSet) → [batch]
-    (a function forces the hooked full forward).
+    (a function forces the hooked full forward). NaN/inf in the model's outputs raise a LensBiasError.
     """
     if site not in PATCH_SITES:
         raise LensBiasError(f"unknown patching site {site!r}; choose one of {', '.join(PATCH_SITES)}")
@@ -208,6 +450,8 @@ def activation_patching(
         raise LensBiasError(f"batch_size must be ≥ 1, got {batch_size}")
     if window < 1:
         raise LensBiasError(f"window must be ≥ 1, got {window}")
+    if not memory_mb > 0:
+        raise LensBiasError(f"memory_mb must be > 0, got {memory_mb}")
     if not callable(metric):
         get_metric(metric)  # a clear error for unknown names
     n_layers = model.cfg.n_layers
@@ -217,19 +461,75 @@ def activation_patching(
         raise LensBiasError(f"layer(s) {bad or layers} out of range: the model has {n_layers} layers")
     device = device_of(model)
     ps = ps.to(device)
-    if batch_size is None:
-        batch_size = _rows_per_chunk(model, ps.tokens.shape[1], memory_mb)
+    kind = site_kind(site)
+    spans = _spans(layers, window, n_layers)
+    n_cached, n_kv_layers = _cache_count(site, kind, spans, n_layers)
+    plan = _Plan(model, ps, kind, n_cached, n_kv_layers, memory_mb, batch_size, vocab_rows=callable(metric))
+    group = plan.group
+    n, P = ps.tokens.shape
+    n_comps = (P if per_position else 1) * (model.cfg.n_heads if kind == "head" else 1)
+    bar = tqdm(total=len(layers) * n_comps * n, desc=f"patching {site}", disable=not progress, unit="row")
     use_fast = fast and not callable(metric) and metric in FAST_METRICS and _right_padded(ps)
-    args = (model, ps, site, per_position, metric, layers, window, corruption, batch_size, progress)
-    if use_fast:
-        try:
-            res = _patch_fast(*args)
-        except _ShortcutMismatch as e:
-            warnings.warn(f"shortcut forward does not fit this model ({e}); using one hooked forward per chunk")
+    parts, used_fast = [], use_fast
+    try:
+        for g0 in range(0, n, group):
+            idx = torch.arange(g0, min(n, g0 + group), device=device)
+            sub = ps if len(idx) == n else _rows(ps, idx)
+            corr = corruption if corruption is None or len(idx) == n else _sub_corruption(corruption, idx)
+            args = (model, sub, site, per_position, metric, layers, window, corr, plan, bar)
             res = None
-        if res is not None:
-            return res
-    return _patch_generic(*args)
+            if used_fast:
+                try:
+                    res = _patch_fast(*args)
+                except _ShortcutMismatch as e:
+                    warnings.warn(f"shortcut forward does not fit this model ({e}); using one hooked forward "
+                                  "per chunk")
+                    used_fast = False
+                    if parts:  # start again on the hooked path, so every prompt is scored the same way
+                        return activation_patching(model, ps, site, per_position=per_position, metric=metric,
+                                                   layers=layers, window=window, corruption=corruption,
+                                                   batch_size=batch_size, memory_mb=memory_mb, fast=False,
+                                                   progress=progress)
+            if res is None:
+                res = _patch_generic(*args)
+            parts.append(res)
+            _trim_heap(device)
+    finally:
+        bar.close()
+    out = torch.cat([p[0] for p in parts], -1)
+    clean_rows = torch.cat([p[1] for p in parts])
+    corr_rows = torch.cat([p[2] for p in parts])
+    extra = {"prefix": all(p[3] for p in parts)} if used_fast else {}
+    return _result(model, ps, site, kind, per_position, layers, out, clean_rows, corr_rows, metric, window,
+                   "activation", fast=used_fast, **extra)
+
+
+def _trim_heap(device: torch.device) -> None:
+    """Hand freed CPU heap memory back to the OS: glibc keeps freed blocks otherwise, and the resident
+    size would grow forward after forward although nothing is alive (a no-op off glibc and off the CPU)."""
+    if device.type != "cpu":
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rows(ps: PromptSet, idx: Tensor) -> PromptSet:
+    """Prompts `idx` of `ps` with every position kept (PromptSet indexing drops all-padding columns)."""
+    pick = lambda x: None if x is None else x[idx.to(x.device)]  # noqa: E731
+    i = idx.tolist()
+    return replace(ps, prompts=[ps.prompts[j] for j in i], tokens=pick(ps.tokens),
+                   attention_mask=pick(ps.attention_mask), answer_pos=pick(ps.answer_pos),
+                   answers=[ps.answers[j] for j in i], answer_ids=pick(ps.answer_ids),
+                   corrupted_prompts=None if ps.corrupted_prompts is None else [ps.corrupted_prompts[j] for j in i],
+                   corrupted_tokens=pick(ps.corrupted_tokens), subject_spans=pick(ps.subject_spans),
+                   metadata=[ps.metadata[j] for j in i])
+
+
+def _sub_corruption(corruption, idx: Tensor):
+    """`corruption` for a group of prompts (its prompt indices are the group's)."""
+    return lambda prompt_idx: corruption(idx[prompt_idx.to(idx.device)])
 
 
 def _right_padded(ps: PromptSet) -> bool:
@@ -246,7 +546,23 @@ def _spans(layers, window, n_layers):
     return [(max(0, l - window // 2), min(n_layers, l - (-window // 2))) for l in layers]
 
 
-def _patch_fast(model, ps, site, per_position, metric, layers, window, corruption, batch_size, progress):
+#: the entry residuals (corrupted run) each site needs at its layer
+_ENTRY_SITES = {"resid_pre": ("resid_pre",), "resid_mid": ("resid_mid",), "attn_out": ("resid_pre", "resid_mid"),
+                "head": ("resid_pre", "resid_mid"), "resid_post": ("resid_post",),
+                "mlp_out": ("resid_mid", "resid_post")}
+
+
+def _cache_count(site, kind, spans, n_layers) -> tuple[int, int]:
+    """([pos, d_model]-sized activations cached per prompt, layers whose keys/values are kept)."""
+    comp_layers = {k for lo, hi in spans for k in range(lo, hi)}
+    entries = {lo for lo, _ in spans}
+    n = 2 * len(comp_layers) + len(_ENTRY_SITES[site]) * len(entries) + 3
+    first = min(lo + (site != "resid_pre") for lo in entries)
+    return n, max(0, n_layers - first)
+
+
+def _patch_fast(model, ps, site, per_position, metric, layers, window, corruption, plan, bar):
+    """(metric [layer, component, prompt], clean metric, corrupted metric, prefix reuse on) of one group."""
     kind = site_kind(site)
     L, n, P, H = model.cfg.n_layers, len(ps), ps.tokens.shape[1], model.cfg.n_heads
     device = ps.tokens.device
@@ -256,47 +572,67 @@ def _patch_fast(model, ps, site, per_position, metric, layers, window, corruptio
     comp_names = {k: hook_name(site, k) for k in comp_layers}
     need = set(comp_names.values())
     for lo in entry_layers:  # the residual states the rows enter from
-        need |= {hook_name(r, lo) for r in ("resid_pre", "resid_mid", "resid_post")}
-    need_x = need | {hook_name("resid_mid", 0)}
+        need |= {hook_name(r, lo) for r in _ENTRY_SITES[site]}
     corrupt_tokens = ps.tokens if corruption is not None else ps.corrupted_tokens
     all_idx = torch.arange(n, device=device)
+    answers = _Answers(model, ps, metric)
+    last = last_resid(model)
+    tol = _tolerance(model)
     with torch.no_grad():
-        cache_c, final_c, _ = _cached_run(model, ps.tokens, ps.attention_mask, set(comp_names.values()))
+        cache_c, _, _, _ = _cached_run(model, ps.tokens, ps.attention_mask, set(comp_names.values()))
+        final_c = cache_c[last] if last in comp_names.values() else cache_c.pop(last)
         base_hooks = list(corruption(all_idx)) if corruption is not None else []
-        cache_x, final_x, block_args = _cached_run(model, corrupt_tokens, ps.attention_mask, need_x, base_hooks,
-                                                   capture_blocks=True)
+        cache_x, block_args, past_names, kv = _cached_run(model, corrupt_tokens, ps.attention_mask, need, base_hooks,
+                                                          capture_blocks=True)
+        final_x = cache_x[last]
+        clean_rows = answers(final_c[all_idx, ps.answer_pos], all_idx)
+        corr_rows = answers(final_x[all_idx, ps.answer_pos], all_idx)
+        answers.check("the clean and corrupted runs' answer logits")
+        del final_c
         if any(a is None for a in block_args):
             raise _ShortcutMismatch("some blocks were not called as modules")
-        sc = _Shortcut(model, block_args, n, ps.answer_pos, ps.answer_ids, metric)
-        rows_all = torch.arange(n, device=device)
-        clean_rows = unembed_answers(model, final_c[rows_all, ps.answer_pos], ps.answer_ids, metric, sc.W_U, sc.b_U)
-        corr_rows = unembed_answers(model, final_x[rows_all, ps.answer_pos], ps.answer_ids, metric, sc.W_U, sc.b_U)
-        # the shortcut must reproduce the corrupted run, on rows in another order and number than the prompts
+        sc = _Shortcut(model, block_args, past_names, kv, n, P, answers, ps.answer_pos)
+        # the shortcut must reproduce the corrupted run, on rows in another order and number than the
+        # prompts, from the first entry used, over all positions and over a window after a cached prefix
+        lo0 = entry_layers[0]
+        entry0, at0 = _entry_of(site, lo0)
+        base0 = cache_x[_base_name(site, lo0)]
         shuffled = torch.tensor([n - 1, 0, 0], device=device)
-        try:
-            check = sc.run(cache_x[hook_name("resid_mid", 0)][shuffled], "mid", 0, shuffled)
-        except Exception as e:  # noqa: BLE001 - any failure means: use the hooked path
-            raise _ShortcutMismatch(f"{type(e).__name__}: {e}") from None
-        corr_check = corr_rows[shuffled]
-        if not torch.allclose(check, corr_check, atol=1e-4, rtol=1e-4):
-            raise _ShortcutMismatch(f"max |diff| {float((check - corr_check).abs().max()):.2e} on the corrupted run")
+        expect = corr_rows[shuffled]
+
+        def agrees(s):
+            try:
+                got = sc.run(base0[shuffled, s:int(ps.answer_pos[shuffled].max()) + 1], entry0, at0, shuffled, s)
+            except Exception as e:  # noqa: BLE001 - any failure means: do not use this path
+                return f"{type(e).__name__}: {e}"
+            if not torch.allclose(got, expect, atol=tol, rtol=tol):
+                return f"max |diff| {float((got - expect).abs().max()):.2e} on the corrupted run"
+            return None
+
+        problem = agrees(0)
+        if problem:
+            raise _ShortcutMismatch(problem)
+        s_check = int(ps.answer_pos[shuffled].min()) // 2
+        if sc.windowed and s_check > 0 and agrees(s_check):
+            sc.windowed = False  # exact, but without reusing the prefix
         if kind == "head":  # resid_mid = resid_pre + Σ_h z_h W_O[h] + b_O must hold for the head entry
-            lo = entry_layers[0]
-            W = model.blocks[lo].attn.W_O
-            mid = cache_x[hook_name("resid_pre", lo)] + torch.einsum("bphd,hde->bpe", cache_x[comp_names[lo]], W)
-            gap = (cache_x[hook_name("resid_mid", lo)] - mid).flatten(0, 1)
-            if not torch.allclose(gap, gap[:1].expand_as(gap), atol=1e-4, rtol=1e-4):
+            W = model.blocks[lo0].attn.W_O.float()
+            mid = cache_x[hook_name("resid_pre", lo0)].float() + torch.einsum(
+                "bphd,hde->bpe", cache_x[comp_names[lo0]].float(), W)
+            gap = (cache_x[hook_name("resid_mid", lo0)].float() - mid).flatten(0, 1)
+            scale = tol * (1 + cache_x[hook_name("resid_mid", lo0)].float().abs().max())
+            if not torch.allclose(gap, gap[:1].expand_as(gap), atol=float(scale), rtol=tol):
                 raise _ShortcutMismatch("the attention output is not Σ_h z_h W_O[h] + b_O")
 
     pos_axis = list(range(P)) if per_position else [-1]
     head_axis = list(range(H)) if kind == "head" else [-1]
     comps = [(p, h) for p in pos_axis for h in head_axis]
-    out = torch.empty(len(layers), len(comps), n, device=device)
-    W_O = {}
-    if kind == "head":
-        W_O = {k: model.blocks[k].attn.W_O for k in entry_layers}  # [head, d_head, d_model]
-    total = len(layers) * len(comps) * n
-    bar = tqdm(total=total, desc=f"patching {site}", disable=not progress, unit="row")
+    C = len(comps)
+    comp_t = torch.tensor(comps, device=device)  # [C, 2]
+    pos_c, head_c = comp_t[:, 0], comp_t[:, 1].clamp(min=0)
+    ans = ps.answer_pos
+    out = torch.empty(len(layers), C, n, device=device)
+    upto = torch.arange(P, device=device)[None, :, None] <= ans[:, None, None]  # positions that can matter
     with torch.no_grad():
         for li, (lo, hi) in enumerate(spans):
             # which (site, prompt) patches change anything (clean ≠ corrupted somewhere in the window)
@@ -304,41 +640,69 @@ def _patch_fast(model, ps, site, per_position, metric, layers, window, corruptio
             for k in range(lo, hi):
                 d = cache_c[comp_names[k]] != cache_x[comp_names[k]]
                 diff |= d.any(-1) if kind == "head" else d.any(-1, keepdim=True)
+            diff &= upto
             entry, at = _entry_of(site, lo)
-            final_only = (entry == "pre" and at == L) or (entry == "mid" and at == L - 1)
-            comp_t = torch.tensor(comps, device=device)  # [C, 2]
-            pos_c, head_c = comp_t[:, 0], comp_t[:, 1].clamp(min=0)
+            final_only = (entry == "pre" and at == L) or (entry == "mid" and at == L - 1 and hi - lo == 1)
             if per_position:
                 changed = diff[:, pos_c, head_c].T  # [C, n]
                 if final_only:
-                    changed &= pos_c[:, None] == ps.answer_pos[None, :]
+                    changed &= pos_c[:, None] == ans[None, :]
+                start = pos_c[:, None].expand(C, n)
             else:
-                changed = diff[:, :, head_c].any(1).T
-            out[li] = corr_rows[None, :].expand(len(comps), n)
-            todo = changed.nonzero()  # [rows, 2] = (site, prompt)
-            bar.update(len(comps) * n - len(todo))
-            if kind == "head":
-                zc, zx = cache_c[comp_names[lo]], cache_x[comp_names[lo]]
-                # per head, its output written into the residual: [head, batch, pos, d_model]
-                delta = torch.einsum("bphd,hde->hbpe", zc - zx, W_O[lo].to(zc.dtype))
-            for s in range(0, len(todo), batch_size):
-                chunk = todo[s: s + batch_size]
-                ci, prompts = chunk[:, 0], chunk[:, 1]
+                changed = diff.any(1)[:, head_c].T
+                start = diff.int().argmax(1)[:, head_c].T  # the first position the patch changes
+            if final_only:
+                start = ans[None, :].expand(C, n)
+            out[li] = corr_rows[None, :].expand(C, n)
+            todo = changed.nonzero()  # [rows, 2] = (component, prompt)
+            bar.update(C * n - len(todo))
+            if not len(todo):
+                continue
+            s_row = start[todo[:, 0], todo[:, 1]] if sc.windowed or final_only else torch.zeros_like(todo[:, 0])
+            order = torch.argsort(s_row * n + todo[:, 1], stable=True)
+            todo, s_row = todo[order], s_row[order]
+            e_row = ans[todo[:, 1]] + 1 if sc.windowed or final_only else torch.full_like(s_row, P)
+            delta = None
+            if kind == "head":  # per head, its output written into the residual: [head, batch, pos, d_model]
+                zc, zx = cache_c[comp_names[lo]].float(), cache_x[comp_names[lo]].float()
+                delta = torch.einsum("bphd,hde->hbpe", zc - zx, model.blocks[lo].attn.W_O.float())
+                del zc, zx
+            full_last = hi == L and hi - lo > 1  # window hooks inside the last block
+            for ci, prompts, s, e in _chunks(todo, s_row.tolist(), e_row, plan):
                 pos, head = pos_c[ci], head_c[ci]
-                x = _entry_state(site, kind, lo, entry, cache_c, cache_x, prompts, pos, head,
-                                 per_position, delta if kind == "head" else None, L)
+                x = _entry_state(site, lo, cache_c, cache_x, prompts, pos, head, per_position, delta, s, e)
                 hooks = []
                 for k in range(lo + 1, hi):
                     name = comp_names[k]
-                    hooks.append((name, _patch_hook(cache_c[name], torch.arange(len(chunk), device=device), prompts,
-                                                    pos if per_position else torch.full_like(pos, -1),
-                                                    head if kind == "head" else torch.full_like(head, -1), kind)))
-                full_last = hi == L and hi - lo > 1  # window hooks inside the last block
-                out[li, ci, prompts] = sc.run(x, entry, at, prompts, hooks, full_last=full_last)
-                bar.update(len(chunk))
-    bar.close()
-    return _result(model, ps, site, kind, per_position, layers, out, clean_rows, corr_rows, metric, window,
-                   "activation", fast=True)
+                    hooks.append((name, _patch_hook(cache_c[name], torch.arange(len(prompts), device=device),
+                                                    prompts, pos if per_position else torch.full_like(pos, -1),
+                                                    head if kind == "head" else torch.full_like(head, -1), kind,
+                                                    s, e)))
+                ctx = model.hooks(fwd_hooks=hooks) if hooks else contextlib.nullcontext()
+                with ctx:
+                    out[li, ci, prompts] = sc.run(x, entry, at, prompts, s, full_last=full_last)
+                bar.update(len(prompts))
+            del delta
+            _trim_heap(device)
+    answers.check("the patched runs' answer logits")
+    return out, clean_rows, corr_rows, sc.windowed
+
+
+def _chunks(todo: Tensor, s_row: list[int], e_row: Tensor, plan: _Plan):
+    """Consecutive rows (sorted by start) cut to forwards that fit the plan: yields
+    (components, prompts, s, e), positions s..e-1 (s: the chunk's first start, e: its last end)."""
+    e_list = e_row.tolist()
+    i, R = 0, len(s_row)
+    while i < R:
+        s = s_row[i]
+        j, e = i, s + 1
+        while j < R and plan.fits(j - i + 1, max(e, e_list[j]) - s, max(e, e_list[j])):
+            e = max(e, e_list[j])
+            j += 1
+        j = max(j, i + 1)
+        e = max(e, max(e_list[i:j]))
+        yield todo[i:j, 0], todo[i:j, 1], s, e
+        i = j
 
 
 def _entry_of(site: str, lo: int) -> tuple[str, int]:
@@ -350,82 +714,97 @@ def _entry_of(site: str, lo: int) -> tuple[str, int]:
     return "pre", lo + 1  # resid_post, mlp_out: the next block's input
 
 
-def _entry_state(site, kind, lo, entry, cache_c, cache_x, prompts, pos, head, per_position, delta, L):
-    """The corrupted residual at the entry point with the row's site patched in."""
-    pre_x, mid_x = cache_x[hook_name("resid_pre", lo)], cache_x[hook_name("resid_mid", lo)]
-    post_x = cache_x[hook_name("resid_post", lo)]
-    base = {"resid_pre": pre_x, "resid_mid": mid_x, "attn_out": mid_x, "head": mid_x,
-            "resid_post": post_x, "mlp_out": post_x}[site]
-    x = base[prompts].clone()
-    r = torch.arange(len(prompts), device=x.device)
-    if site == "resid_pre":
-        new = cache_c[hook_name("resid_pre", lo)]
-    elif site == "resid_mid":
-        new = cache_c[hook_name("resid_mid", lo)]
-    elif site == "resid_post":
-        new = cache_c[hook_name("resid_post", lo)]
-    elif site == "attn_out":
-        new = pre_x + cache_c[hook_name("attn_out", lo)]
-    elif site == "mlp_out":
-        new = mid_x + cache_c[hook_name("mlp_out", lo)]
+def _base_name(site: str, lo: int) -> str:
+    """The corrupted residual that rows patching `site` at layer `lo` start from."""
+    return hook_name({"resid_pre": "resid_pre", "resid_post": "resid_post", "mlp_out": "resid_post"}.get(
+        site, "resid_mid"), lo)
+
+
+def _entry_state(site, lo, cache_c, cache_x, prompts, pos, head, per_position, delta, s, e):
+    """The corrupted residual at the entry point, positions s..e-1, with the row's site patched in."""
+    pre_x = cache_x.get(hook_name("resid_pre", lo))
+    mid_x = cache_x.get(hook_name("resid_mid", lo))
+    base = cache_x[_base_name(site, lo)]
+    r = torch.arange(len(prompts), device=base.device)
+    rel = pos - s
     if site == "head":
+        x = base[prompts, s:e]
         if per_position:
-            x[r, pos] += delta[head, prompts, pos]
+            x = x.clone()
+            x[r, rel] = (x[r, rel].float() + delta[head, prompts, pos]).to(x.dtype)
         else:
-            x += delta[head, prompts]
+            x = (x.float() + delta[head, prompts, s:e]).to(x.dtype)
         return x
+
+    def new(rows, cols):
+        if site in ("resid_pre", "resid_mid", "resid_post"):
+            return cache_c[hook_name(site, lo)][rows, cols]
+        if site == "attn_out":
+            return pre_x[rows, cols] + cache_c[hook_name("attn_out", lo)][rows, cols]
+        return mid_x[rows, cols] + cache_c[hook_name("mlp_out", lo)][rows, cols]
+
     if per_position:
-        x[r, pos] = new[prompts, pos]
-    else:
-        x = new[prompts].clone()
-    return x
+        x = base[prompts, s:e].clone()
+        x[r, rel] = new(prompts, pos)
+        return x
+    return new(prompts[:, None], torch.arange(s, e, device=base.device)[None, :])
 
 
 def _result(model, ps, site, kind, per_position, layers, out, clean_rows, corr_rows, metric, window, method,
-            fast):
+            fast, **extra):
     n_pos, n_heads = ps.tokens.shape[1], model.cfg.n_heads
     shape = [len(layers)] + ([n_pos] if per_position else []) + ([n_heads] if kind == "head" else [])
     dims = ("layer",) + (("pos",) if per_position else ()) + (("head",) if kind == "head" else ())
-    per_prompt = out.reshape(*shape, len(ps)).cpu()
-    return ComponentScores(per_prompt.mean(-1), dims, site, method, clean_rows.mean().item(),
-                           corr_rows.mean().item(), position_labels(model, ps),
+    per_prompt = out.reshape(*shape, len(ps)).float().cpu()
+    return ComponentScores(per_prompt.mean(-1), dims, site, method, clean_rows.float().mean().item(),
+                           corr_rows.float().mean().item(), position_labels(model, ps),
                            {"layers": layers, "metric": str(metric), "window": window, "per_prompt": per_prompt,
-                            "fast": fast})
+                            "fast": fast, **extra})
 
 
-def _patch_hook(clean_act: Tensor, rows: Tensor, prompts: Tensor, pos: Tensor, head: Tensor, kind: str):
-    """A hook writing clean activations into `rows` at (pos, head); -1 means all positions/heads."""
+def _patch_hook(clean_act: Tensor, rows: Tensor, prompts: Tensor, pos: Tensor, head: Tensor, kind: str,
+                s: int = 0, e: int | None = None):
+    """A hook writing clean activations into `rows` at (pos, head); -1 means all positions/heads.
+    The activation covers positions s..e-1 of each prompt."""
     all_pos = bool((pos < 0).all())
+    span = slice(s, e)
 
     def hook(act, hook):
         if kind == "pos":
             if all_pos:
-                act[rows] = clean_act[prompts]
+                act[rows] = clean_act[prompts, span]
             else:
-                act[rows, pos] = clean_act[prompts, pos]
+                act[rows, pos - s] = clean_act[prompts, pos]
         else:
             if all_pos:
-                act[rows, :, head] = clean_act[prompts, :, head]
+                act[rows, :, head] = clean_act[prompts, span, head]
             else:
-                act[rows, pos, head] = clean_act[prompts, pos, head]
+                act[rows, pos - s, head] = clean_act[prompts, pos, head]
         return act
 
     return hook
 
 
 def _metric_rows(model, ps_rows: PromptSet, tokens, hooks, metric) -> Tensor:
-    if not callable(metric) and metric in ("logit_diff", "prob_ratio"):
-        a = answer_logits_fast(model, tokens, ps_rows.answer_pos, ps_rows.answer_ids, hooks, ps_rows.attention_mask)
-        return metric_from_answers(a, metric)
+    """The per-row metric of one hooked forward (answer logits in float32; a function metric gets the full logits)."""
+    rows = torch.arange(len(ps_rows), device=tokens.device)
+    if not callable(metric) and metric in FAST_METRICS:
+        final = run_until(model, tokens, attention_mask=ps_rows.attention_mask, fwd_hooks=hooks)[last_resid(model)]
+        answers = _Answers(model, ps_rows, metric)
+        out = answers(final[rows, ps_rows.answer_pos], rows)
+        answers.check("the model's answer logits")
+        return out
     with model.hooks(fwd_hooks=hooks):
         logits = model(tokens, attention_mask=ps_rows.attention_mask)
-    return get_metric(metric)(logits, ps_rows)
+    _check_finite(logits, "the model's logits")
+    return get_metric(metric)(logits, ps_rows).float()
 
 
-def _patch_generic(model, ps, site, per_position, metric, layers, window, corruption, batch_size, progress):
+def _patch_generic(model, ps, site, per_position, metric, layers, window, corruption, plan, bar):
     """One hooked forward per chunk of rows (any architecture, any metric)."""
     kind = site_kind(site)
     n_layers, n_pos, n_heads = model.cfg.n_layers, ps.tokens.shape[1], model.cfg.n_heads
+    batch_size = plan.full_rows()
     device = ps.tokens.device
     spans = _spans(layers, window, n_layers)
     hook_layers = sorted({k for lo, hi in spans for k in range(lo, hi)})
@@ -450,7 +829,6 @@ def _patch_generic(model, ps, site, per_position, metric, layers, window, corrup
     out = torch.zeros(total, device=device)
     comp_of_row = torch.arange(total) // n_prompts  # rows: site-major, prompt-minor
     prompt_of_row = torch.arange(total) % n_prompts
-    bar = tqdm(total=total, desc=f"patching {site}", disable=not progress, unit="row")
     with torch.no_grad():
         for start in range(0, total, batch_size):
             rows = torch.arange(start, min(start + batch_size, total))
@@ -464,15 +842,13 @@ def _patch_generic(model, ps, site, per_position, metric, layers, window, corrup
                     sd = sel.to(device)
                     hooks.append((names[k], _patch_hook(cache[names[k]], sd, prompts[sd],
                                                         c[sel, 1].to(device), c[sel, 2].to(device), kind)))
-            sub = ps[prompts.tolist()]
+            sub = _rows(ps, prompts)
             toks = sub.tokens if corruption is not None else sub.corrupted_tokens
-            out[rows.to(device)] = _metric_rows(model, sub, toks, hooks, metric).float()
+            out[rows.to(device)] = _metric_rows(model, sub, toks, hooks, metric)
             bar.update(len(rows))
-    bar.close()
     n_comps = len(pos_axis) * len(head_axis)
     out = out.view(len(layers), n_comps, n_prompts)
-    return _result(model, ps, site, kind, per_position, layers, out, clean, corrupted, metric, window,
-                   "activation", fast=False)
+    return out, clean, corrupted, False
 
 
 def patch_with(model: HookedModel, ps: PromptSet, activations: dict[str, Tensor], *, metric="logit_diff") -> Tensor:

@@ -172,3 +172,145 @@ def test_heatmaps_label_tokens_and_hover(tiny_gpt2, pairs):
     assert list(fig.data[0].x) == ["head 0", "head 1", "head 2", "head 3"]
     z = torch.tensor(fig.data[0].z)
     assert torch.allclose(z, heads.effect, atol=1e-6)
+
+
+# ---- shared prefixes: positions before the first difference come from the corrupted run -----------
+INSTRUCTION = "Read the sentence and continue it with one word. Do not guess from the job. Sentence: "
+
+
+def _prefix_sets(model):
+    """Pairs sharing a long instruction (first difference at position 22) and pairs differing at position 1."""
+    long = PromptSet.build(model, [INSTRUCTION + f"The {w} said that" for w in ("nurse", "doctor", "mechanic")],
+                           (" she", " he"),
+                           corrupted=[INSTRUCTION + f"The {w} said that" for w in ("man", "woman", "man")])
+    first = PromptSet.build(model, ["Mary said that", "John said that", "Doctors said that"], (" she", " he"),
+                            corrupted=["Anna said that", "Peter said that", "Women said that"])
+    return long, first
+
+
+#: per-position TL patching as (patch setter, activation, axes), run on chosen positions only
+TL_BY_POS = {"head": (tlp.layer_pos_head_vector_patch_setter, "z", ("layer", "pos", "head")),
+             "resid_pre": (tlp.layer_pos_patch_setter, "resid_pre", ("layer", "pos")),
+             "mlp_out": (tlp.layer_pos_patch_setter, "mlp_out", ("layer", "pos"))}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("site,per_position", [("head", False), ("head", True), ("resid_pre", True), ("mlp_out", True)])
+def test_shared_prefix_path_equals_transformer_lens(tiny_gpt2, tiny_llama, family, site, per_position):
+    """The prefix path (keys/values of the shared positions from the corrupted run) equals TL's patching,
+    on GPT-2 and Llama with GQA, for a long shared instruction and for a first difference at position 1.
+    Per position, TL runs from the position before the first difference on (earlier patches are no-ops:
+    there both sides give exactly the corrupted metric)."""
+    import pandas as pd
+
+    model = tiny_gpt2 if family == "gpt2" else tiny_llama
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    for ps, first in zip(_prefix_sets(model), (22, 1)):
+        assert int((ps.tokens != ps.corrupted_tokens).int().argmax(1).min()) == first
+        _, cache = model.run_with_cache(ps.tokens)
+        metric = lambda logits: logit_diff(logits, ps).mean()  # noqa: E731
+        ours = activation_patching(model, ps, site, per_position=per_position, batch_size=5, progress=False)
+        assert ours.extra["fast"] and ours.extra["prefix"]  # the prefix path ran
+        if not per_position:
+            ref = tlp.get_act_patch_attn_head_out_all_pos(model, ps.corrupted_tokens, cache, metric)
+            assert (ours.values - ref).abs().max() < 1e-4
+            continue
+        setter, act, axes = TL_BY_POS[site]
+        positions = range(first - 1, ps.tokens.shape[1])
+        cells = [(l, p, h) for l in range(L) for p in positions for h in range(H)] if site == "head" else \
+            [(l, p) for l in range(L) for p in positions]
+        ref = tlp.generic_activation_patch(model, ps.corrupted_tokens, cache, metric, patch_setter=setter,
+                                           activation_name=act, index_df=pd.DataFrame(cells, columns=list(axes)))
+        assert (ours.values[:, first - 1:].reshape(-1) - ref).abs().max() < 1e-4
+        assert (ours.values[:, :first - 1] == ours.corrupted).all()
+
+
+def _block_lengths(model):
+    """A hook list recording the number of positions of every block call."""
+    seen = []
+    handles = [b.register_forward_pre_hook(lambda m, args, kw: seen.append(
+        (args[0] if args else kw["hidden_states"]).shape[1]), with_kwargs=True) for b in model.blocks]
+    return seen, handles
+
+
+def test_shared_prefix_is_computed_once(tiny_gpt2):
+    """Patched rows run only the positions from the first difference to the answer: apart from the clean
+    and corrupted runs and the two self-checks (one call per layer each), no block sees the shared instruction."""
+    long, _ = _prefix_sets(tiny_gpt2)
+    P, first = long.tokens.shape[1], 22
+    for site, per_position in (("head", False), ("resid_pre", True), ("mlp_out", False)):
+        seen, handles = _block_lengths(tiny_gpt2)
+        try:
+            activation_patching(tiny_gpt2, long, site, per_position=per_position, progress=False)
+        finally:
+            for h in handles:
+                h.remove()
+        full = [n for n in seen if n > P - first]
+        assert len(full) <= 4 * tiny_gpt2.cfg.n_layers and len(seen) > len(full)
+
+
+def test_padded_prompts_fast_equals_hooked(tiny_gpt2, tiny_llama):
+    """Right-padded prompts of different lengths, shared prefixes of different lengths: the fast path (rows
+    cut at each prompt's answer) equals one hooked forward per row."""
+    for model, sites in ((tiny_gpt2, (("head", True), ("resid_post", True))),
+                         (tiny_llama, (("head", False), ("attn_out", False)))):
+        ps = PromptSet.build(model, ["Continue with one word: The nurse said that", "Mary said that",
+                                     "The doctor told me that"], (" she", " he"),
+                             corrupted=["Continue with one word: The man said that", "Anna said that",
+                                        "The woman told me that"])
+        assert not ps.same_length
+        for site, per_position in sites:
+            fast = activation_patching(model, ps, site, per_position=per_position, progress=False)
+            hooked = activation_patching(model, ps, site, per_position=per_position, fast=False, progress=False)
+            assert fast.extra["fast"] and fast.extra["prefix"]
+            assert (fast.extra["per_prompt"] - hooked.extra["per_prompt"]).abs().max() < 1e-4
+
+
+def test_memory_budget_splits_prompts_without_changing_results(tiny_gpt2, pairs):
+    """A small memory_mb processes the prompts in groups and rows in small chunks; the values are the same."""
+    whole = activation_patching(tiny_gpt2, pairs, "head", progress=False)
+    small = activation_patching(tiny_gpt2, pairs, "head", memory_mb=0.4, progress=False)
+    assert (whole.extra["per_prompt"] - small.extra["per_prompt"]).abs().max() < 1e-5
+    hooked = activation_patching(tiny_gpt2, pairs, "mlp_out", fast=False, memory_mb=0.4, progress=False)
+    ref = activation_patching(tiny_gpt2, pairs, "mlp_out", fast=False, progress=False)
+    assert (hooked.values - ref.values).abs().max() < 1e-5
+    with pytest.raises(LensBiasError, match="memory_mb"):
+        activation_patching(tiny_gpt2, pairs, "head", memory_mb=0.01, progress=False)
+
+
+# ---- precision and broken models ------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,tol", [("bfloat16", 0.05), ("float16", 0.01)])
+def test_half_precision_patching_and_tracing_close_to_float32(tiny_gpt2_dir, dtype, tol):
+    """bf16/fp16 models patch (fast and hooked paths) and trace; results are within `tol` × the largest
+    float32 value of float32's (the answer logits are computed in float32; observed: bf16 ≈ 1.5 %, fp16 ≈ 0.2 %)."""
+    from lens_bias.core import load_model
+
+    m32, low = load_model(tiny_gpt2_dir, device="cpu"), load_model(tiny_gpt2_dir, device="cpu", dtype=dtype)
+    ps = PromptSet.build(m32, ["The nurse said that she was", "The doctor said that he was"], (" she", " he"),
+                         corrupted=["The man said that she was", "The woman said that he was"],
+                         subjects=["nurse", "doctor"])
+    for site, kw in (("head", {"per_position": False}), ("head", {}), ("resid_pre", {}), ("mlp_out", {"fast": False})):
+        ref = activation_patching(m32, ps, site, progress=False, **kw)
+        got = activation_patching(low, ps, site, progress=False, **kw)
+        assert got.extra["fast"] == kw.get("fast", True)
+        scale = ref.values.abs().max()
+        assert (got.values - ref.values).abs().max() <= tol * scale
+        assert abs(got.clean - ref.clean) <= tol * scale
+    ref, got = causal_trace(m32, ps, progress=False), causal_trace(low, ps, progress=False)
+    for site in ref:
+        assert got[site].extra["fast"]
+        assert (got[site].values - ref[site].values).abs().max() <= tol * ref[site].values.abs().max()
+
+
+def test_non_finite_outputs_are_an_error(tiny_gpt2_dir, pairs):
+    """A model whose outputs are NaN gives a LensBiasError, not a table of NaN."""
+    from lens_bias.core import load_model
+
+    broken = load_model(tiny_gpt2_dir, device="cpu")
+    with torch.no_grad():
+        broken.blocks[1].mlp.out.original_component.weight[0, 0] = float("nan")
+    for kw in ({}, {"fast": False}):
+        with pytest.raises(LensBiasError, match="NaN or inf"):
+            activation_patching(broken, pairs, "head", progress=False, **kw)
+    with pytest.raises(LensBiasError, match="NaN or inf"):
+        causal_trace(broken, pairs, progress=False)
