@@ -13,6 +13,19 @@ from .tasks import ReportTask, resolve_task
 from .truth import ranking_vs_truth
 from .units import ABLATABLE, LAYER_PARTS, SITE_PARTS, UNIT_TYPES
 
-__all__ = ["ABLATABLE", "Faithfulness", "LAYER_PARTS", "LocateReport", "ReportTask", "SITE_PARTS", "UNIT_TYPES",
-           "agreement_table", "locate_report", "overlap", "rank_methods", "ranking_vs_truth", "resolve_task",
-           "spearman"]
+__all__ = [
+           "ABLATABLE",
+           "LAYER_PARTS",
+           "SITE_PARTS",
+           "UNIT_TYPES",
+           "Faithfulness",
+           "LocateReport",
+           "ReportTask",
+           "agreement_table",
+           "locate_report",
+           "overlap",
+           "rank_methods",
+           "ranking_vs_truth",
+           "resolve_task",
+           "spearman",
+]

@@ -10,9 +10,9 @@ With m the task's bias metric, m_clean its value, m_ref its unbiased reference (
                      other tasks: σ·(m with every other unit of the type mean-ablated − m_ref) / B
     random(k)      = the same for k random units, mean ± std over seeds
 
-A layer unit is all heads (attn) or all neurons (mlp) of its layer. Capability under each ablation: loss
-on neutral text (under the first ablation, zero by default: each method's top-k and the first random
-draw) and the task's accuracy (yes/no, multiple choice).
+A layer unit is all heads (attn) or all neurons (mlp) of its layer. Capability: loss on neutral text with
+each method's top-k ablated at the largest k (under the first ablation, zero by default; random: its
+first draw), and the task's accuracy (yes/no, multiple choice) under every ablation.
 
 A method's score is the area of its necessity curve above random, mean over k and over ablations:
     area = mean_{k, ablation} (necessity − random mean);   spread = mean_{k, ablation} random std
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -31,7 +31,11 @@ from tqdm.auto import tqdm
 from ...core.hooks import device_of, hook_name, run_until
 from ...core.metrics import answer_logits_fast
 from ...core.models import HookedModel
-from ...mitigate.ablation import head_ablation_hooks, neuron_ablation_hooks, reference_activations
+from ...mitigate.ablation import (
+    head_ablation_hooks,
+    neuron_ablation_hooks,
+    reference_activations,
+)
 from .tasks import ReportTask, answers_bias, bias_of, neutral_loss
 from .units import ABLATABLE, expand, n_units, top_units, unit_label
 
@@ -153,22 +157,24 @@ class Faithfulness:
             shape = next(iter(methods.values())).shape
             all_units = [tuple(int(v) for v in torch.unravel_index(torch.tensor(i), shape))
                          for i in range(math.prod(shape))]
-            for k in k_grid(k_values, len(all_units)):
+            ks = k_grid(k_values, len(all_units))
+            for k in ks:
                 for method, t in methods.items():
-                    plan.append((unit_type, method, k, top_units(t, k), None, all_units))
+                    plan.append((unit_type, method, k, top_units(t, k), None, all_units, k == ks[-1]))
                 for s in range(self.seeds):
                     rng = random.Random(f"{self.seed}-{unit_type}-{k}-{s}")
-                    plan.append((unit_type, "random", k, rng.sample(all_units, k), s, all_units))
+                    plan.append((unit_type, "random", k, rng.sample(all_units, k), s, all_units, k == ks[-1]))
         # distinct measurements: methods often pick the same units
         nec_keys, suf_keys, cap_keys = {}, {}, {}
-        for unit_type, method, k, units, s, all_units in plan:
+        for unit_type, method, k, units, s, all_units, last in plan:
             heads, neurons = expand(unit_type, units, self.n_heads, self.d_mlp)
             hn = (tuple(sorted(heads)), tuple(sorted(neurons)))
             for ablation in self.ablations:
                 seed = (s or 0) if ablation == "resample" else 0
                 nec_keys.setdefault((*hn, ablation, seed), (heads, neurons))
-                # capability: under the first ablation, every method's top-k and one random draw per k
-                if not s and self.capability and ablation == self.ablations[0]:
+                # capability (a full-vocabulary loss: the costly measurement) at the largest k, under the first
+                # ablation: every method's top-k and one random draw
+                if last and not s and self.capability and ablation == self.ablations[0]:
                     cap_keys.setdefault((*hn, ablation, seed), (heads, neurons))
             if self.task.has_twins:
                 suf_keys.setdefault(hn, (heads, neurons))
@@ -188,7 +194,7 @@ class Faithfulness:
             bar.update(1)
         bar.close()
         rows = []
-        for unit_type, method, k, units, s, _ in plan:
+        for unit_type, method, k, units, s, _, _ in plan:
             heads, neurons = expand(unit_type, units, self.n_heads, self.d_mlp)
             hn = (tuple(sorted(heads)), tuple(sorted(neurons)))
             base = {"unit_type": unit_type, "method": method, "k": k, "seed": s,

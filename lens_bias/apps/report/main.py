@@ -3,6 +3,8 @@
 Stages (each cached in DIR/stages/<stage>.pt under a fingerprint of the model's weights, the data and
 the stage's options, written atomically; a rerun skips every stage whose file matches):
 
+    (and of lens_bias's code: a stage cached by other code is computed again)
+
     bias          the bias metric on both splits (orientation of the scores, scale of the curves)
     method-<name> one locate method's scores on the common units (units.py)
     contexts      the top units' tokens and contexts
@@ -18,9 +20,9 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -32,7 +34,7 @@ from ...core.models import HookedModel, load_model
 from ...core.prompts import PromptSet, tokenizer_of
 from ...locate.patching import position_labels
 from ...runs.store import data_fingerprint, model_fingerprint
-from .agreement import OVERLAP_K, agreement_table
+from .agreement import agreement_table
 from .faithfulness import Faithfulness, curves, rank_methods
 from .methods import _mc_forward, applicable_methods, run_method
 from .tasks import ReportTask, bias_of, organism_card, resolve_task
@@ -52,6 +54,15 @@ PLANTED = {"gender_neuron": ("neuron", "pairs"), "negative_head": ("head", "yesn
 # ---------------------------------------------------------------------------------------
 def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def code_fingerprint() -> str:
+    """sha256 of lens_bias's source files: a stage cached by other code is computed again."""
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        h.update(p.relative_to(root).as_posix().encode() + p.read_bytes())
+    return h.hexdigest()
 
 
 class _Stages:
@@ -319,9 +330,12 @@ def _planted(model, task: ReportTask, scores: dict) -> list[dict]:
 
 
 def bias_significance(model, task: ReportTask) -> float:
-    """t statistic of the test split's bias over prompts (per-prompt twins' difference for pairs,
-    per-prompt logit(No) − logit(Yes) for yes/no); NaN for multiple choice."""
+    """t statistic of the test split's bias over its groups — professions (or occupations) for pairs, each
+    the mean over its prompts of LD minus its twin's; for yes/no the class-balanced offset of the questions'
+    means over its standard error; NaN for multiple choice. Prompts of one group share their
+    subject (question), so the groups are the independent draws."""
     from ...core.metrics import answer_logits_fast
+    from .tasks import group_of, yesno_offset
 
     if task.kind == "multiple_choice":
         return float("nan")
@@ -329,12 +343,22 @@ def bias_significance(model, task: ReportTask) -> float:
     with torch.no_grad():
         a = answer_logits_fast(model, ps.tokens, ps.answer_pos, ps.answer_ids, [], ps.attention_mask).float()
         d = a[:, 0] - a[:, 1]
-        if task.kind == "pairs":
-            c = answer_logits_fast(model, ps.corrupted_tokens, ps.answer_pos, ps.answer_ids, [], ps.attention_mask)
-            d = d - (c[:, 0] - c[:, 1]).float()
-    if len(d) < 2 or float(d.std()) == 0:
+        if task.kind == "yesno":  # per question (its prompts share it), then class-balanced
+            per: dict = {}
+            for i, m in enumerate(ps.metadata):
+                per.setdefault(m["question"], (m["label"] == "yes", []))[1].append(float(-d[i]))
+            q = torch.tensor([sum(v) / len(v) for _, v in per.values()], dtype=torch.float64)
+            mean, se = yesno_offset(q, [gold for gold, _ in per.values()])
+            return mean / se if se > 0 else float("nan")
+        c = answer_logits_fast(model, ps.corrupted_tokens, ps.answer_pos, ps.answer_ids, [], ps.attention_mask)
+        d = (d - (c[:, 0] - c[:, 1]).float()).cpu()
+    groups: dict = {}
+    for i, m in enumerate(ps.metadata):
+        groups.setdefault(group_of(task.kind, m, i), []).append(float(d[i]))
+    g = torch.tensor([sum(v) / len(v) for v in groups.values()], dtype=torch.float64)
+    if len(g) < 2 or float(g.std()) == 0:
         return float("nan")
-    return float(d.mean() / (d.std() / math.sqrt(len(d))))
+    return float(g.mean() / (g.std() / math.sqrt(len(g))))
 
 
 def locate_report(
@@ -348,7 +372,7 @@ def locate_report(
     seeds: int = 5,
     holdout: float = 0.5,
     max_prompts: int = 64,
-    max_items: int = 64,
+    max_items: int = 48,
     neutral: str | list[str] | None = None,
     tracing_corruption: str = "noise",
     capability: bool = True,
@@ -356,6 +380,7 @@ def locate_report(
     overwrite: bool = False,
     progress: bool = True,
     device=None,
+    dtype=None,
 ) -> LocateReport:
     """Every locate method that applies to `task` on `model`, mapped onto common units, their agreement, and
     the faithfulness of each method's top-k by ablation on held-out prompts; with `out`, the HTML page,
@@ -365,12 +390,13 @@ def locate_report(
     mc:F, pairs:F, or a path sniffed from its first record), a PromptSet or a list of items (tasks.py).
     holdout: share of the groups (professions, questions, items) held out for the ablations (0: none).
     tracing_corruption: 'noise' (ROME's; default) or 'counterfactual' (the twins — then tracing equals
-    activation patching of the same sites). seeds: random unit sets per k.
+    activation patching of the same sites). seeds: random unit sets per k. `device`/`dtype` load a model
+    given by name.
     """
     t_start = time.perf_counter()
     if isinstance(model, (str, Path)):
         name = str(model)
-        model = load_model(name, device=device)
+        model = load_model(name, device=device, dtype=dtype)
     else:
         name = str(getattr(model, "lens_bias_source", None) or getattr(model.cfg, "model_name", "model"))
     bad = [a for a in ablations if a not in ("zero", "mean", "resample")]
@@ -398,7 +424,8 @@ def locate_report(
     options = {"k_values": sorted({int(k) for k in k_values}), "ablations": list(ablations), "seeds": seeds,
                "holdout": holdout, "max_prompts": max_prompts, "max_items": max_items, "seed": seed,
                "tracing_corruption": tracing_corruption, "capability": capability}
-    data_sha = _key([data_fingerprint(rtask.locate), data_fingerprint(rtask.test), rtask.neutral or []])
+    data_sha = _key([data_fingerprint(rtask.locate), data_fingerprint(rtask.test), rtask.neutral or [],
+                     rtask.reference_text or []])
     manifest = {"format": FORMAT, "model": name, "model_sha256": model_fingerprint(model), "task": rtask.name,
                 "data_sha256": data_sha, "options": options}
     if out is not None:
@@ -406,7 +433,8 @@ def locate_report(
         _check_out(out, manifest, overwrite)
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    stages = _Stages(out, {"model": manifest["model_sha256"], "data": data_sha, "format": FORMAT})
+    stages = _Stages(out, {"model": manifest["model_sha256"], "data": data_sha, "format": FORMAT,
+                           "code": code_fingerprint()})
 
     # ---- orientation: the bias on the split the methods see ---------------------------------
     def bias_stage():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -16,7 +16,12 @@ from ...core.hooks import device_of, hook_name
 from ...core.models import HookedModel
 from ...core.prompts import PromptSet
 from ...locate.attribution import attribution_patching
-from ...locate.baselines import candidate_attention, grad_x_activation, mean_activation, weight_norm
+from ...locate.baselines import (
+    candidate_attention,
+    grad_x_activation,
+    mean_activation,
+    weight_norm,
+)
 from ...locate.crispr import crispr_scores
 from ...locate.nas import negative_attention_scores
 from ...locate.patching import activation_patching, position_labels

@@ -134,40 +134,30 @@ def agreement_figure(report, unit_type: str):
 
 
 def capability_figure(report, ablation: str = "zero"):
-    """Neutral-text loss change with each method's top-k ablated, vs random, per unit type."""
+    """Neutral-text loss change with each method's top-k ablated at the largest k, beside k random units."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    c = report.curves
     base = report.baseline.get("neutral_loss")
-    if not len(c) or "neutral_loss" not in c or not _finite(base):
+    rows = [r for r in report.rows if r["measure"] == "necessity" and r["ablation"] == ablation
+            and _finite(r.get("neutral_loss")) and (r["method"] != "random" or r["seed"] == 0)]
+    if not rows or not _finite(base):
         return None
-    c = c[(c.measure == "necessity") & (c.ablation == ablation)]
-    units = [u for u in ABLATABLE if (c.unit_type == u).any()]
-    rows = [r for r in report.rows if r["method"] == "random" and r["measure"] == "necessity"
-            and r["ablation"] == ablation and _finite(r.get("neutral_loss"))]
-    fig = make_subplots(rows=1, cols=len(units), shared_yaxes=True, subplot_titles=[UNIT_TITLES[u] for u in units])
+    units = [u for u in ABLATABLE if any(r["unit_type"] == u for r in rows)]
+    fig = make_subplots(rows=1, cols=len(units), shared_yaxes=True,
+                        subplot_titles=[f"{UNIT_TITLES[u]}, k = {max(r['k'] for r in rows if r['unit_type'] == u)}"
+                                        for u in units])
     colors = _colors(report)
-    shown = set()
     for j, u in enumerate(units, 1):
         rr = [r for r in rows if r["unit_type"] == u]
-        ks = sorted({r["k"] for r in rr})
-        if ks:
-            mean = [sum(r["neutral_loss"] for r in rr if r["k"] == k) / sum(1 for r in rr if r["k"] == k) - base
-                    for k in ks]
-            fig.add_trace(go.Scatter(x=ks, y=mean, mode="lines", line={"color": "gray", "dash": "dash"},
-                                     name="random k units (one draw)", showlegend="random" not in shown), 1, j)
-            shown.add("random")
-        for m, g in c[c.unit_type == u].groupby("method", sort=False):
-            g = g[g["neutral_loss"].map(_finite)].sort_values("k")
-            if len(g):
-                fig.add_trace(go.Scatter(x=g["k"].tolist(), y=(g["neutral_loss"] - base).tolist(), mode="lines+markers",
-                                         name=m, line={"color": colors.get(m, "black")}, showlegend=m not in shown), 1, j)
-                shown.add(m)
-    fig.update_xaxes(type="log", dtick=math.log10(2), title_text="k")
+        names = [r["method"] for r in rr]
+        fig.add_trace(go.Bar(x=names, y=[r["neutral_loss"] - base for r in rr], showlegend=False,
+                             marker_color=[colors.get(n, "gray") for n in names],
+                             text=[r["units"] for r in rr], hovertemplate="%{x}: Δ loss %{y:.3f}<br>%{text}<extra></extra>"),
+                      1, j)
     fig.update_yaxes(title_text="Δ neutral-text loss (nats/token)", col=1)
-    fig.update_layout(title=f"Capability: neutral-text loss change with the top-k {ablation}-ablated "
-                            f"(clean {base:.3f})", height=380, legend={"orientation": "h", "y": -0.2})
+    fig.update_layout(title=f"Capability: neutral-text loss change with each method's top-k {ablation}-ablated "
+                            f"(clean {base:.3f}; random: one draw)", height=380)
     return fig
 
 

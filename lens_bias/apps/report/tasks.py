@@ -18,7 +18,8 @@ of multiple-choice items.
 Bias metric m (higher = more bias), per task kind:
     pairs            mean LD = logit(a₀) − logit(a₁) over the clean prompts (a₀ the stereotypical answer);
                      reference m_ref = the same on the counterfactual twins
-    yes/no           mean logit(' No') − logit(' Yes'); m_ref = 0
+    yes/no           logit(' No') − logit(' Yes'), class-balanced: ½(mean over gold-yes prompts + mean over
+                     gold-no prompts), the shift toward ' No' whatever the label mix; m_ref = 0
     multiple choice  mean P(biased option) − P(the other non-unknown option) over ambiguous items with a
                      biased option (P: softmax over the options' summed log-probs); m_ref = 0
 """
@@ -38,7 +39,7 @@ from ...core.errors import DataError, LensBiasError
 from ...core.hooks import device_of
 from ...core.metrics import answer_logits_fast
 from ...core.models import HookedModel
-from ...core.prompts import PromptSet, tokenizer_of
+from ...core.prompts import PromptSet, encode_lines, tokenizer_of
 from ...organism import data_path, load_card
 from ...tasks.capability import text_lines, text_loss
 from ...tasks.gender import (
@@ -60,9 +61,11 @@ from ...tasks.multiple_choice import (
     load_bbq,
     load_multiple_choice,
     option_logprobs,
+    option_sequences,
     unknown_option,
 )
 from ...tasks.records import as_items, load_records, shipped_dataset
+from ...tasks.yesno import INSTRUCTIONS as YESNO_INSTRUCTIONS
 from ...tasks.yesno import binary_prompts, decision_metrics, load_yes_no
 
 TaskKind = Literal["pairs", "yesno", "multiple_choice"]
@@ -80,6 +83,7 @@ class ReportTask:
     locate: PromptSet | list
     test: PromptSet | list
     neutral: list[str] | None = None
+    reference_text: list[str] | None = None
     instructions: list[str] = field(default_factory=lambda: MC_INSTRUCTIONS[:2])
     notes: list[str] = field(default_factory=list)
     description: str = ""
@@ -89,13 +93,25 @@ class ReportTask:
         return self.kind == "pairs"
 
     def reference(self, model) -> PromptSet | torch.Tensor:
-        """The reference set of mean/resample ablation: the counterfactual twins of the test prompts
-        (pairs), the test prompts (yes/no), the test items' prompts with their first option (MC)."""
+        """The reference set of mean/resample ablation: the counterfactual twins of the test prompts (pairs);
+        otherwise the neutral text, packed into rows as wide as the longest test prompt (so resampling
+        reaches every position) — the bias is what a unit does beyond what it does on unrelated text."""
         if self.kind == "pairs":
             return self.test.swapped()
-        if self.kind == "yesno":
-            return self.test
-        return mc_token_batch(model, self.test, self.instructions[0])
+        if not self.reference_text:
+            raise LensBiasError("mean and resample ablation of a task without twins need neutral text: pass "
+                                "neutral=... or use ablations=('zero',)")
+        return packed_lines(model, self.reference_text, self.max_width(model))
+
+    def max_width(self, model) -> int:
+        """The longest test prompt in tokens (multiple choice: prompt + longest option)."""
+        if isinstance(self.test, PromptSet):
+            return int(self.test.tokens.shape[1])
+        seqs, _ = option_sequences(tokenizer_of(model), [
+            format_mc_prompt(ins, it["context"], it["question"], item_options(it))
+            for ins in self.instructions for it in self.test], [item_options(it) for _ in self.instructions
+                                                                for it in self.test])
+        return max(map(len, seqs))
 
     def sizes(self) -> dict:
         return {"locate": len(self.locate), "test": len(self.test)}
@@ -272,7 +288,7 @@ def _resolve_spec(model, task, max_prompts: int, max_items: int):
                         "or a file (yesno:PATH, bbq:PATH, mc:PATH, pairs:PATH)")
 
 
-def _group_of(kind: TaskKind, meta_or_item: dict, i: int):
+def group_of(kind: TaskKind, meta_or_item: dict, i: int):
     if kind == "pairs":
         return meta_or_item.get("profession") or meta_or_item.get("occupation") or i
     if kind == "yesno":
@@ -294,8 +310,8 @@ def _split(n_groups_of: list, holdout: float, seed: int) -> tuple[list[int], lis
     return locate, test
 
 
-def resolve_task(model: HookedModel, task, *, holdout: float = 0.5, max_prompts: int = 64, max_items: int = 64,
-                 seed: int = 0, neutral: str | list[str] | None = None, neutral_lines: int = 24) -> ReportTask:
+def resolve_task(model: HookedModel, task, *, holdout: float = 0.5, max_prompts: int = 64, max_items: int = 48,
+                 seed: int = 0, neutral: str | list[str] | None = None, neutral_lines: int = 16) -> ReportTask:
     """The task spec resolved to prompts, split into a locate part and a held-out test part by group
     (profession, question, item), with the neutral text of the capability check."""
     if not 0 <= holdout < 1:
@@ -306,7 +322,7 @@ def resolve_task(model: HookedModel, task, *, holdout: float = 0.5, max_prompts:
         ps: PromptSet = data
         if len(ps) > max_prompts:
             ps = ps[list(range(max_prompts))]
-        groups = [_group_of(kind, m, i) for i, m in enumerate(ps.metadata)]
+        groups = [group_of(kind, m, i) for i, m in enumerate(ps.metadata)]
         lo, te = _split(groups, holdout, seed)
         locate, test = ps[lo], ps[te]
     elif kind == "yesno":
@@ -317,8 +333,8 @@ def resolve_task(model: HookedModel, task, *, holdout: float = 0.5, max_prompts:
             rng = random.Random(seed)
             if len(items) > max_items:
                 items = rng.sample(items, max_items)
-            ps = binary_prompts(model, items)
-        groups = [_group_of(kind, m, i) for i, m in enumerate(ps.metadata)]
+            ps = binary_prompts(model, items, YESNO_INSTRUCTIONS[:2])  # both candidate orders
+        groups = [group_of(kind, m, i) for i, m in enumerate(ps.metadata)]
         lo, te = _split(groups, holdout, seed)
         locate, test = ps[lo], ps[te]
     else:
@@ -342,33 +358,37 @@ def resolve_task(model: HookedModel, task, *, holdout: float = 0.5, max_prompts:
     if holdout > 0 and len(locate) == len(test) and locate is test:
         notes.append("one group only: the methods and the ablations use the same prompts")
     rt = ReportTask(name, kind, locate, test, description=desc, notes=notes)
-    rt.neutral = _neutral(model, neutral, neutral_lines)
+    lines = _neutral(model, neutral)
+    rt.neutral = lines[:neutral_lines]  # capability: loss on these lines
+    rt.reference_text = lines[neutral_lines:] or lines  # mean/resample reference (tasks without twins)
     return rt
 
 
-def _neutral(model, neutral, n_lines: int) -> list[str] | None:
+def _neutral(model, neutral) -> list[str]:
     if neutral is not None:
         if isinstance(neutral, (str, Path)) and Path(str(neutral)).is_file():
             neutral = Path(str(neutral)).read_text(encoding="utf-8")
-        return text_lines(neutral)[:n_lines]
+        return text_lines(neutral)
     if organism_card(model) is not None:
-        return text_lines(data_path("neutral").read_text())[:n_lines]
+        return text_lines(data_path("neutral").read_text())
     # other models: StrategyQA's questions, shipped, carry no gender, yes/no or BBQ cue
-    qs = json.loads(Path(shipped_dataset("strategyqa") / "train.json").read_text())
-    return [q["question"] for q in qs[-n_lines:]]
+    qs = json.loads(Path(shipped_dataset("strategyqa")).read_text())
+    return [q["question"] for q in qs[-300:]]
 
 
 # ---------------------------------------------------------------------------------------
 # Evaluating the bias metric and capability under hooks
 # ---------------------------------------------------------------------------------------
-def mc_token_batch(tok, items: list, instruction: str):
-    """Token ids of the items' prompts (first option appended), for mean/resample ablation references."""
-    from ...core.prompts import encode_lines, pad, pad_id_of
-
-    texts = [format_mc_prompt(instruction, it["context"], it["question"], item_options(it)) + " "
-             + item_options(it)[0] for it in items]
-    ids, _ = pad(encode_lines(tok, texts), pad_id_of(tok))
-    return ids
+def packed_lines(model, lines: list[str], width: int) -> torch.Tensor:
+    """Token ids [rows, width]: the lines' tokens run on, each row BOS (when the tokenizer has one) + text."""
+    tok = tokenizer_of(model)
+    stream = [t for ids in encode_lines(tok, lines, bos=False) for t in ids]
+    head = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    step = width - len(head)
+    rows = [head + stream[i: i + step] for i in range(0, len(stream) - step + 1, step)]
+    if not rows:
+        raise LensBiasError(f"the neutral text has {len(stream)} tokens, fewer than one reference row of {width}")
+    return torch.tensor(rows[:256])
 
 
 def bias_of(model: HookedModel, task: ReportTask, hooks: list = (), *, corrupted: bool = False,
@@ -422,7 +442,18 @@ def answers_bias(task: ReportTask, a: torch.Tensor, metadata: list[dict] | None 
     p_yes = a.softmax(-1)[:, 0]
     gold = [m["label"] == "yes" for m in (metadata if metadata is not None else task.test.metadata)]
     d = decision_metrics((p_yes > 0.5).tolist(), gold)
-    return {"bias": float((a[:, 1] - a[:, 0]).mean()), "accuracy": d["accuracy"], "pr_gap": d["pr_gap"]}
+    return {"bias": yesno_offset(a[:, 1] - a[:, 0], gold)[0], "accuracy": d["accuracy"], "pr_gap": d["pr_gap"]}
+
+
+def yesno_offset(no_minus_yes: torch.Tensor, gold_yes: list[bool]) -> tuple[float, float]:
+    """The class-balanced offset ½(mean over gold-yes + mean over gold-no) of logit(' No') − logit(' Yes') and
+    its standard error: the shift toward ' No' whatever the label mix (one class alone: its mean)."""
+    g = torch.tensor(gold_yes, dtype=torch.bool, device=no_minus_yes.device)
+    parts = [no_minus_yes[g], no_minus_yes[~g]]
+    parts = [p.double() for p in parts if len(p)]
+    mean = sum(float(p.mean()) for p in parts) / len(parts)
+    var = sum(float(p.var()) / len(p) if len(p) > 1 else 0.0 for p in parts) / len(parts) ** 2
+    return mean, var ** 0.5
 
 
 def neutral_loss(model: HookedModel, task: ReportTask, hooks: list = ()) -> float:
