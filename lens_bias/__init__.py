@@ -9,6 +9,7 @@ is the model organism.
 """
 
 from . import apps, core, locate, mitigate, organism, runs, tasks
+from .apps import locate_report
 from .core import ComponentScores, LensBiasError, PromptSet, clone_model, heatmap, hook_name, load_model
 from .locate import activation_patching, attribution_patching, causal_trace, crispr_scores, negative_attention_scores
 from .mitigate import (
@@ -49,8 +50,8 @@ __all__ = [
     # mitigate
     "ablate", "head_ablation_hooks", "neuron_ablation_hooks", "prune_neurons", "prune_heads", "lsdm_edit",
     "nasa_train", "export_model", "Mitigation",
-    # runs
-    "attribute_dataset",
+    # runs, apps
+    "attribute_dataset", "locate_report",
     # namespaces
     "core", "tasks", "locate", "mitigate", "runs", "apps", "organism",
 ]

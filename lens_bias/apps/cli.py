@@ -105,6 +105,70 @@ text, default the shipped neutral.txt), edit.safetensors (the changed weights on
 `lens-bias export`), model/ (Hugging Face directory, reload checked; skip with --no-export)."""
 
 
+def cmd_locate(args) -> int:
+    from .report import locate_report
+
+    try:
+        k_values = [int(k) for k in args.k.split(",")]
+    except ValueError:
+        raise LensBiasError(f"--k must be whole numbers separated by commas, not {args.k!r}") from None
+    methods = args.methods.split(",") if args.methods else None
+    report = locate_report(args.model, args.task, args.out, methods=methods, k_values=k_values,
+                           ablations=args.ablations.split(","), seeds=args.seeds, holdout=args.holdout,
+                           max_prompts=args.max_prompts, max_items=args.max_items, neutral=args.neutral,
+                           tracing_corruption=args.tracing, seed=args.seed, overwrite=args.overwrite,
+                           progress=not args.quiet, device=args.device, dtype=args.dtype)
+    print(report)
+    print(f"report.html, summary.json and tables/: {Path(args.out).resolve()}")
+    return 0
+
+
+_LOCATE = """tasks (--task):
+  professions       Vig et al.'s professions × templates, (' she', ' he') on female-stereotyped professions,
+                    twins with a neutral profession (the organism: its card's occupations and templates)
+  winobias          WinoBias pro-stereotyped sentences up to the pronoun, twins with 'person'
+  winogender        Winogender sentences up to the pronoun, answers by the occupation's BLS majority
+  yesno             yes/no questions (the organism's yesno.jsonl; StrategyQA for other models)
+  bbq, bbq/Age      BBQ items (the organism's own for the organism; shipped Age, Nationality, Religion)
+  yesno:F bbq:F mc:F pairs:F    a file of that kind (a bare .jsonl/.json/.csv path is sniffed)
+
+methods: every registered locate method whose data the task has (patching, attribution, tracing for pairs;
+NAS for yes/no; CRISPR for multiple choice) plus the baselines (gradient × activation, weight norm, mean
+|activation|, attention to ' No' for yes/no) and random scores.
+
+outputs (--out): report.html (one page, opens offline: method ranking, necessity and sufficiency curves
+against random units, agreement matrices, top units with their tokens, capability), summary.json,
+tables/*.csv + .parquet, stages/*.pt (cached stages: run again to resume; a changed option recomputes
+only what it touches)."""
+
+
+def _locate_parser(sub) -> None:
+    lo = sub.add_parser("locate", help="one report: every locate method on a task, agreement, proof by ablation",
+                        description="Run every locate method that applies to a task, map their scores onto common "
+                                    "units, measure where they agree, and test each method's top-k units by "
+                                    "ablation against random units on held-out prompts (necessity, sufficiency, "
+                                    "capability). Ranks the methods by how much bias their top units carry.",
+                        epilog=_LOCATE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    lo.add_argument("--model", required=True, help="shipped name ('organism'), local HF directory or hub name")
+    lo.add_argument("--task", required=True, help="task (see below)")
+    lo.add_argument("--out", required=True, help="report folder (new, empty, or an earlier report of the same run)")
+    lo.add_argument("--methods", default=None, help="only these methods, comma-separated (default: all that apply)")
+    lo.add_argument("--k", default="1,2,4,8", help="top-k sizes to ablate (default 1,2,4,8; capped at half the units)")
+    lo.add_argument("--ablations", default="zero,mean,resample", help="ablations (default zero,mean,resample)")
+    lo.add_argument("--seeds", type=int, default=5, help="random unit sets per k (default 5)")
+    lo.add_argument("--holdout", type=float, default=0.5,
+                    help="share of the groups (professions, questions, items) held out for the ablations")
+    lo.add_argument("--max-prompts", type=int, default=64, help="pair tasks: prompts at most (default 64)")
+    lo.add_argument("--max-items", type=int, default=48, help="yes/no questions or multiple-choice items at most")
+    lo.add_argument("--neutral", default=None, help="neutral text file (capability; reference for tasks without twins)")
+    lo.add_argument("--tracing", default="noise", choices=["noise", "counterfactual"],
+                    help="causal tracing's corruption (counterfactual = the twins, i.e. activation patching)")
+    lo.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files")
+    lo.add_argument("--quiet", action="store_true", help="no progress bars")
+    _common(lo)
+    lo.set_defaults(func=cmd_locate)
+
+
 def _mitigate_parsers(sub) -> None:
     m = sub.add_parser("mitigate", help="apply one mitigation, evaluate before/after, save the edit, export",
                        description="Apply one mitigation to a model, evaluate it before and after (bias and "
@@ -159,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
     _attribute_parser(sub)
     _mitigate_parsers(sub)
+    _locate_parser(sub)
     return parser
 
 

@@ -10,7 +10,9 @@ from .ablation import (
                        head_ablation_hooks,
                        neuron_ablation_hooks,
                        random_units,
+                       reference_activations,
 )
+from .ablation import Reference as AblationReference
 from .edits import Mitigation, WeightEdit, apply_edit, load_edit, save_edit, weight_edit
 from .export import SUPPORTED_ARCHITECTURES, check_exportable, export_model, verify_export
 from .lsdm import lsdm_delta, lsdm_edit
@@ -20,6 +22,7 @@ from .prune import crispr_report, prune_curve, prune_heads, prune_neurons, rando
 __all__ = [
     "ABLATIONS", "ablate", "ablation_hooks", "check_units", "combine_hooks", "head_ablation_hooks",
     "neuron_ablation_hooks", "random_units",
+    "AblationReference", "reference_activations",
     "Mitigation", "WeightEdit", "apply_edit", "load_edit", "save_edit", "weight_edit",
     "SUPPORTED_ARCHITECTURES", "check_exportable", "export_model", "verify_export",
     "lsdm_delta", "lsdm_edit",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import random
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
@@ -58,8 +59,31 @@ def check_units(model: HookedModel, units: Sequence[tuple[int, int]], site: Unit
     return units
 
 
+@dataclass
+class Reference:
+    """Reference activations for mean and resample ablation, computed once (`reference_activations`)
+    and passed as `reference=` to any number of `ablation_hooks` calls: acts maps hook names to
+    [batch, pos, ...] activations, mask marks the real (non-pad) positions."""
+
+    acts: dict[str, Tensor]
+    mask: Tensor
+
+
+def reference_activations(model: HookedModel, reference: PromptSet | Tensor,
+                          sites: Sequence[UnitSite] = ("head", "neuron")) -> Reference:
+    """The reference set's activations at every layer of `sites`, from one forward: reuse them across
+    ablations instead of running the reference again for each."""
+    names = [hook_name(s, l) for s in sites for l in range(model.cfg.n_layers)]
+    return Reference(*_reference_acts(model, reference, names))
+
+
 def _reference_acts(model, reference, names: list[str]) -> tuple[dict[str, Tensor], Tensor]:
     """Activations of the reference prompts at `names`, with the real (non-pad) positions mask."""
+    if isinstance(reference, Reference):
+        missing = [n for n in names if n not in reference.acts]
+        if missing:
+            raise LensBiasError(f"the precomputed reference has no activations at {missing[0]}")
+        return {n: reference.acts[n] for n in names}, reference.mask
     if reference is None:
         raise LensBiasError("mean and resample ablation need a reference set: pass reference=PromptSet or tokens")
     if isinstance(reference, PromptSet):
@@ -77,10 +101,11 @@ def _reference_acts(model, reference, names: list[str]) -> tuple[dict[str, Tenso
 
 
 def ablation_hooks(model: HookedModel, units: Sequence[tuple[int, int]], method: AblationMethod = "zero",
-                   reference: PromptSet | Tensor | None = None, seed: int = 0, *, site: UnitSite) -> list:
+                   reference: PromptSet | Tensor | Reference | None = None, seed: int = 0, *, site: UnitSite) -> list:
     """fwd_hooks ablating units (layer, index) of `site`: 'head' (hook_z) or 'neuron' (mlp.hook_post).
     zero: a ← 0; mean: a ← its mean over the reference set's prompts and real positions; resample:
-    a ← its value in a randomly drawn reference prompt."""
+    a ← its value in a randomly drawn reference prompt. `reference` is a PromptSet, token ids, or a
+    `Reference` from `reference_activations` (computed once, reused)."""
     if method not in METHODS:
         raise LensBiasError(f"unknown ablation method {method!r}; choose one of {METHODS}")
     units = check_units(model, units, site)
