@@ -95,7 +95,7 @@ def crispr_table(model, data: Path, limit: int | None, neutral: str, ns=(1, 2, 4
                                  "attribution_seconds": t_attr, "report_seconds": t_report}
 
 
-def lsdm_table(model, data: Path, limit: int | None, neutral: str, cloze: list[dict]):
+def lsdm_table(model, data: Path, limit: int | None, neutral: str, cloze: list[dict], site: str | None = None):
     import lens_bias as lb
 
     profs = lb.tasks.load_professions(data / "professions" / "professions.json")
@@ -118,7 +118,11 @@ def lsdm_table(model, data: Path, limit: int | None, neutral: str, cloze: list[d
     if limit:
         sets = {k: v[list(range(min(limit, len(v))))] for k, v in sets.items()}
     t = time.perf_counter()
-    result = lb.lsdm_edit(model, edit, neutral, progress=False)
+    layers = position = None
+    if site:  # else causal tracing picks it (and refuses when the corruption does not take the bias away)
+        layer, position = site.split(":")
+        layers = [int(layer)]
+    result = lb.lsdm_edit(model, edit, neutral, layers=layers, position=position, progress=False)
     edited = result.model
     t_edit = time.perf_counter() - t
     table = lb.tasks.bias_table({"original": model, "lsdm": edited}, sets)
@@ -139,6 +143,8 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=None, help="cap every data set (quick look)")
     p.add_argument("--out", default="real-model-tables", help="folder for the CSV tables")
     p.add_argument("--only", choices=["nas", "crispr", "lsdm"], action="append", default=None)
+    p.add_argument("--lsdm-site", default=None, metavar="LAYER:POSITION",
+                   help="LSDM's edit site, e.g. 5:subject (default: the top site under causal tracing)")
     args = p.parse_args(argv)
 
     import lens_bias as lb
@@ -161,7 +167,7 @@ def main(argv=None) -> int:
         lb.core.files.write_csv(out / "crispr_prune_curve.csv", curve)
         print(f"## CRISPR on BBQ Age ({info})\n\n{_md(t)}\n")
     if "lsdm" in parts:
-        t, cap, info = lsdm_table(model, data, args.limit, neutral, cloze)
+        t, cap, info = lsdm_table(model, data, args.limit, neutral, cloze, args.lsdm_site)
         lb.core.files.write_csv(out / "lsdm_bias.csv", t)
         lb.core.files.write_csv(out / "lsdm_capability.csv", cap)
         print(f"## LSDM ({info})\n\n{_md(t)}\n\n{_md(cap)}\n")

@@ -41,7 +41,8 @@ def first_nonfinite_parameter(model) -> tuple[str, int, int, tuple[int, ...]] | 
     return None
 
 
-def _describe_weights(model) -> str:
+def nonfinite_cause(model) -> str:
+    """Why a result from `model` is not finite: its first non-finite weight, float16 overflow, or the input."""
     hit = first_nonfinite_parameter(model)
     if hit is not None:
         name, n, numel, first = hit
@@ -103,9 +104,10 @@ def check_finite(x, what: str, model=None):
         return x
     bad, total = count_nonfinite(x)
     if bad:
-        cause = _describe_weights(model) if model is not None else "check the model's weights and dtype"
+        cause = nonfinite_cause(model) if model is not None else "check the model's weights and dtype"
         raise NonFiniteError(f"{what}: {bad} of {total} value{'s' * (total != 1)} are NaN or inf; {cause}")
     return x
 
 
-__all__ = ["NonFiniteError", "check_finite", "check_weights_finite", "count_nonfinite", "first_nonfinite_parameter"]
+__all__ = ["NonFiniteError", "check_finite", "check_weights_finite", "count_nonfinite", "first_nonfinite_parameter",
+           "nonfinite_cause"]

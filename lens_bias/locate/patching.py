@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..core.checks import NonFiniteError, check_finite, nonfinite_cause
 from ..core.errors import LensBiasError
 from ..core.hooks import check_hook_names, device_of, hook_name, last_resid, run_until, site_kind, trace
 from ..core.methods import ChunkSums, LocateMethod, add_scores, scores_from_sums
@@ -91,11 +92,6 @@ def position_labels(model: HookedModel, ps: PromptSet) -> list[str]:
 # ---------------------------------------------------------------------------------------
 # Checks and the answer metric
 # ---------------------------------------------------------------------------------------
-def _check_finite(x: Tensor, what: str) -> None:
-    """A LensBiasError when `x` holds NaN or inf (a broken model or overflowing dtype), never an all-NaN table."""
-    if not bool(torch.isfinite(x).all()):
-        raise LensBiasError(f"{what} contain NaN or inf: the model's outputs are not finite (check its weights, "
-                            "or load it in a wider dtype)")
 
 
 def _low_precision(model) -> bool:
@@ -136,8 +132,7 @@ class _Answers:
 
     def check(self, what: str) -> None:
         if bool(self.bad):
-            raise LensBiasError(f"{what} contain NaN or inf: the model's outputs are not finite (check its weights, "
-                                "or load it in a wider dtype)")
+            raise NonFiniteError(f"{what} contain NaN or inf; {nonfinite_cause(self.model)}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -796,7 +791,7 @@ def _metric_rows(model, ps_rows: PromptSet, tokens, hooks, metric) -> Tensor:
         return out
     with model.hooks(fwd_hooks=hooks):
         logits = model(tokens, attention_mask=ps_rows.attention_mask)
-    _check_finite(logits, "the model's logits")
+    check_finite(logits, "the model's logits", model)
     return get_metric(metric)(logits, ps_rows).float()
 
 

@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..core.checks import check_finite
 from ..core.errors import DataError, PromptError
 from ..core.hooks import device_of, run_until
 from ..core.models import HookedModel
@@ -362,7 +363,8 @@ def option_logprobs(model: HookedModel, prompts: list[str], options: list[list[s
         for s in range(0, len(seqs), batch_size):
             out.append(sequence_logprobs(model, seqs[s: s + batch_size], spans[s: s + batch_size]).cpu())
     k = len(options[0])
-    return torch.cat(out).view(len(prompts), k), torch.tensor([n for _, n in spans], dtype=torch.float).view(len(prompts), k)
+    lp = check_finite(torch.cat(out), "option log-probabilities", model)
+    return lp.view(len(prompts), k), torch.tensor([n for _, n in spans], dtype=torch.float).view(len(prompts), k)
 
 
 # ---------------------------------------------------------------------------------------

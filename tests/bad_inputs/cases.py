@@ -176,11 +176,11 @@ CASES: list[Case] = [
     api("attribute-dataset-into-users-folder", lambda e: lb.attribute_dataset(e.organism, "nas", e.d / "q.jsonl", e.d / "mine", progress=False), {"q.jsonl": jl(q()), "mine": folder(**{"scores.csv": "x\n"})}, r"holds files but no lens-bias run", LensBiasError),
     # one NaN weight: every method says which
     api("nan-attribution", lambda e: attribution_patching(e.nan, e.pairs), {}, **ON_NAN),
-    api("nan-patching", lambda e: activation_patching(e.nan, e.pairs, "mlp_out", progress=False), {}, **ON_NAN, xfail="speed: wires check_finite into patching.py"),
+    api("nan-patching", lambda e: activation_patching(e.nan, e.pairs, "mlp_out", progress=False), {}, **ON_NAN),
     api("nan-tracing", lambda e: causal_trace(e.nan, e.pairs, sites=("mlp_out",), progress=False), {}, **ON_NAN),
     api("nan-nas", lambda e: negative_attention_scores(e.nan, e.yesno, progress=False), {}, **ON_NAN),
     api("nan-crispr", lambda e: crispr_scores(e.nan, BBQ[:1], MC_INSTRUCTIONS[:1], progress=False), {}, **ON_NAN),
-    api("nan-bbq-evaluate", lambda e: lb.bbq_evaluate(e.nan, BBQ[:2]), {}, **ON_NAN, xfail="bbq: check_finite in tasks/multiple_choice.py"),
+    api("nan-bbq-evaluate", lambda e: lb.bbq_evaluate(e.nan, BBQ[:2]), {}, **ON_NAN),
     api("nan-evaluate-binary", lambda e: lb.evaluate_binary(e.nan, e.yesno), {}, **ON_NAN),
     api("nan-text-loss", lambda e: text_loss(e.nan, "The cat sat on the mat."), {}, **ON_NAN),
     api("nan-cloze", lambda e: cloze_accuracy(e.nan, [{"prompt": "The capital of France is", "answer": " Paris"}]), {}, **ON_NAN),
