@@ -33,11 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _md(df) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
-    for _, r in df.iterrows():
-        lines.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r) + " |")
-    return "\n".join(lines)
+    from lens_bias.core.viz import markdown_table
+
+    return markdown_table(df)
 
 
 def nas_table(model, data: Path, limit: int | None, ks=(1, 3), seeds=5):

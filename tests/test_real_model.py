@@ -64,7 +64,7 @@ def test_real_model_tables_script(tmp_path, gpt2_tokenizer_dir, datasets_dir):
     spec.loader.exec_module(mod)
     out = tmp_path / "tables"
     assert mod.main(["--model", str(model_dir), "--limit", "8", "--out", str(out),
-                     "--data", str(datasets_dir), "--lsdm-site", "1:subject"]) == 0
+                     "--data", str(datasets_dir), "--lsdm-site", "1:last"]) == 0
     nas = pd.read_csv(out / "nas.csv")
     assert nas["condition"].iloc[0] == "original" and len(nas) == 5
     crispr = pd.read_csv(out / "crispr.csv")

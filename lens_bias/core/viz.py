@@ -64,3 +64,14 @@ def top_bar(scores: ComponentScores, k: int = 20, *, title: str | None = None):
 def save_figure(fig, path) -> None:
     """Write a figure as a self-contained HTML file (plotly.js inside: opens offline), atomically."""
     write_text(path, fig.to_html(include_plotlyjs=True))
+
+
+def markdown_table(df, index: bool = False) -> str:
+    """A pandas table as GitHub markdown (floats to 3 decimals), without the tabulate package."""
+    if index:
+        df = df.reset_index()
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        lines.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v).replace("|", "\\|") for v in r) + " |")
+    return "\n".join(lines)

@@ -6,13 +6,24 @@ BBQ loading, item checks, the biased option and the bias scores: tests/tasks/tes
 import pytest
 import torch
 
-from lens_bias.mitigate import neuron_ablation_hooks
-from lens_bias.tasks import MC_INSTRUCTIONS as INSTRUCTIONS, bbq_evaluate, load_bbq, split_by_template
-from lens_bias.core import LensBiasError
+from lens_bias.core import ComponentScores, LensBiasError
 from lens_bias.locate import crispr_scores
-from lens_bias.mitigate import crispr_report, prune_curve, prune_neurons, random_neurons
+from lens_bias.mitigate import (
+    crispr_report,
+    neuron_ablation_hooks,
+    prune_curve,
+    prune_neurons,
+    random_neurons,
+)
 from lens_bias.organism import data_path
-from lens_bias.core import ComponentScores
+from lens_bias.tasks import MC_INSTRUCTIONS as INSTRUCTIONS
+from lens_bias.tasks import (
+    bbq_evaluate,
+    format_mc_prompt,
+    load_bbq,
+    option_logprobs,
+    split_by_template,
+)
 
 IDS = torch.tensor([[50256, 464, 15849, 531, 326]])
 
@@ -74,14 +85,15 @@ def test_organism_planted_bbq_neuron(organism, organism_control, organism_card):
 
 
 def test_generic_multiple_choice_items(tiny_gpt2):
-    """Four options, no BBQ metadata: for one item B = A(ŷ) − λ·max(A(y), 0) (the confusion weight
-    cancels), ŷ = the most probable wrong option — rebuilt from option_logprobs and option_attributions."""
+    """Four options, no BBQ metadata: for one item, with order='aggregate_first', B = A(ŷ) − λ·max(A(y), 0)
+    (the confusion weight cancels), ŷ = the most probable wrong option — rebuilt from option_logprobs and
+    option_attributions (the paper's token order is checked against plain transformers below)."""
     from lens_bias.locate import option_attributions
     from lens_bias.tasks import format_mc_prompt, option_logprobs
 
     item = {"context": "Tom has a red ball.", "question": "What colour is the ball?",
             "options": ["red", "blue", "green", "black"], "label": 0}
-    scores = crispr_scores(tiny_gpt2, [item], INSTRUCTIONS[:1], lam=0.5, progress=False)
+    scores = crispr_scores(tiny_gpt2, [item], INSTRUCTIONS[:1], lam=0.5, order="aggregate_first", progress=False)
     prompt = format_mc_prompt(INSTRUCTIONS[0], item["context"], item["question"], item["options"])
     lp, _ = option_logprobs(tiny_gpt2, [prompt], [item["options"]])
     y_hat = int(lp[0, 1:].argmax()) + 1
@@ -93,8 +105,8 @@ def test_generic_multiple_choice_items(tiny_gpt2):
 def test_head_attribution_equals_the_gradient_of_a_head_scale(tiny_gpt2):
     """A(head) = Σ_d z_d ∂P/∂z_d at a token = ∂P/∂s for z ← s·z at that token (s = 1): checked by
     an independent gradient through a per-position scale of one head's output."""
-    from lens_bias.tasks.multiple_choice import option_sequences, sequence_logprobs
     from lens_bias.locate import option_attributions
+    from lens_bias.tasks.multiple_choice import option_sequences, sequence_logprobs
 
     prompt, opts, target, (l, h) = "Who is older? The man or the boy? Answer:", ["man", "boy"], 1, (1, 2)
     ours = option_attributions(tiny_gpt2, [prompt], [opts], [target], tokens="input", unit="head")

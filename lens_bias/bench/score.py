@@ -1,0 +1,98 @@
+"""Score every method and baseline on every case: recall@k and AUC of its ranking against the
+ablation truth, one tidy table (pandas), and whether each method beat the baselines."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Iterable
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..core.models import load_model
+from .cases import CASES, Case, get_case
+from .methods import case_scores
+from .truth import carriers, auc, load_truth, recall_at_k, unit_truth
+
+BASELINES = ("weight norm", "mean |activation|", "grad×activation", "attention to ' No'", "random")
+
+
+def case_truth(case: Case, truth: dict, unit: str) -> tuple[torch.Tensor, list[int] | None]:
+    """(effects, the layers of the method scores they cover; None = all)."""
+    if unit == "site":
+        return truth[f"{case.truth_key}/bias/pos_mlp_zero"].float(), None
+    eff, layers = unit_truth(truth, case.truth_key, unit)
+    return eff, layers if unit == "neuron" else None
+
+
+def score_case(model, case: Case, *, seeds: int = 20) -> pd.DataFrame:
+    """One row per (method, unit): recall@k, AUC (random: mean and std over `seeds` draws), k, and
+    the rank of the case's decoy head where it has one."""
+    truth = load_truth(case.model_dir)
+    t0 = time.perf_counter()
+    scores = case_scores(model, case, seeds=seeds)
+    seconds = time.perf_counter() - t0
+    card = json.loads((case.model_dir / "lens_bias_card.json").read_text())
+    rows = []
+    for unit in case.units:
+        eff, layers = case_truth(case, truth, unit)
+        pos = carriers(eff)
+        for method, by_unit in scores.items():
+            if unit not in by_unit:
+                continue
+            s = by_unit[unit].float().cpu()
+            draws = s if method == "random" else s[None]
+            if layers is not None:
+                draws = draws[:, layers]
+            rec = torch.tensor([recall_at_k(d, pos) for d in draws])
+            area = torch.tensor([auc(d, pos) for d in draws])
+            row = {"case": case.name, "title": case.title, "unit": unit, "method": method, "k": int(pos.sum()),
+                   "n_units": pos.numel(), "recall@k": float(rec.mean()), "AUC": float(area.mean()),
+                   "recall_std": float(rec.std()) if len(rec) > 1 else 0.0,
+                   "baseline": method in BASELINES, "designed": "win" if method in case.wins else
+                   ("lose" if method in case.loses else "")}
+            if case.extra.get("decoy") and unit == "head":
+                d = card["cases"][case.name]["intended"]["decoy"]
+                flat = draws[0].reshape(-1)
+                row["decoy_rank"] = int((flat > flat[d[0] * eff.shape[1] + d[1]]).sum()) + 1
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    df["seconds"] = seconds
+    return _verdicts(df)
+
+
+def _verdicts(df: pd.DataFrame) -> pd.DataFrame:
+    """'beats baselines': recall@k above every baseline's (random: its mean + 2 std) on that case and unit."""
+    out = []
+    for _, g in df.groupby(["case", "unit"], sort=False):
+        base = g[g["baseline"]]
+        bar = max([float(r["recall@k"] + (2 * r["recall_std"] if r["method"] == "random" else 0))
+                   for _, r in base.iterrows()], default=float("nan"))
+        g = g.copy()
+        g["beats_baselines"] = [bool(r["recall@k"] > bar) if not r["baseline"] else None for _, r in g.iterrows()]
+        out.append(g)
+    return pd.concat(out, ignore_index=True)
+
+
+def benchmark(cases: Iterable[str] | None = None, *, device=None, seeds: int = 20, progress: bool = True) -> pd.DataFrame:
+    """The method × case table over every built case (or `cases`)."""
+    names = list(cases) if cases else [n for n, c in CASES.items() if c.available]
+    models, frames = {}, []
+    for name in tqdm(names, desc="cases", disable=not progress):
+        case = get_case(name)
+        if case.model not in models:
+            models[case.model] = load_model(str(case.model_dir), device=device)
+        frames.append(score_case(models[case.model], case, seeds=seeds))
+    return pd.concat(frames, ignore_index=True)
+
+
+def wide_table(df: pd.DataFrame) -> pd.DataFrame:
+    """method × case: 'recall@k / AUC' (an asterisk where a method does not beat the baselines)."""
+    def cell(r):
+        mark = "" if r["baseline"] or r["beats_baselines"] else "*"
+        return f"{r['recall@k']:.2f} / {r['AUC']:.2f}{mark}"
+
+    d = df.assign(cell=df.apply(cell, axis=1), col=df["case"] + " " + df["unit"])
+    return d.pivot_table(index="method", columns="col", values="cell", aggfunc="first", sort=False).fillna("—")
