@@ -104,3 +104,26 @@ def _bbq(model: HookedModel, case: Case) -> Scores:
     out["mean |activation|"] = {"neuron": mean_activation(model, carrier, "neuron").values}
     out["weight norm"] = {"neuron": weight_norm(model, "neuron").values}
     return out
+
+
+def case_metric(model: HookedModel, case: Case) -> Callable[[], float]:
+    """The case's bias metric, as the ground truth measured it, for the model as it runs now (hooks
+    included): pairs mean LD(clean) − mean LD(corrupted); yes/no mean logit(' No') − logit(' Yes')
+    over the hard prompts; BBQ mean P(biased option) (softmax over the options' summed log-probs)."""
+    from ..tasks.capability import bias_values
+    from ..tasks.multiple_choice import option_logprobs
+
+    if case.kind in ("pairs", "yesno"):
+        ps = load_prompt_pairs(model, case.model_dir / "data" / case.data)
+        if case.kind == "pairs":
+            return lambda: float(bias_values(model, ps).mean() - bias_values(model, ps.swapped()).mean())
+        return lambda: float(bias_values(model, ps).mean())
+    items = _items(case, case.data)
+    prompts = [format_mc_prompt(MC_INSTRUCTIONS[0], it["context"], it["question"], item_options(it)) for it in items]
+    biased = torch.tensor([biased_option(it) for it in items])
+
+    def p_biased() -> float:
+        lp, _ = option_logprobs(model, prompts, [item_options(it) for it in items])
+        return float(lp.softmax(-1).gather(1, biased[:, None]).mean())
+
+    return p_biased

@@ -13,7 +13,10 @@ from tqdm.auto import tqdm
 
 from ..core.models import load_model
 from .cases import CASES, Case, get_case
-from .methods import case_scores
+from ..core.models import HookedModel
+from ..mitigate.ablation import ablate
+from ..tasks.capability import text_loss
+from .methods import case_metric, case_scores
 from .truth import carriers, auc, load_truth, recall_at_k, unit_truth
 
 BASELINES = ("weight norm", "mean |activation|", "grad×activation", "attention to ' No'", "random")
@@ -27,14 +30,36 @@ def case_truth(case: Case, truth: dict, unit: str) -> tuple[torch.Tensor, list[i
     return eff, layers if unit == "neuron" else None
 
 
-def score_case(model, case: Case, *, seeds: int = 20) -> pd.DataFrame:
-    """One row per (method, unit): recall@k, AUC (random: mean and std over `seeds` draws), k, and
-    the rank of the case's decoy head where it has one."""
+def _top_units(scores: torch.Tensor, k: int, layers: list[int] | None) -> list[tuple[int, int]]:
+    flat = torch.nan_to_num(scores.reshape(-1).float(), nan=-float("inf"))
+    width = scores.shape[-1]
+    return [((layers[i // width] if layers else i // width), i % width) for i in flat.argsort(descending=True)[:k].tolist()]
+
+
+def mitigation(model: HookedModel, case: Case, unit: str, units: list[tuple[int, int]], bias, neutral: str,
+               before: tuple[float, float]) -> dict:
+    """Zero-ablate `units`: the share of the bias removed, the neutral-text loss added, and their ratio
+    (share removed per nat of loss added; the loss floored at 1e-3 nats)."""
+    with ablate(model, **{"heads" if unit == "head" else "neurons": units}):
+        b, loss = bias(), float(text_loss(model, neutral))
+    removed = (before[0] - b) / before[0] if before[0] else float("nan")
+    added = loss - before[1]
+    return {"bias_removed": removed, "loss_added": added, "removed_per_nat": removed / max(added, 1e-3)}
+
+
+def score_case(model: HookedModel, case: Case, *, seeds: int = 20, mitigate: bool = True) -> pd.DataFrame:
+    """One row per (method, unit): recall@k, AUC (random: mean and std over `seeds` draws), k, the
+    rank of the case's decoy head where it has one and, with `mitigate`, what zero-ablating the
+    method's top-k units does (`mitigation`; random: its first draw)."""
     truth = load_truth(case.model_dir)
     t0 = time.perf_counter()
     scores = case_scores(model, case, seeds=seeds)
     seconds = time.perf_counter() - t0
     card = json.loads((case.model_dir / "lens_bias_card.json").read_text())
+    if mitigate:
+        bias = case_metric(model, case)
+        neutral = (case.model_dir / "data" / "neutral.txt").read_text()
+        before = (bias(), float(text_loss(model, neutral)))
     rows = []
     for unit in case.units:
         eff, layers = case_truth(case, truth, unit)
@@ -57,6 +82,8 @@ def score_case(model, case: Case, *, seeds: int = 20) -> pd.DataFrame:
                 d = card["cases"][case.name]["intended"]["decoy"]
                 flat = draws[0].reshape(-1)
                 row["decoy_rank"] = int((flat > flat[d[0] * eff.shape[1] + d[1]]).sum()) + 1
+            if mitigate and unit in ("head", "neuron"):
+                row.update(mitigation(model, case, unit, _top_units(draws[0], row["k"], layers), bias, neutral, before))
             rows.append(row)
     df = pd.DataFrame(rows)
     df["seconds"] = seconds
