@@ -35,12 +35,12 @@ class Mutation:
 
 MUTATIONS = [
     Mutation("attribution: gradient × activation (no corrupted baseline)", "lens_bias/locate/attribution.py",
-             'delta = (grad_acts[n] - other_acts[n]) if at == "clean" else (other_acts[n] - grad_acts[n])',
-             'delta = grad_acts[n]', ("tests/locate/test_attribution.py",),
+             'delta = (a_g - a_o) if at == "clean" else (a_o - a_g)',
+             'delta = a_g', ("tests/locate/test_attribution.py",),
              "the estimate must be ∂m/∂a · (a_clean − a_corr), not ∂m/∂a · a"),
     Mutation("attribution: corrupted − clean (sign)", "lens_bias/locate/attribution.py",
-             'delta = (grad_acts[n] - other_acts[n]) if at == "clean" else (other_acts[n] - grad_acts[n])',
-             'delta = (other_acts[n] - grad_acts[n]) if at == "clean" else (grad_acts[n] - other_acts[n])',
+             'delta = (a_g - a_o) if at == "clean" else (a_o - a_g)',
+             'delta = (a_o - a_g) if at == "clean" else (a_g - a_o)',
              ("tests/locate/test_attribution.py",), "a flipped sign ranks the protective components first"),
     Mutation("NAS: raw attention to ' No'", "lens_bias/locate/nas.py",
              "per_prompt.append(torch.stack([nas_terms(*got[l], mask) for l in range(L)], 1).cpu())",
