@@ -188,8 +188,8 @@ def compute_contexts(model: HookedModel, task: ReportTask, scores: dict, n_top: 
 class LocateReport:
     """Every locate method on one task: scores on common units, agreement, faithfulness, ranking.
 
-    `ranking` (pandas) ranks (method, unit type) by how much bias their top-k carry on held-out prompts
-    (faithfulness.py); `scores[unit_type][method]` are the oriented scores; `agreement`, `curves`,
+    `ranking` (pandas) ranks (method, unit type) by how much bias their top-k carry on held-out prompts:
+    those that beat random first, then by necessity area above random (faithfulness.py); `scores[unit_type][method]` are the oriented scores; `agreement`, `curves`,
     `top_units` are tidy tables; `summary()` is what summary.json holds; `figures()` the page's figures."""
 
     model_name: str
@@ -216,7 +216,8 @@ class LocateReport:
         return scores_frame(self.scores, self.tokens)
 
     def method_ranking(self, unit_type: str | None = None) -> list[tuple[str, str]]:
-        """(method, unit type) pairs best first (by necessity area above random)."""
+        """(method, unit type) pairs best first: those that beat random first, then by necessity area above
+        random (faithfulness.rank_methods)."""
         r = self.ranking
         if unit_type is not None:
             r = r[r.unit_type == unit_type]
