@@ -223,3 +223,21 @@ def test_a_shipped_bbq_category_resolves(tiny_gpt2):
     t = resolve_task(tiny_gpt2, "bbq/Nationality", max_items=12)
     assert t.kind == "multiple_choice" and t.name == "bbq/Nationality" and len(t.locate) + len(t.test) == 12
     assert {it["category"] for it in t.locate + t.test} == {"Nationality"}
+
+
+def test_ranking_puts_methods_that_beat_random_first():
+    """A large area with a larger spread (heads: random draws swing ±3) ranks below a smaller area that beats
+    random (neurons: random draws within ±0.01) — the organism's grad_x_act (head) case."""
+    from lens_bias.apps.report import rank_methods
+
+    rows = []
+    for unit_type, method, value, draws in (("head", "noisy", 2.0, (-3.0, 3.0, -2.5, 2.5)),
+                                            ("neuron", "clean", 0.9, (0.01, -0.01, 0.0, 0.005)),
+                                            ("neuron", "weak", 0.02, (0.01, -0.01, 0.0, 0.005))):
+        for k in (1, 2):
+            base = {"unit_type": unit_type, "k": k, "measure": "necessity", "ablation": "zero", "units": "u"}
+            rows.append({**base, "method": method, "seed": None, "value": value})
+            rows += [{**base, "method": "random", "seed": s, "value": v} for s, v in enumerate(draws)]
+    r = rank_methods(rows, {"neutral_loss": float("nan")})
+    assert list(zip(r["method"], r["beats_random"])) == [("clean", True), ("noisy", False), ("weak", False)]
+    assert r.set_index("method").loc["noisy", "area"] > r.set_index("method").loc["clean", "area"]
