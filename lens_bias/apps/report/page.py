@@ -47,7 +47,7 @@ def curves_figure(report, measure: str = "necessity", ablations: list[str] | Non
                 ks = r["k"].tolist()
                 hi = (r["random_mean"] + r["random_std"]).tolist()
                 lo = (r["random_mean"] - r["random_std"]).tolist()
-                fig.add_trace(go.Scatter(x=ks + ks[::-1], y=hi + lo[::-1], fill="toself", fillcolor="rgba(120,120,120,0.2)",
+                fig.add_trace(go.Scatter(x=ks + ks[::-1], y=hi + lo[::-1], mode="lines", fill="toself", fillcolor="rgba(120,120,120,0.2)",
                                          line={"width": 0}, hoverinfo="skip", name="random ± std",
                                          legendgroup="random", showlegend=False), i, j)
                 fig.add_trace(go.Scatter(x=ks, y=r["random_mean"].tolist(), mode="lines", name="random k units",
