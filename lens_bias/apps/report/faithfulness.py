@@ -17,6 +17,10 @@ first draw), and the task's accuracy (yes/no, multiple choice) under every ablat
 A method's score is the area of its necessity curve above random, mean over k and over ablations:
     area = mean_{k, ablation} (necessity − random mean);   spread = mean_{k, ablation} random std
 and it beats random when area > 3·spread (and the bias on the test split is measurable).
+
+Ranking rule (`rank_methods`): the (method, unit type) pairs that beat random come first, then the rest; within
+each group by area, highest first (NaN last). A method whose top-k does not carry more bias than random units
+never ranks above one whose top-k does, however large its area: a large area with a larger spread is noise.
 """
 
 from __future__ import annotations
@@ -248,7 +252,8 @@ def curves(rows: list[dict]):
 
 def rank_methods(rows: list[dict], baseline: dict, significant: bool = True):
     """One row per (method, unit type): necessity area above random (mean over k and ablations), its
-    spread, z = area/spread, sufficiency area, capability cost, 'beats_random'; best first."""
+    spread, z = area/spread, sufficiency area, capability cost, 'beats_random'; best first by the ranking
+    rule (module docstring): those that beat random first, then by area."""
     import pandas as pd
 
     c = curves(rows)
@@ -274,7 +279,10 @@ def rank_methods(rows: list[dict], baseline: dict, significant: bool = True):
             row["d_accuracy_kmax"] = float(nec[nec.k == kmax]["accuracy"].mean() - baseline["accuracy"])
         row["beats_random"] = bool(significant and area > BEATS_RANDOM * spread and area > 0)
         out.append(row)
-    df = pd.DataFrame(out).sort_values("area", ascending=False, na_position="last").reset_index(drop=True)
+    df = pd.DataFrame(out)
+    df = df.assign(_area=df["area"].fillna(-math.inf)) \
+        .sort_values(["beats_random", "_area"], ascending=[False, False], kind="stable") \
+        .drop(columns="_area").reset_index(drop=True)
     df.insert(0, "rank", range(1, len(df) + 1))
     return df
 

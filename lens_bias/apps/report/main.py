@@ -37,7 +37,7 @@ from ...runs.store import data_fingerprint, model_fingerprint
 from .agreement import agreement_table
 from .faithfulness import Faithfulness, curves, rank_methods
 from .methods import _mc_forward, applicable_methods, run_method
-from .tasks import ReportTask, bias_of, organism_card, resolve_task
+from .tasks import ReportTask, bias_of, check_task_spec, organism_card, resolve_task
 from .units import scores_frame, top_units, unit_label
 
 FORMAT = 1
@@ -94,17 +94,24 @@ class _Stages:
         return value
 
 
-def _check_out(out: Path, manifest: dict, overwrite: bool) -> None:
-    """A new or empty folder, or a report folder of the same model, data and options; else --overwrite."""
+def check_out_early(out: str | Path, overwrite: bool = False) -> None:
+    """What can be refused before a model is loaded: `out` is a file, or a folder that holds files and is not a
+    locate report folder (without overwrite)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LensBiasError(f"output path {out} exists and is not a directory")
+    if out.is_dir() and not overwrite and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise LensBiasError(f"output directory {out} holds files and is not a locate report folder; pass "
+                            "overwrite=True (--overwrite) to write into it")
+
+
+def _check_out(out: Path, manifest: dict, overwrite: bool) -> None:
+    """A new or empty folder, or a report folder of the same model, data and options; else --overwrite."""
+    out = Path(out)
+    check_out_early(out, overwrite)
     old_path = out / MANIFEST
     if not out.exists() or not any(out.iterdir()) or overwrite:
         return
-    if not old_path.is_file():
-        raise LensBiasError(f"output directory {out} holds files and is not a locate report folder; pass "
-                            "overwrite=True (--overwrite) to write into it")
     try:
         old = json.loads(old_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
@@ -188,8 +195,8 @@ def compute_contexts(model: HookedModel, task: ReportTask, scores: dict, n_top: 
 class LocateReport:
     """Every locate method on one task: scores on common units, agreement, faithfulness, ranking.
 
-    `ranking` (pandas) ranks (method, unit type) by how much bias their top-k carry on held-out prompts
-    (faithfulness.py); `scores[unit_type][method]` are the oriented scores; `agreement`, `curves`,
+    `ranking` (pandas) ranks (method, unit type) by how much bias their top-k carry on held-out prompts:
+    those that beat random first, then by necessity area above random (faithfulness.py); `scores[unit_type][method]` are the oriented scores; `agreement`, `curves`,
     `top_units` are tidy tables; `summary()` is what summary.json holds; `figures()` the page's figures."""
 
     model_name: str
@@ -216,7 +223,8 @@ class LocateReport:
         return scores_frame(self.scores, self.tokens)
 
     def method_ranking(self, unit_type: str | None = None) -> list[tuple[str, str]]:
-        """(method, unit type) pairs best first (by necessity area above random)."""
+        """(method, unit type) pairs best first: those that beat random first, then by necessity area above
+        random (faithfulness.rank_methods)."""
         r = self.ranking
         if unit_type is not None:
             r = r[r.unit_type == unit_type]
@@ -394,6 +402,10 @@ def locate_report(
     given by name.
     """
     t_start = time.perf_counter()
+    if out is not None:  # refuse what can be refused before loading anything
+        check_out_early(out, overwrite)
+    if isinstance(task, (str, Path)) and not isinstance(task, PromptSet):
+        check_task_spec(str(task))
     if isinstance(model, (str, Path)):
         name = str(model)
         model = load_model(name, device=device, dtype=dtype)
@@ -521,4 +533,4 @@ def _pack(result) -> dict:
             "meta": clean}
 
 
-__all__ = ["LocateReport", "compute_contexts", "locate_report"]
+__all__ = ["LocateReport", "check_out_early", "compute_contexts", "locate_report"]

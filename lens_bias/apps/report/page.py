@@ -47,7 +47,7 @@ def curves_figure(report, measure: str = "necessity", ablations: list[str] | Non
                 ks = r["k"].tolist()
                 hi = (r["random_mean"] + r["random_std"]).tolist()
                 lo = (r["random_mean"] - r["random_std"]).tolist()
-                fig.add_trace(go.Scatter(x=ks + ks[::-1], y=hi + lo[::-1], fill="toself", fillcolor="rgba(120,120,120,0.2)",
+                fig.add_trace(go.Scatter(x=ks + ks[::-1], y=hi + lo[::-1], mode="lines", fill="toself", fillcolor="rgba(120,120,120,0.2)",
                                          line={"width": 0}, hoverinfo="skip", name="random ± std",
                                          legendgroup="random", showlegend=False), i, j)
                 fig.add_trace(go.Scatter(x=ks, y=r["random_mean"].tolist(), mode="lines", name="random k units",
@@ -93,8 +93,8 @@ def ranking_figure(report):
     fig = go.Figure(go.Bar(x=r["area"].tolist(), y=labels, orientation="h", marker_color=colors,
                            error_x={"type": "data", "array": [BEATS_RANDOM * s for s in r["spread"].fillna(0)]},
                            hovertemplate="%{y}: area %{x:.3f}<extra></extra>"))
-    fig.update_layout(title=f"Method ranking: necessity above random (mean over k and ablations); bar = "
-                            f"{BEATS_RANDOM:g}× random's spread, green = beats random",
+    fig.update_layout(title=f"Method ranking: green (beats random) first, then by necessity above random "
+                            f"(mean over k and ablations); error bar = {BEATS_RANDOM:g}× random's spread",
                       yaxis={"autorange": "reversed"}, xaxis_title="share of the bias, above random",
                       height=max(260, 28 * len(labels) + 120))
     return fig
@@ -201,8 +201,15 @@ activations (pair tasks: written into the twins' run; other tasks: every other u
 B = |m_clean − m_ref|, σ its sign, m_ref the twins' metric (pairs) or 0. Random: k random units, mean ± std
 over seeds.</li>
 <li><b>Ranking</b>: area = mean over k and ablations of (necessity − random mean); a method beats random when
-its area exceeds """ + f"{BEATS_RANDOM:g}" + """ × random's spread (mean std) and the held-out bias is significant.</li>
+its area exceeds """ + f"{BEATS_RANDOM:g}" + """ × random's spread (mean std) and the held-out bias is significant.
+Methods that beat random rank first, then the rest; within each group by area (a large area with a larger
+spread is noise, and never ranks above a method that beats random).</li>
 </ul>"""
+
+
+RANK_RULE = ("<p class='small'>Ranking rule: the (method, unit type) pairs whose top-k beat random (necessity area "
+             f"above random &gt; {BEATS_RANDOM:g} × random's spread, on a significant held-out bias) come first, then "
+             "the rest; within each group by area, highest first.</p>")
 
 
 def _table(df, cols=None, floats: int = 3) -> str:
@@ -255,7 +262,7 @@ def report_html(report) -> str:
     timings = ", ".join(f"{k} {v['seconds']:.1f} s{' (cached)' if v.get('cached') else ''}"
                         for k, v in report.timings.items())
     agreement = "".join(fig_html(f"agreement_{u}") for u in report.scores)
-    body = (head + notes + "<h2>Which method's top units carry the bias</h2>" + fig_html("ranking") + ranking
+    body = (head + notes + "<h2>Which method's top units carry the bias</h2>" + RANK_RULE + fig_html("ranking") + ranking
             + planted + "<h2>Necessity</h2>" + fig_html("necessity_zero") + fig_html("necessity")
             + "<h2>Sufficiency</h2>" + fig_html("sufficiency")
             + "<h2>Where the methods agree</h2>" + agreement

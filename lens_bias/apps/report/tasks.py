@@ -64,7 +64,7 @@ from ...tasks.multiple_choice import (
     option_sequences,
     unknown_option,
 )
-from ...tasks.records import as_items, load_records, shipped_dataset
+from ...tasks.records import SHIPPED_DATASETS, as_items, load_records, shipped_dataset
 from ...tasks.yesno import INSTRUCTIONS as YESNO_INSTRUCTIONS
 from ...tasks.yesno import binary_prompts, decision_metrics, load_yes_no
 
@@ -232,6 +232,34 @@ def _from_file(model, kind: TaskKind, path: Path):
     return load_bbq(path) if "ans0" in first else load_multiple_choice(path)
 
 
+NAMED_TASKS = ("professions", "winobias", "winogender", "yesno", "bbq")
+
+
+def check_task_spec(spec: str) -> None:
+    """Refuse a task spec that cannot resolve, before any model is loaded: an unknown name, an unknown BBQ
+    category, a task file that does not exist (one line, LensBiasError/DataError)."""
+    if spec in NAMED_TASKS:
+        return
+    if spec.startswith("bbq/"):
+        cat = spec.split("/", 1)[1]
+        cats = [n.split("/", 1)[1] for n in SHIPPED_DATASETS if n.startswith("bbq/")]
+        if cat not in cats:
+            raise DataError(f"unknown BBQ category {cat!r}; shipped: {', '.join(cats)} (or give a file: bbq:PATH)")
+        return
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in KIND_FROM_PREFIX and len(prefix) > 1:
+        if not Path(rest).is_file():
+            raise DataError(f"task file {rest} does not exist")
+        return
+    path = Path(spec)
+    if path.suffix in (".jsonl", ".json", ".csv") or path.exists():
+        if not path.is_file():
+            raise DataError(f"task file {path} does not exist")
+        return
+    raise LensBiasError(f"unknown task {spec!r}: use professions, winobias, winogender, yesno, bbq, bbq/CATEGORY, "
+                        "or a file (yesno:PATH, bbq:PATH, mc:PATH, pairs:PATH)")
+
+
 def _resolve_spec(model, task, max_prompts: int, max_items: int):
     """(name, kind, data, description) of a task spec."""
     if isinstance(task, PromptSet):
@@ -252,6 +280,7 @@ def _resolve_spec(model, task, max_prompts: int, max_items: int):
             return "yes/no", "yesno", items, "the yes/no items given"
         raise LensBiasError(f"cannot tell the task from its first item (fields {sorted(first)})")
     spec = str(task)
+    check_task_spec(spec)
     organism = organism_card(model) is not None
     if spec == "professions":
         ps, desc = _professions(model, max_prompts)
@@ -270,9 +299,7 @@ def _resolve_spec(model, task, max_prompts: int, max_items: int):
             return spec, "multiple_choice", load_bbq(data_path("bbq")), "the organism's BBQ-style Age items"
         return spec, "multiple_choice", load_bbq("Age"), "BBQ Age (shipped subset)"
     if spec.startswith("bbq/"):
-        cat = spec.split("/", 1)[1]
-        if not (shipped_dataset("bbq") / f"{cat}.jsonl").is_file():
-            raise DataError(f"unknown BBQ category {cat!r}; shipped: Age, Nationality, Religion (or give a file: bbq:PATH)")
+        cat = spec.split("/", 1)[1]  # a shipped category (check_task_spec)
         return spec, "multiple_choice", load_bbq(cat), f"BBQ {cat} (shipped subset)"
     prefix, sep, rest = spec.partition(":")
     if sep and prefix in KIND_FROM_PREFIX and len(prefix) > 1:
@@ -284,8 +311,7 @@ def _resolve_spec(model, task, max_prompts: int, max_items: int):
             raise DataError(f"task file {path} does not exist")
         kind = _sniff(path)
         return path.name, kind, _from_file(model, kind, path), f"the file {path}"
-    raise LensBiasError(f"unknown task {spec!r}: use professions, winobias, winogender, yesno, bbq, bbq/CATEGORY, "
-                        "or a file (yesno:PATH, bbq:PATH, mc:PATH, pairs:PATH)")
+    raise AssertionError(f"task spec {spec!r} passed check_task_spec but matched no branch")
 
 
 def group_of(kind: TaskKind, meta_or_item: dict, i: int):
