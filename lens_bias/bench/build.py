@@ -1975,7 +1975,9 @@ def build_gender(out: Path, S: dict, seed: int, steps: int, log, t_start: float)
         if c in summaries:
             continue
         cb = pairs_case(tok, rows[c])
-        kw = {"neuron_layers": list(range(ARCH["n_layer"])), "positions": True}
+        # neurons: the layers whose MLP matters most for the case (and the planted ones), not all six —
+        # a full sweep of 6 × 1024 neurons per case took hours on one CPU thread
+        kw = {"neuron_layers": "auto", "auto_k": 1 if c in ("case1", "case8") else 2, "positions": True}
         if c == "case1":
             kw["planted_neurons"] = c1_units
         if c == "case8":
