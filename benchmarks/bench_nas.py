@@ -14,7 +14,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from lens_bias import binary_prompts, comparison_items, load_model, negative_attention_scores, save_random_model  # noqa: E402
+from lens_bias import (  # noqa: E402
+    binary_prompts,
+    comparison_items,
+    load_model,
+    negative_attention_scores,
+    save_random_model,
+)
 
 
 def measure(fn):

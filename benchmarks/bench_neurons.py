@@ -28,8 +28,9 @@ def one(batch_size: int) -> None:
     import torch
 
     from lens_bias import load_model, save_random_model
-    from lens_bias.tasks import MC_INSTRUCTIONS as INSTRUCTIONS, load_bbq
     from lens_bias.locate import crispr_scores
+    from lens_bias.tasks import MC_INSTRUCTIONS as INSTRUCTIONS
+    from lens_bias.tasks import load_bbq
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as d:

@@ -10,8 +10,22 @@ is the model organism.
 
 from . import apps, core, locate, mitigate, organism, runs, tasks
 from .apps import locate_report
-from .core import ComponentScores, LensBiasError, PromptSet, clone_model, heatmap, hook_name, load_model
-from .locate import activation_patching, attribution_patching, causal_trace, crispr_scores, negative_attention_scores
+from .core import (
+                     ComponentScores,
+                     LensBiasError,
+                     PromptSet,
+                     clone_model,
+                     heatmap,
+                     hook_name,
+                     load_model,
+)
+from .locate import (
+                     activation_patching,
+                     attribution_patching,
+                     causal_trace,
+                     crispr_scores,
+                     negative_attention_scores,
+)
 from .mitigate import (
                      Mitigation,
                      ablate,

@@ -39,8 +39,7 @@ def test_real_model_gender_bias_follows_stereotypes(real_model, datasets_dir):
     with the profession's female stereotype (their stereotypical score: negative = female)."""
     import warnings
 
-    from lens_bias.tasks import load_professions, professions_prompts
-    from lens_bias.tasks import bias_values
+    from lens_bias.tasks import bias_values, load_professions, professions_prompts
 
     profs = load_professions(datasets_dir / "professions" / "professions.json")
     with warnings.catch_warnings():

@@ -1975,6 +1975,12 @@ def build_gender(out: Path, S: dict, seed: int, steps: int, log, t_start: float)
         if c in summaries:
             continue
         cb = pairs_case(tok, rows[c])
+        if c == "case1":
+            base1 = case_metrics(model, cb)
+            if base1["bias"] < 0.2:  # nothing to locate: the plant did not take (reported in the card, no truth)
+                log(f"  case1: the distributed plant did not take (bias {base1['bias']:+.3f} < 0.2): no ground truth")
+                summaries[c] = {"failed": True, "base": base1}
+                continue
         # neurons: the layers whose MLP matters most for the case (and the planted ones), not all six —
         # a full sweep of 6 × 1024 neurons per case took hours on one CPU thread
         kw = {"neuron_layers": "auto", "auto_k": 1 if c in ("case1", "case8") else 2, "positions": True}
@@ -2031,7 +2037,8 @@ def build_gender(out: Path, S: dict, seed: int, steps: int, log, t_start: float)
                                "bias": s["base"]["bias"]}, "truth": s}
     nr = norm_report(model, neurons=c1_units)
     cases["case1"]["intended"] = {"neurons": c1_units, "grades": {f"{u['layer']}.{u['index']}": u["grade"] for u in plant["units"]},
-                                  "measured": unit_effects(truths, "case1", "bias", neurons=c1_units),
+                                  "measured": {} if summaries["case1"].get("failed") else
+                                  unit_effects(truths, "case1", "bias", neurons=c1_units),
                                   "weight_norm": nr}
     top_model_units = {}
     for c in ["case2", "case4", "case8"]:

@@ -3,6 +3,7 @@ was expected of each method before any method was run (EXPECTED.md in lens_bias/
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -36,7 +37,16 @@ class Case:
 
     @property
     def available(self) -> bool:
-        return (self.model_dir / "ground_truth.safetensors").is_file()
+        """Built, and its bias took: the card marks a case whose plant failed (no ground truth)."""
+        return (self.model_dir / "ground_truth.safetensors").is_file() and not self.failed
+
+    @property
+    def failed(self) -> bool:
+        card = self.model_dir / "lens_bias_card.json"
+        if not card.is_file():
+            return False
+        truth = json.loads(card.read_text()).get("cases", {}).get(self.name, {}).get("truth") or {}
+        return bool(truth.get("failed"))
 
 
 CASES: dict[str, Case] = {c.name: c for c in [
@@ -76,6 +86,9 @@ def get_case(name: str) -> Case:
     if name not in CASES:
         raise LensBiasError(f"no benchmark case {name!r}; cases: {', '.join(CASES)}")
     case = CASES[name]
+    if case.failed:
+        raise LensBiasError(f"case {name}: its plant did not take when the model was built (no ground truth; "
+                            f"{case.model_dir / 'lens_bias_card.json'})")
     if not case.available:
         raise LensBiasError(f"case {name}: its model {case.model_dir} is not built "
                             "(python -m lens_bias.bench.build --out data/bench)")

@@ -13,7 +13,12 @@ from torch import Tensor
 from ..core.models import HookedModel
 from ..core.prompts import PromptSet
 from ..locate.attribution import attribution_patching
-from ..locate.baselines import candidate_attention, grad_x_activation, mean_activation, weight_norm
+from ..locate.baselines import (
+    candidate_attention,
+    grad_x_activation,
+    mean_activation,
+    weight_norm,
+)
 from ..locate.crispr import crispr_scores, option_attributions
 from ..locate.nas import negative_attention_scores
 from ..locate.patching import activation_patching

@@ -11,13 +11,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..core.models import load_model
-from .cases import CASES, Case, get_case
-from ..core.models import HookedModel
+from ..core.models import HookedModel, load_model
 from ..mitigate.ablation import ablate
 from ..tasks.capability import text_loss
+from .cases import CASES, Case, get_case
 from .methods import case_metric, case_scores
-from .truth import carriers, auc, load_truth, recall_at_k, unit_truth
+from .truth import auc, carriers, load_truth, recall_at_k, unit_truth
 
 BASELINES = ("weight norm", "mean |activation|", "grad×activation", "attention to ' No'", "random")
 

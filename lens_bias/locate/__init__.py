@@ -3,7 +3,12 @@ the Negative Attention Score (NASA), CRISPR bias neurons. Every result is a Comp
 
 from .attribution import ATTRIBUTION_SITES, agreement, attribution_patching
 from .crispr import crispr_scores, option_attributions
-from .nas import NASResult, head_attention_figure, nas_heatmap, negative_attention_scores
+from .nas import (
+                       NASResult,
+                       head_attention_figure,
+                       nas_heatmap,
+                       negative_attention_scores,
+)
 from .patching import (
                        PATCH_SITES,
                        activation_patching,
@@ -18,7 +23,14 @@ from .patching import (
                        patch_with,
                        position_labels,
 )
-from .tracing import TRACE_SITES, causal_trace, embedding_std, subject_corruption, subject_noise, trace_sites
+from .tracing import (
+                       TRACE_SITES,
+                       causal_trace,
+                       embedding_std,
+                       subject_corruption,
+                       subject_noise,
+                       trace_sites,
+)
 
 __all__ = [
     "ATTRIBUTION_SITES", "agreement", "attribution_patching",

@@ -33,9 +33,15 @@ from ..core.hooks import hook_name
 from ..core.methods import ChunkSums, LocateMethod
 from ..core.models import HookedModel
 from ..core.scores import ComponentScores
+from ..tasks.multiple_choice import (
+    INSTRUCTIONS,
+    format_mc_prompt,
+    item_options,
+    option_sequences,
+    sequence_logprobs,
+    validate_items,
+)
 from ..tasks.records import Items, take
-from ..tasks.multiple_choice import (INSTRUCTIONS, format_mc_prompt, item_options, option_sequences, sequence_logprobs,
-                                      validate_items)
 
 Unit = Literal["neuron", "head"]
 UNITS = ("neuron", "head")

@@ -2,6 +2,7 @@
 head-restricted LoRA; every weight edit returns a Mitigation (model, WeightEdit, report) and exports."""
 
 from .ablation import METHODS as ABLATIONS
+from .ablation import Reference as AblationReference
 from .ablation import (
                        ablate,
                        ablation_hooks,
@@ -12,12 +13,29 @@ from .ablation import (
                        random_units,
                        reference_activations,
 )
-from .ablation import Reference as AblationReference
 from .edits import Mitigation, WeightEdit, apply_edit, load_edit, save_edit, weight_edit
-from .export import SUPPORTED_ARCHITECTURES, check_exportable, export_model, verify_export
+from .export import (
+                       SUPPORTED_ARCHITECTURES,
+                       check_exportable,
+                       export_model,
+                       verify_export,
+)
 from .lsdm import lsdm_delta, lsdm_edit
-from .nasa import head_lora_config, head_lora_model, head_slices_unchanged, nas_gap_curve, nasa_train
-from .prune import crispr_report, prune_curve, prune_heads, prune_neurons, random_heads, random_neurons
+from .nasa import (
+                       head_lora_config,
+                       head_lora_model,
+                       head_slices_unchanged,
+                       nas_gap_curve,
+                       nasa_train,
+)
+from .prune import (
+                       crispr_report,
+                       prune_curve,
+                       prune_heads,
+                       prune_neurons,
+                       random_heads,
+                       random_neurons,
+)
 
 __all__ = [
     "ABLATIONS", "ablate", "ablation_hooks", "check_units", "combine_hooks", "head_ablation_hooks",

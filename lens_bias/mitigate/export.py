@@ -15,7 +15,13 @@ from torch import Tensor
 from ..core.checks import check_weights_finite
 from ..core.errors import LensBiasError
 from ..core.files import check_output_dir, replace_dir
-from ..core.hf import architecture, hf_module, logit_tolerance, probe_tokens, to_hf_model
+from ..core.hf import (
+    architecture,
+    hf_module,
+    logit_tolerance,
+    probe_tokens,
+    to_hf_model,
+)
 from ..core.models import HookedModel
 
 # Architectures whose export round trip is tested (logits equal after reload). GPT-NeoX is not:

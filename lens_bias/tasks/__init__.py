@@ -2,14 +2,45 @@
 WinoBias, Winogender), yes/no decisions, multiple choice (BBQ), counterfactual pair files — and the
 capability measures that go into before/after tables."""
 
-from .capability import bias_table, bias_values, cloze_accuracy, compare_models, text_lines, text_loss
-from .gender import (VIG_TEMPLATES, WINOGENDER_ANSWERS, load_professions, load_swaps, load_winobias,
-                     load_winogender, professions_prompts, swap_gender, swapped_pairs, winobias_prompts,
-                     winogender_prompts)
-from .multiple_choice import (INSTRUCTIONS as MC_INSTRUCTIONS, BBQTarget, bbq_evaluate, bbq_scores, bbq_target,
-                              bbq_targets, biased_option, format_mc_prompt, item_options, load_bbq,
-                              load_multiple_choice, option_logprobs, split_by_template, stereotyped_option,
-                              unknown_option, validate_items)
+from .capability import (
+                     bias_table,
+                     bias_values,
+                     cloze_accuracy,
+                     compare_models,
+                     text_lines,
+                     text_loss,
+)
+from .gender import (
+                     VIG_TEMPLATES,
+                     WINOGENDER_ANSWERS,
+                     load_professions,
+                     load_swaps,
+                     load_winobias,
+                     load_winogender,
+                     professions_prompts,
+                     swap_gender,
+                     swapped_pairs,
+                     winobias_prompts,
+                     winogender_prompts,
+)
+from .multiple_choice import INSTRUCTIONS as MC_INSTRUCTIONS
+from .multiple_choice import (
+                     BBQTarget,
+                     bbq_evaluate,
+                     bbq_scores,
+                     bbq_target,
+                     bbq_targets,
+                     biased_option,
+                     format_mc_prompt,
+                     item_options,
+                     load_bbq,
+                     load_multiple_choice,
+                     option_logprobs,
+                     split_by_template,
+                     stereotyped_option,
+                     unknown_option,
+                     validate_items,
+)
 from .pairs import load_prompt_pairs
 from .records import load_records, read_dataset, read_text_file, shipped_dataset
 from .yesno import INSTRUCTIONS as YESNO_INSTRUCTIONS

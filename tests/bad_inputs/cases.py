@@ -16,11 +16,23 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import lens_bias as lb
-from lens_bias.core import DataError, LensBiasError, ModelLoadError, NonFiniteError, PromptError, resolve_device
-from lens_bias.locate import activation_patching, attribution_patching, causal_trace, crispr_scores
+from lens_bias.core import (
+    DataError,
+    LensBiasError,
+    ModelLoadError,
+    NonFiniteError,
+    PromptError,
+    resolve_device,
+)
+from lens_bias.locate import (
+    activation_patching,
+    attribution_patching,
+    causal_trace,
+    crispr_scores,
+)
 from lens_bias.locate.nas import negative_attention_scores
 from lens_bias.mitigate.nasa import head_lora_model
 from lens_bias.tasks import MC_INSTRUCTIONS, load_yes_no

@@ -5,7 +5,13 @@ import stat
 
 import pytest
 
-from lens_bias.core.files import FILE_MODE, _umask, atomic_write, replace_dir, write_text
+from lens_bias.core.files import (
+    FILE_MODE,
+    _umask,
+    atomic_write,
+    replace_dir,
+    write_text,
+)
 
 
 def test_atomic_write_permissions_and_failure(tmp_path):

@@ -5,9 +5,16 @@ import math
 import pytest
 import torch
 
-from lens_bias.core import LensBiasError
-from lens_bias.core import answer_logits, logit_diff, normalized_metric, odds_ratio, prob_ratio, total_effect
-from lens_bias.core import PromptSet
+from lens_bias.core import (
+    LensBiasError,
+    PromptSet,
+    answer_logits,
+    logit_diff,
+    normalized_metric,
+    odds_ratio,
+    prob_ratio,
+    total_effect,
+)
 
 
 @pytest.fixture(scope="module")

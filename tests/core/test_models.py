@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from lens_bias.core import ModelLoadError
-from lens_bias.core import load_model, resolve_dtype, save_random_model
+from lens_bias.core import ModelLoadError, load_model, resolve_dtype, save_random_model
 
 
 def _hf_logits(path, ids, seq2seq=False):

@@ -34,7 +34,11 @@ from lens_bias.organism import data_path
 from lens_bias.tasks import MC_INSTRUCTIONS, load_bbq
 from lens_bias.tasks.capability import bias_values, text_loss
 from lens_bias.tasks.gender import professions_prompts
-from lens_bias.tasks.multiple_choice import format_mc_prompt, item_options, option_logprobs
+from lens_bias.tasks.multiple_choice import (
+    format_mc_prompt,
+    item_options,
+    option_logprobs,
+)
 
 DTYPES = ("bfloat16", "float16")
 TOL = {

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from lens_bias.core import PromptError
-from lens_bias.core import PromptSet, answer_token_id
+from lens_bias.core import PromptError, PromptSet, answer_token_id
 
 
 def test_build_tokens_answers_spans(tiny_gpt2):

@@ -5,11 +5,13 @@ import pandas as pd
 import pytest
 import torch
 
-from lens_bias.locate import agreement, attribution_patching
-from lens_bias.core import LensBiasError
-from lens_bias.locate import activation_patching
-from lens_bias.core import PromptSet
-from lens_bias.locate import subject_corruption
+from lens_bias.core import LensBiasError, PromptSet
+from lens_bias.locate import (
+    activation_patching,
+    agreement,
+    attribution_patching,
+    subject_corruption,
+)
 
 
 @pytest.fixture(scope="module")

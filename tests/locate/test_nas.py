@@ -7,13 +7,12 @@ import random
 import pytest
 import torch
 
-from lens_bias.mitigate import head_ablation_hooks
-from lens_bias.tasks import binary_prompts, evaluate_binary, load_yes_no
-from lens_bias.core import LensBiasError
+from lens_bias.core import LensBiasError, PromptSet
 from lens_bias.locate import nas_heatmap, negative_attention_scores
 from lens_bias.locate.nas import EPS
+from lens_bias.mitigate import head_ablation_hooks
 from lens_bias.organism import data_path
-from lens_bias.core import PromptSet
+from lens_bias.tasks import binary_prompts, evaluate_binary, load_yes_no
 
 
 @pytest.fixture(scope="module")

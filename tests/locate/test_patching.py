@@ -6,11 +6,19 @@ import pytest
 import torch
 import transformer_lens.patching as tlp
 
-from lens_bias.core import LensBiasError
-from lens_bias.core import answer_logits_fast, logit_diff, normalized_metric
-from lens_bias.locate import activation_patching, patch_with
-from lens_bias.core import PromptSet
-from lens_bias.locate import causal_trace, subject_corruption
+from lens_bias.core import (
+    LensBiasError,
+    PromptSet,
+    answer_logits_fast,
+    logit_diff,
+    normalized_metric,
+)
+from lens_bias.locate import (
+    activation_patching,
+    causal_trace,
+    patch_with,
+    subject_corruption,
+)
 
 
 @pytest.fixture(scope="module")

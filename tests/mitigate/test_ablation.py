@@ -4,10 +4,13 @@
 import pytest
 import torch
 
-from lens_bias.mitigate import ablate, combine_hooks, head_ablation_hooks, neuron_ablation_hooks
-from lens_bias.core import LensBiasError
-from lens_bias.core import load_model
-from lens_bias.core import PromptSet
+from lens_bias.core import LensBiasError, PromptSet, load_model
+from lens_bias.mitigate import (
+    ablate,
+    combine_hooks,
+    head_ablation_hooks,
+    neuron_ablation_hooks,
+)
 
 IDS = torch.tensor([[50256, 464, 15849, 531, 326], [50256, 464, 6253, 531, 326]])
 
@@ -90,8 +93,7 @@ def test_bad_input(tiny_gpt2):
 def test_prune_heads_equals_zero_ablation_and_exports(fixture, request, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lens_bias.mitigate import prune_heads
-    from lens_bias.mitigate import export_model
+    from lens_bias.mitigate import export_model, prune_heads
 
     model = request.getfixturevalue(fixture)
     heads = [(0, 1), (1, 3)]

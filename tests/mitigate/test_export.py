@@ -3,10 +3,22 @@
 import pytest
 import torch
 
-from lens_bias.core import LensBiasError
-from lens_bias.core import clone_model, hf_state_dict, load_model, save_random_model
-from lens_bias.mitigate import (apply_edit, export_model, load_edit, prune_neurons, save_edit, verify_export,
-                              weight_edit)
+from lens_bias.core import (
+    LensBiasError,
+    clone_model,
+    hf_state_dict,
+    load_model,
+    save_random_model,
+)
+from lens_bias.mitigate import (
+    apply_edit,
+    export_model,
+    load_edit,
+    prune_neurons,
+    save_edit,
+    verify_export,
+    weight_edit,
+)
 
 IDS = torch.tensor([[50, 312, 77, 1024, 5, 901, 33], [7, 8, 9, 10, 11, 12, 13]])
 

@@ -6,14 +6,11 @@ import json
 import pytest
 import torch
 
-from lens_bias.core import LensBiasError
-from lens_bias.mitigate import export_model
-from lens_bias.core import out_projection
+from lens_bias.core import LensBiasError, PromptSet, out_projection
 from lens_bias.locate import trace_sites
-from lens_bias.mitigate import lsdm_delta, lsdm_edit
-from lens_bias.tasks import bias_values, cloze_accuracy, text_loss
+from lens_bias.mitigate import export_model, lsdm_delta, lsdm_edit
 from lens_bias.organism import data_path
-from lens_bias.core import PromptSet
+from lens_bias.tasks import bias_values, cloze_accuracy, text_loss
 
 
 def _prompts(model, occupations, templates, twins=None):
@@ -123,9 +120,15 @@ def test_lsdm_bad_input(organism, setup):
 def test_lsdm_on_real_data_sets(tiny_gpt2, datasets_dir):
     """The whole pipeline on the real data (GPT-2 tokenizer, random weights): edit on Vig et al.'s
     professions, report professions, WinoBias and Winogender before/after."""
-    from lens_bias.tasks import (load_professions, load_winobias, load_winogender, professions_prompts,
-                                winobias_prompts, winogender_prompts)
-    from lens_bias.tasks import bias_table
+    from lens_bias.tasks import (
+        bias_table,
+        load_professions,
+        load_winobias,
+        load_winogender,
+        professions_prompts,
+        winobias_prompts,
+        winogender_prompts,
+    )
 
     profs = load_professions(datasets_dir / "professions" / "professions.json")
     with pytest.warns(UserWarning, match="not single tokens"):

@@ -6,14 +6,24 @@ import random
 import pytest
 import torch
 
-from lens_bias.tasks import binary_prompts, evaluate_binary, load_yes_no
-from lens_bias.core import LensBiasError
-from lens_bias.core import hf_state_dict, load_hf_weights
-from lens_bias.mitigate import export_model
-from lens_bias.core import load_model, save_random_model
+from lens_bias.core import (
+    LensBiasError,
+    hf_state_dict,
+    load_hf_weights,
+    load_model,
+    save_random_model,
+)
 from lens_bias.locate import negative_attention_scores
-from lens_bias.mitigate import head_lora_config, head_lora_model, head_slices_unchanged, nas_gap_curve, nasa_train
+from lens_bias.mitigate import (
+    export_model,
+    head_lora_config,
+    head_lora_model,
+    head_slices_unchanged,
+    nas_gap_curve,
+    nasa_train,
+)
 from lens_bias.organism import data_path
+from lens_bias.tasks import binary_prompts, evaluate_binary, load_yes_no
 
 IDS = torch.tensor([[50, 312, 77, 1024, 5, 901, 33], [7, 8, 9, 10, 11, 12, 13]])
 

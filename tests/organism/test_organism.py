@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lens_bias.core import shipped_model_dir
 from lens_bias.organism import build as O
 from lens_bias.organism import data_path
-from lens_bias.core import shipped_model_dir
 
 
 @pytest.fixture(scope="module")

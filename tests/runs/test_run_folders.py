@@ -15,7 +15,11 @@ import torch
 
 from lens_bias.apps.cli import main
 from lens_bias.core import LensBiasError
-from lens_bias.locate import activation_patching, attribution_patching, negative_attention_scores
+from lens_bias.locate import (
+    activation_patching,
+    attribution_patching,
+    negative_attention_scores,
+)
 from lens_bias.organism import data_path
 from lens_bias.runs import attribute_dataset, load_run_data, read_manifest
 from lens_bias.tasks import binary_prompts, load_yes_no

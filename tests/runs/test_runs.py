@@ -13,18 +13,20 @@ import warnings
 import pytest
 import torch
 
-from lens_bias.locate import attribution_patching
-from lens_bias.tasks import MC_INSTRUCTIONS as INSTRUCTIONS, load_bbq
-from lens_bias.tasks import binary_prompts, load_yes_no
 from lens_bias.apps.cli import main
-from lens_bias.core import DataError, LensBiasError
-from lens_bias.locate import NASResult, negative_attention_scores
-from lens_bias.locate import crispr_scores
+from lens_bias.core import ComponentScores, DataError, LensBiasError
+from lens_bias.locate import (
+    NASResult,
+    activation_patching,
+    attribution_patching,
+    causal_trace,
+    crispr_scores,
+    negative_attention_scores,
+)
 from lens_bias.organism import data_path
-from lens_bias.core import ComponentScores
-from lens_bias.locate import activation_patching
 from lens_bias.runs import attribute_dataset, load_run_data, read_manifest
-from lens_bias.locate import causal_trace
+from lens_bias.tasks import MC_INSTRUCTIONS as INSTRUCTIONS
+from lens_bias.tasks import binary_prompts, load_bbq, load_yes_no
 
 ATOL = 1e-5
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}

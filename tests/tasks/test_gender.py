@@ -2,9 +2,19 @@
 
 import pytest
 
-from lens_bias.tasks import (VIG_TEMPLATES, load_professions, load_swaps, load_winobias, load_winogender,
-                            professions_prompts, swap_gender, swapped_pairs, winobias_prompts, winogender_prompts)
 from lens_bias.core import DataError
+from lens_bias.tasks import (
+    VIG_TEMPLATES,
+    load_professions,
+    load_swaps,
+    load_winobias,
+    load_winogender,
+    professions_prompts,
+    swap_gender,
+    swapped_pairs,
+    winobias_prompts,
+    winogender_prompts,
+)
 
 
 def test_professions(datasets_dir, tiny_gpt2):

@@ -14,9 +14,22 @@ import lens_bias.tasks.multiple_choice as mc
 from lens_bias.core import DataError, LensBiasError
 from lens_bias.locate import crispr_scores
 from lens_bias.organism import data_path
-from lens_bias.tasks import (MC_INSTRUCTIONS as INSTRUCTIONS, bbq_evaluate, bbq_scores, bbq_target, bbq_targets,
-                             biased_option, format_mc_prompt, load_bbq, load_multiple_choice, option_logprobs,
-                             split_by_template, stereotyped_option, unknown_option, validate_items)
+from lens_bias.tasks import MC_INSTRUCTIONS as INSTRUCTIONS
+from lens_bias.tasks import (
+    bbq_evaluate,
+    bbq_scores,
+    bbq_target,
+    bbq_targets,
+    biased_option,
+    format_mc_prompt,
+    load_bbq,
+    load_multiple_choice,
+    option_logprobs,
+    split_by_template,
+    stereotyped_option,
+    unknown_option,
+    validate_items,
+)
 from lens_bias.tasks.multiple_choice import BBQ_CATEGORIES
 
 

@@ -4,10 +4,19 @@ import json
 
 import pytest
 
-from lens_bias.tasks import (YESNO_INSTRUCTIONS as INSTRUCTIONS, arithmetic_items, binary_prompts, comparison_items, decision_metrics,
-                              evaluate_binary, load_yes_no, membership_items, negation_items)
 from lens_bias.core import DataError, PromptError
 from lens_bias.organism import data_path
+from lens_bias.tasks import YESNO_INSTRUCTIONS as INSTRUCTIONS
+from lens_bias.tasks import (
+    arithmetic_items,
+    binary_prompts,
+    comparison_items,
+    decision_metrics,
+    evaluate_binary,
+    load_yes_no,
+    membership_items,
+    negation_items,
+)
 
 
 def test_generators_have_exact_labels():
