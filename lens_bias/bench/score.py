@@ -46,13 +46,15 @@ def mitigation(model: HookedModel, case: Case, unit: str, units: list[tuple[int,
     return {"bias_removed": removed, "loss_added": added, "removed_per_nat": removed / max(added, 1e-3)}
 
 
-def score_case(model: HookedModel, case: Case, *, seeds: int = 20, mitigate: bool = True) -> pd.DataFrame:
+def score_case(model: HookedModel, case: Case, *, seeds: int = 20, mitigate: bool = True,
+               scores: dict | None = None) -> pd.DataFrame:
     """One row per (method, unit): recall@k, AUC (random: mean and std over `seeds` draws), k, the
     rank of the case's decoy head where it has one and, with `mitigate`, what zero-ablating the
-    method's top-k units does (`mitigation`; random: its first draw)."""
+    method's top-k units does (`mitigation`; random: its first draw). `scores`: `case_scores`' result,
+    when already computed."""
     truth = load_truth(case.model_dir)
     t0 = time.perf_counter()
-    scores = case_scores(model, case, seeds=seeds)
+    scores = scores if scores is not None else case_scores(model, case, seeds=seeds)
     seconds = time.perf_counter() - t0
     card = json.loads((case.model_dir / "lens_bias_card.json").read_text())
     if mitigate:
