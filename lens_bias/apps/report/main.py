@@ -36,7 +36,7 @@ from ...locate.patching import position_labels
 from ...runs.store import data_fingerprint, model_fingerprint
 from .agreement import agreement_table
 from .faithfulness import Faithfulness, curves, rank_methods
-from .methods import _mc_forward, applicable_methods, run_method
+from .methods import applicable_methods, mc_forward, run_method
 from .tasks import ReportTask, bias_of, check_task_spec, organism_card, resolve_task
 from .units import scores_frame, top_units, unit_label
 
@@ -158,7 +158,7 @@ def compute_contexts(model: HookedModel, task: ReportTask, scores: dict, n_top: 
         attend = attend.mean(0)  # [L, H, key]
     else:
         with torch.no_grad():
-            acts, _, seqs = _mc_forward(model, task.locate[:16], task.instructions[0], grad=False)
+            acts, _, seqs = mc_forward(model, task.locate[:16], task.instructions[0], grad=False)
         from ...core.prompts import pad
 
         tokens, mask = pad(seqs)

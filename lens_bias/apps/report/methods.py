@@ -163,7 +163,7 @@ def run_crispr(model, task: ReportTask, orient: dict, opts: dict, progress: bool
         {"instructions": len(task.instructions), "rule": "layer: sum of heads / neurons"}
 
 
-def _mc_forward(model, items: list, instruction: str, grad: bool):
+def mc_forward(model, items: list, instruction: str, grad: bool):
     """One forward over every (item, option) sequence keeping hook_z and hook_post of every layer;
     returns (activations by hook, option probabilities [n, k], spans, sequence lengths)."""
     prompts = [format_mc_prompt(instruction, it["context"], it["question"], item_options(it)) for it in items]
@@ -192,7 +192,7 @@ def mc_grad_x_act(model, items: list, instructions: list[str]) -> dict[str, Tens
     names = [hook_name(s, l) for s in ("head", "neuron") for l in range(L)]
     total = {n: 0.0 for n in names}
     for ins in instructions:
-        acts, probs, _ = _mc_forward(model, items, ins, grad=True)
+        acts, probs, _ = mc_forward(model, items, ins, grad=True)
         terms = []
         for i, it in enumerate(items):
             b, u = biased_option(it), unknown_option(it)
@@ -218,7 +218,7 @@ def mc_mean_activation(model, items: list, instruction: str) -> dict[str, Tensor
     real positions of ‖z_h‖ (head) or |h_i| (neuron)."""
     from ...core.prompts import pad
 
-    acts, _, seqs = _mc_forward(model, items, instruction, grad=False)
+    acts, _, seqs = mc_forward(model, items, instruction, grad=False)
     _, mask = pad(seqs)
     mask = mask.bool().to(device_of(model))
     L = model.cfg.n_layers
