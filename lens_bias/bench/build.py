@@ -30,7 +30,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 

@@ -40,6 +40,12 @@ def _random(shape, seed: int) -> Tensor:
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
 
 
+def scores_key(case: Case) -> tuple:
+    """What `case_scores` depends on besides the model: cases with the same key (3 and 5 share their
+    data and differ only in what they score) share one computation."""
+    return case.model, case.kind, case.data, case.units, case.extra.get("yesno")
+
+
 def case_scores(model: HookedModel, case: Case, *, seeds: int = 20) -> Scores:
     """Scores of every method and baseline that applies to `case` (random: `seeds` draws, stacked)."""
     runners: dict[str, Callable[[HookedModel, Case], Scores]] = {"pairs": _pairs, "yesno": _yesno, "bbq": _bbq}

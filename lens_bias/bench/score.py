@@ -15,7 +15,7 @@ from ..core.models import HookedModel, load_model
 from ..mitigate.ablation import ablate
 from ..tasks.capability import text_loss
 from .cases import CASES, Case, get_case
-from .methods import case_metric, case_scores
+from .methods import case_metric, case_scores, scores_key
 from .truth import auc, carriers, load_truth, recall_at_k, unit_truth
 
 BASELINES = ("weight norm", "mean |activation|", "grad×activation", "attention to ' No'", "random")
@@ -107,12 +107,15 @@ def _verdicts(df: pd.DataFrame) -> pd.DataFrame:
 def benchmark(cases: Iterable[str] | None = None, *, device=None, seeds: int = 20, progress: bool = True) -> pd.DataFrame:
     """The method × case table over every built case (or `cases`)."""
     names = list(cases) if cases else [n for n, c in CASES.items() if c.available]
-    models, frames = {}, []
+    models, computed, frames = {}, {}, []
     for name in tqdm(names, desc="cases", disable=not progress):
         case = get_case(name)
         if case.model not in models:
             models[case.model] = load_model(str(case.model_dir), device=device)
-        frames.append(score_case(models[case.model], case, seeds=seeds))
+        key = scores_key(case)
+        if key not in computed:
+            computed[key] = case_scores(models[case.model], case, seeds=seeds)
+        frames.append(score_case(models[case.model], case, seeds=seeds, scores=computed[key]))
     return pd.concat(frames, ignore_index=True)
 
 

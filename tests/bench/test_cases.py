@@ -10,7 +10,7 @@ import torch
 
 import lens_bias as lb
 from lens_bias.bench import CASES, carriers, get_case, load_truth
-from lens_bias.bench.methods import case_metric, case_scores
+from lens_bias.bench.methods import case_metric, case_scores, scores_key
 from lens_bias.bench.score import score_case
 from lens_bias.core.errors import LensBiasError
 
@@ -33,14 +33,17 @@ def models():
 @pytest.fixture(scope="module")
 def scored(models):
     """(table, scores, truth) of a case, computed once."""
-    out = {}
+    out, computed = {}, {}
 
     def get(name):
         if name not in out:
             case = get_case(name)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                scores = case_scores(models(case), case, seeds=20)
+                key = scores_key(case)
+                if key not in computed:
+                    computed[key] = case_scores(models(case), case, seeds=20)
+                scores = computed[key]
                 df = score_case(models(case), case, seeds=20, mitigate=False, scores=scores)
             out[name] = df, scores, load_truth(case.model_dir)
         return out[name]
