@@ -18,8 +18,9 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from .errors import LensBiasError, ModelLoadError
 from .hooks import device_of
-from .models import HookedModel
+from .models import HookedModel, set_conventions
 from .precision import float32_activations
+from .prompts import prepends_bos
 
 _BRIDGE_INFIX = "._original_component"
 
@@ -95,6 +96,7 @@ def clone_model(model: TransformerBridge) -> TransformerBridge:
         raise ModelLoadError(f"could not copy the model (its source {source!r} must stay readable): {e}") from None
     clone.eval()
     float32_activations(clone)
+    set_conventions(clone, prepends_bos(model))
     clone.lens_bias_source = source
     return clone
 

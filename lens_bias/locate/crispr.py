@@ -32,6 +32,7 @@ from ..core.errors import LensBiasError
 from ..core.hooks import hook_name
 from ..core.methods import ChunkSums, LocateMethod
 from ..core.models import HookedModel
+from ..core.prompts import resolve_chat
 from ..core.scores import ComponentScores
 from ..tasks.multiple_choice import (
     INSTRUCTIONS,
@@ -131,11 +132,12 @@ def disentangled_scores(acts, grads: dict, spans, k: int, lam: float, tokens: To
 
 def crispr_scores(model: HookedModel, items: Items, instructions: list[str] | None = None, *, lam: float = 1.0,
                   tokens: Tokens = "input", order: Order = "token", batch_size: int = 8, progress: bool = True,
-                  unit: Unit = "neuron") -> ComponentScores:
+                  unit: Unit = "neuron", chat: bool | None = None) -> ComponentScores:
     """Bias score B of every MLP neuron [layer, d_mlp] (or attention head [layer, head], `unit="head"`):
     B = mean over instructions of Σ_x c(x)·max_t[A_t(ŷ) − λ·relu(A_t(y))] / Σ_x c(x) (module
     docstring; `order="aggregate_first"` disentangles after the max over tokens). Instances the
-    model already answers with ŷ far below y still count, weighted by their (small) confusion c."""
+    model already answers with ŷ far below y still count, weighted by their (small) confusion c. Prompts go
+    through the chat template when `chat` (default: when the tokenizer has one)."""
     items = validate_items(items)  # labels are option indices, every item has the same number of options
     if unit not in UNITS:
         raise LensBiasError(f"unit must be one of {sorted(UNITS)}, not {unit!r}")
@@ -147,6 +149,7 @@ def crispr_scores(model: HookedModel, items: Items, instructions: list[str] | No
         raise LensBiasError("order='token' disentangles token by token, which needs the same tokens for ŷ and y: "
                             "tokens='input' (or order='aggregate_first')")
     instructions = instructions or INSTRUCTIONS
+    template = model.tokenizer if resolve_chat(model, chat) else None
     L, D = model.cfg.n_layers, (model.cfg.d_mlp if unit == "neuron" else model.cfg.n_heads)
     per_instruction, totals, weights = [], [], []
     bar = tqdm(total=len(instructions) * len(items), desc="CRISPR", unit="item", disable=not progress)
@@ -154,7 +157,7 @@ def crispr_scores(model: HookedModel, items: Items, instructions: list[str] | No
         total, weight = torch.zeros(L, D), 0.0
         for s in range(0, len(items), batch_size):
             chunk = take(items, s, s + batch_size)
-            prompts = [format_mc_prompt(ins, it["context"], it["question"], item_options(it))
+            prompts = [format_mc_prompt(ins, it["context"], it["question"], item_options(it), template)
                        for it in chunk]
             opts = [item_options(it) for it in chunk]
             gold = torch.tensor([int(it["label"]) for it in chunk])
@@ -196,7 +199,7 @@ def _run_chunk(model, data: Items, lo: int, hi: int, opts: dict, batch_size, sta
     """Per instruction: crispr_scores' confusion-weighted sum and its weight, so chunks combine
     as crispr_scores' confusion-weighted mean over all items."""
     res = crispr_scores(model, take(data, lo, hi), _instructions(opts), lam=opts["lam"], tokens=opts["tokens"],
-                        order=opts["order"], batch_size=batch_size or 8, progress=False)
+                        order=opts["order"], batch_size=batch_size or 8, progress=False, chat=opts["chat"])
     return ChunkSums({"totals": res.extra["totals"].double(), "weights": res.extra["weights"].double()}, hi - lo)
 
 
@@ -211,7 +214,7 @@ RUN = LocateMethod(
     name="crispr",
     summary="CRISPR bias score of every MLP neuron on BBQ items (Yang et al., ACL 2024)",
     data="multiple_choice",
-    options={"instructions": None, "lam": 1.0, "tokens": "input", "order": "token"},
+    options={"instructions": None, "lam": 1.0, "tokens": "input", "order": "token", "chat": None},
     run=_run_chunk,
     finalize=_finalize,
 )
