@@ -25,13 +25,14 @@ class NonFiniteError(LensBiasError):
 def first_nonfinite_parameter(model) -> tuple[str, int, int, tuple[int, ...]] | None:
     """(name, number of non-finite entries, numel, index of the first) of the first parameter holding
     NaN/inf, or None when every weight is finite. (Buffers are not weights: some models keep -inf
-    masks in them.)"""
+    masks in them. Parameters offloaded to disk are on the meta device and are not read here: the
+    outputs' own check catches what they hold.)"""
     if model is None or not hasattr(model, "named_parameters"):
         return None
     seen = set()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.data_ptr() in seen or p.numel() == 0 or not p.is_floating_point():
+            if p.is_meta or p.data_ptr() in seen or p.numel() == 0 or not p.is_floating_point():
                 continue
             seen.add(p.data_ptr())
             bad = ~torch.isfinite(p)

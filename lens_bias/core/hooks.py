@@ -82,8 +82,15 @@ def last_resid(model) -> str:
 
 
 def device_of(model) -> torch.device:
-    """The device of the model's parameters."""
-    return next(model.parameters()).device
+    """The device inputs go to: that of the model's first parameter which holds data (under a device_map
+    with disk offload, offloaded parameters sit on the meta device; Accelerate moves inputs on between
+    modules)."""
+    first = None
+    for p in model.parameters():
+        if not p.is_meta:
+            return p.device
+        first = first or p.device
+    return first if first is not None else torch.device("cpu")
 
 
 def check_hook_names(model, names: Iterable[str]) -> None:
