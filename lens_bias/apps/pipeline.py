@@ -23,7 +23,7 @@ from ..mitigate.lsdm import lsdm_edit
 from ..mitigate.nasa import nasa_train
 from ..mitigate.prune import prune_heads, prune_neurons
 from ..organism import data_path, load_card
-from ..tasks.capability import bias_values, compare_models, text_loss
+from ..tasks.capability import bias_values, compare_models, default_neutral_text, text_loss
 from ..tasks.gender import VIG_TEMPLATES, load_professions, professions_prompts
 from ..tasks.multiple_choice import bbq_evaluate, load_bbq
 from ..tasks.records import located, read_dataset, read_text_file
@@ -128,7 +128,7 @@ def mitigate(model: HookedModel, method: MitigationMethod, out: str | os.PathLik
     if method == "nasa" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise LensBiasError(f"--steps must be ≥ 1, got {steps}")
     check_weights_finite(model, "mitigate")
-    neutral_text = read_text_file(neutral) if neutral else data_path("neutral").read_text()
+    neutral_text = read_text_file(neutral) if neutral else default_neutral_text(model)
     units = list(units or [])
     measures = {"neutral_loss": lambda m: text_loss(m, neutral_text)}
     lines = [f"lens-bias mitigate: {method} on {getattr(model, 'lens_bias_source', 'model')}"]

@@ -4,6 +4,7 @@ the gender logit difference of a prompt set, and tidy comparison tables."""
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -12,11 +13,12 @@ from torch import Tensor
 
 from ..core.checks import check_finite
 from ..core.errors import LensBiasError, PromptError
+from ..core.files import shipped
 from ..core.hooks import device_of
 from ..core.metrics import logit_diff
 from ..core.models import HookedModel
 from ..core.prompts import PromptSet, encode_lines, pad, pad_id_of
-from .records import Items, as_items, take
+from .records import Items, as_items, shipped_dataset, take
 
 
 def text_lines(texts: str | list[str]) -> list[str]:
@@ -27,6 +29,16 @@ def text_lines(texts: str | list[str]) -> list[str]:
     if not texts:
         raise LensBiasError("no text to evaluate: the text is empty")
     return texts
+
+
+def default_neutral_text(model: HookedModel) -> str:
+    """The neutral text of the capability check when none is given: the organism's own neutral text for the
+    models trained here (their folder holds a lens_bias card: the organism, the benchmark models), else 400
+    sentences of real English from the Brown corpus without gendered words (data/datasets/brown)."""
+    source = getattr(model, "lens_bias_source", None)
+    if source and (Path(source) / "lens_bias_card.json").is_file():
+        return shipped("organism_data", "neutral.txt").read_text(encoding="utf-8")
+    return shipped_dataset("brown").read_text(encoding="utf-8")
 
 
 def text_loss(model: HookedModel, texts: str | list[str], *, batch_size: int = 32, max_tokens: int | None = None,

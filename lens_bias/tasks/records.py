@@ -30,6 +30,7 @@ SHIPPED_DATASETS = {
     "winogender": "winogender",
     "strategyqa": "strategyqa/train.json",
     "gsm8k": "gsm8k/test.jsonl",
+    "brown": "brown/neutral.txt",
     "bbq/Age": "bbq/Age.jsonl",
     "bbq/Nationality": "bbq/Nationality.jsonl",
     "bbq/Religion": "bbq/Religion.jsonl",

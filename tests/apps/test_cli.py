@@ -8,7 +8,7 @@ from lens_bias.apps.cli import main
 
 
 def test_demo_finds_planted_components(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert main(["demo", "--model", "organism", "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
     report = capsys.readouterr().out
     assert report.count("✓") == 2 and "✗" not in report
     for name in ("report.txt", "patching_mlp.html", "nas_heads.html", "nas_ranking.csv", "patching_mlp.csv",
