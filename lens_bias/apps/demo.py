@@ -330,7 +330,7 @@ def _real_report(out, final, name, split, found, proof, k, top, after, cap, diff
             f"zero-ablating the top {kk} ({' '.join(t[(t.kind == 'top') & (t.k == kk)].units)}) removes "
             f"{float(t[(t.kind == 'top') & (t.k == kk)].removed.iloc[0]):.0%} of the excess bias, {kk} random "
             f"head{'s' * (kk > 1)} {rnd.mean()[kk]:.0%} ± {rnd.std()[kk]:.0%} (mean ± sd of {rnd.size()[kk]} draws)"
-            for kk in sorted(t.k.unique())) + " (above 100%: the ablated model leans the other way).",
+            for kk in sorted(int(k) for k in t.k.unique())) + " (above 100%: the ablated model leans the other way).",
         f"Mitigation: pruning the top {k} head{'s' * (k > 1)} ({', '.join(map(_label, top[:k]))}: "
         f"{'their' if k > 1 else 'its'} W_O rows set to zero, a weight edit; k chosen on the locate prompts) takes the held-out bias from "
         f"{proof['bias']:+.2f} to {after:+.2f} (twins: {proof['reference']:+.2f}).",
