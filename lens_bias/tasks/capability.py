@@ -46,19 +46,18 @@ def text_loss(model: HookedModel, texts: str | list[str], *, batch_size: int = 3
     """Capability kept: mean next-token cross-entropy (nats/token) over lines of neutral text
     (BOS + line), padding ignored; `hooks` (e.g. an ablation) are active during the forward."""
     dev = device_of(model)
-    max_tokens = max_tokens or model.cfg.n_ctx
     total, count = 0.0, 0
-    texts = text_lines(texts)
-    for i in range(0, len(texts), batch_size):
-        ids, mask = pad(encode_lines(model, texts[i:i + batch_size], max_tokens=max_tokens), pad_id_of(model.tokenizer))
+    enc = encode_lines(model, text_lines(texts), max_tokens=max_tokens or model.cfg.n_ctx)
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))  # batches of similar lengths: little padding
+    for i in range(0, len(order), batch_size):
+        ids, mask = pad([enc[j] for j in order[i:i + batch_size]], pad_id_of(model.tokenizer))
         ids, mask = ids.to(dev), mask.to(dev)
-        labels = ids.masked_fill(mask == 0, -100)
         with torch.no_grad(), model.hooks(fwd_hooks=hooks or []):
             logits = model(ids, attention_mask=mask)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                 labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+        real = mask[:, 1:].bool()  # next tokens that are not padding
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1][real].float(), ids[:, 1:][real], reduction="sum")
         total += loss.item()
-        count += int((labels[:, 1:] != -100).sum())
+        count += int(real.sum())
     if count == 0:
         raise LensBiasError("no tokens to score: every line is a single token")
     return check_finite(total / count, "text loss", model)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lens_bias.core import PromptError
-from lens_bias.tasks import cloze_accuracy, compare_models
+from lens_bias.tasks import cloze_accuracy, compare_models, text_loss
 
 
 def test_cloze_accuracy_multi_token_answers(tiny_gpt2):
@@ -40,3 +40,23 @@ def test_compare_models_expands_dict_measures():
     t = compare_models({"x": 1, "y": 3}, {"s": both, "one": lambda m: -m})
     assert list(t["measure"]) == ["s_a", "s_b", "one", "s_a", "s_b", "one"]
     assert list(t["value"]) == [2.0, 2.0, -1.0, 6.0, 4.0, -3.0] and calls == [1, 3]  # one evaluation per model
+
+
+def test_text_loss_is_the_mean_next_token_cross_entropy(tiny_gpt2, tiny_gpt2_dir):
+    """text_loss = Σ over lines of −log P(next token), BOS first (GPT-2's convention), / the number of predicted
+    tokens: plain transformers, one line at a time, against lines of different lengths batched two by two."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lines = ["The cat sat on the mat and looked at the door for a long time.", "Rain fell.",
+             "A short line here.", "Numbers like 12 and 345 are tokens too, and so is punctuation!", "Yes."]
+    hf = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    total, count = 0.0, 0
+    for line in lines:
+        ids = torch.tensor([[tok.bos_token_id] + tok(line).input_ids])
+        with torch.no_grad():
+            logits = hf(input_ids=ids).logits[0, :-1]
+        total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        count += ids.shape[1] - 1
+    assert text_loss(tiny_gpt2, "\n".join(lines), batch_size=2) == pytest.approx(total / count, abs=1e-5)
+    assert text_loss(tiny_gpt2, lines, batch_size=32) == pytest.approx(total / count, abs=1e-5)
