@@ -1,54 +1,10 @@
-"""Real pretrained models: where one is available (LENS_BIAS_REAL_MODEL=dir or hub name), load it and
-check a known real bias; the real-model tables script runs end to end (here on a random-weight
-GPT-2 with the shipped data sets, so that it cannot rot unseen)."""
+"""benchmarks/real_model_tables.py (the real-model tables of the issues: NAS, CRISPR, LSDM) runs end to end — here
+on a random-weight GPT-2 with the shipped data sets, so that it cannot rot unseen. The real model's own tests are
+the real-model tier, tests/real."""
 
-import os
 from pathlib import Path
 
 import pandas as pd
-import pytest
-import torch
-
-
-def _real_model_source():
-    return os.environ.get("LENS_BIAS_REAL_MODEL") or None
-
-
-@pytest.fixture(scope="module")
-def real_model():
-    source = _real_model_source()
-    if source is None:
-        pytest.skip("no pretrained model offline: set LENS_BIAS_REAL_MODEL to a Hugging Face directory "
-                    "(or a hub name, with network) to run the real-model tests")
-    from lens_bias.core import load_model
-
-    return load_model(source)
-
-
-def test_real_model_logits_equal_transformers(real_model):
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(real_model.lens_bias_source, attn_implementation="eager").eval()
-    ids = real_model.tokenizer(["The nurse said that"], return_tensors="pt").input_ids
-    with torch.no_grad():
-        assert (real_model(ids) - hf(input_ids=ids).logits).abs().max() <= 1e-3
-
-
-def test_real_model_gender_bias_follows_stereotypes(real_model, datasets_dir):
-    """Vig et al. 2020: a pretrained LM's she−he preference after 'The {profession} said that' rises
-    with the profession's female stereotype (their stereotypical score: negative = female)."""
-    import warnings
-
-    from lens_bias.tasks import bias_values, load_professions, professions_prompts
-
-    profs = load_professions(datasets_dir / "professions" / "professions.json")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ps = professions_prompts(real_model, profs, ["The {} said that"], answers=(" she", " he"), corrupt_with=None)
-    ld = pd.Series(bias_values(real_model, ps).tolist())
-    stereo = pd.Series([m["stereotypical"] for m in ps.metadata])
-    assert len(ps) >= 20
-    assert ld.rank().corr((-stereo).rank()) > 0.2  # Spearman
 
 
 def test_real_model_tables_script(tmp_path, gpt2_tokenizer_dir, datasets_dir):
