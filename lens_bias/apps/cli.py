@@ -15,7 +15,7 @@ from ..core.hf import architecture  # noqa: E402
 from ..core.model_names import MODELS, describe  # noqa: E402
 from ..core.models import fetch_model, load_model  # noqa: E402
 from ..core.prompts import prepends_bos, resolve_chat  # noqa: E402
-from ..organism import load_card  # noqa: E402
+from ..organism import organism_card  # noqa: E402
 from ..runs import REGISTRY, attribute_dataset, distributed, read_manifest, result_frame  # noqa: E402
 from .demo import run_demo  # noqa: E402
 from .pipeline import METHODS as MITIGATIONS  # noqa: E402
@@ -62,10 +62,9 @@ def cmd_info(args) -> int:
             "continuation_tasks": "plain text"}
     if args.model in MODELS:
         info.update({k: v for k, v in describe(args.model).items() if k in ("hub_id", "licence", "note")})
-    try:
-        info["planted"] = load_card(model)["planted"]
-    except Exception:
-        pass
+    card = organism_card(model)
+    if card is not None:
+        info["planted"] = card["planted"]
     print(json.dumps(info, indent=2))
     return 0
 
@@ -118,8 +117,8 @@ _MITIGATIONS = """methods (--method):
   prune-heads    zero the W_O slices of --units LAYER:HEAD,... (= zero ablation of hook_z)
                  with --data (BBQ JSONL, or yes/no questions): bias and accuracy before/after too
   lsdm           causal tracing + closed-form least-squares edit of an MLP's W_out (Cai et al. 2024);
-                 --data: professions (Vig et al. .json, or .txt one a line); default for the organism:
-                 its card's occupations and templates; 70% of the occupations and half the templates
+                 --data: professions (Vig et al. .json, or .txt one a line); default: the shipped Vig et al.
+                 list (the organism: its card's occupations and templates); 70% of the occupations and half the templates
                  are edited on, the rest are the held-out evaluation
   nasa           LoRA restricted to --units LAYER:HEAD,... (default: the --top-k heads by NAS) trained with
                  the NASA loss (Yu et al. 2024); --data: yes/no JSONL/JSON/CSV (default: the organism's);

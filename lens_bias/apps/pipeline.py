@@ -22,11 +22,11 @@ from ..mitigate.export import check_exportable, export_model
 from ..mitigate.lsdm import lsdm_edit
 from ..mitigate.nasa import nasa_train
 from ..mitigate.prune import prune_heads, prune_neurons
-from ..organism import data_path, load_card
+from ..organism import data_path, organism_card
 from ..tasks.capability import bias_values, compare_models, default_neutral_text, text_loss
 from ..tasks.gender import VIG_TEMPLATES, load_professions, professions_prompts
 from ..tasks.multiple_choice import bbq_evaluate, load_bbq
-from ..tasks.records import located, read_dataset, read_text_file
+from ..tasks.records import located, read_dataset, read_text_file, shipped_dataset
 from ..tasks.yesno import binary_prompts, evaluate_binary, load_yes_no
 
 MitigationMethod = Literal["prune-neurons", "prune-heads", "lsdm", "nasa"]
@@ -53,15 +53,13 @@ def _occupation_prompts(model, data, seed):
     prompts carry counterfactual twins for the site choice (causal tracing): the organism's neutral
     occupations, or Vig et al.'s neutral 'person'."""
     twins = "person"
-    if data is None:
-        try:
-            g = load_card(model)["planted"]["gender_neuron"]
-        except Exception:
-            raise DataError("lsdm needs --data: a professions file (Vig et al.'s JSON, or one occupation per line)") from None
+    card = organism_card(model) if data is None else None
+    if card is not None:
+        g = card["planted"]["gender_neuron"]
         words, templates = g["occupations"] + g["male_occupations"] + g["neutral_occupations"], g["templates"]
         twins = g["neutral_occupations"]
     else:
-        path = Path(data)
+        path = Path(data) if data is not None else shipped_dataset("professions")
         words = (list(load_professions(path)["name"]) if path.suffix == ".json"
                  else [w.strip() for w in read_text_file(path).splitlines() if w.strip()])
         templates = list(VIG_TEMPLATES)
