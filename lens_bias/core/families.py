@@ -57,8 +57,9 @@ DECODER_FAMILIES = tuple(name for name, f in FAMILIES.items() if not f.seq2seq)
 
 
 def random_config(family: str, tokenizer, *, n_layers: int = 2, d_model: int = 64, n_heads: int = 4,
-                  n_kv_heads: int | None = None, d_mlp: int | None = None, n_ctx: int = 128):
-    """The family's config with these sizes and the tokenizer's vocabulary and special tokens.
+                  n_kv_heads: int | None = None, d_mlp: int | None = None, n_ctx: int = 128, **overrides):
+    """The family's config with these sizes, the tokenizer's vocabulary and special tokens, and
+    `overrides` (config entries in the family's own spelling, e.g. sliding_window=4).
     n_kv_heads (default n_heads // 2) applies to families with grouped-query attention only."""
     import transformers
 
@@ -74,6 +75,7 @@ def random_config(family: str, tokenizer, *, n_layers: int = 2, d_model: int = 6
         # no pad id: some configs' default (OPT's 1, Gemma's 0) is a real token of this tokenizer, whose
         # embedding row would be initialised to zero
         kw.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=None)
+    kw.update(overrides)
     return getattr(transformers, fam.config)(**kw)
 
 
@@ -89,10 +91,11 @@ def save_random_model(
     n_kv_heads: int | None = None,
     d_mlp: int | None = None,
     n_ctx: int = 128,
+    **overrides,
 ) -> Path:
     """Save a random-weight model of a real family (a key of FAMILIES: 'gpt2', 'llama', 'mistral',
     'qwen2', 'gemma2', 'gemma3', 'phi3', 'neox', 'opt', 't5') with a given tokenizer to `path`, as a
-    Hugging Face directory."""
+    Hugging Face directory; `overrides` are further config entries (random_config)."""
     import transformers
     from transformers import AutoTokenizer
 
@@ -100,7 +103,7 @@ def save_random_model(
         raise ModelLoadError(f"unknown model family {family!r}; choose one of {tuple(FAMILIES)}")
     tok = AutoTokenizer.from_pretrained(str(tokenizer))
     cfg = random_config(family, tok, n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                        d_mlp=d_mlp, n_ctx=n_ctx)
+                        d_mlp=d_mlp, n_ctx=n_ctx, **overrides)
     torch.manual_seed(seed)
     model = getattr(transformers, FAMILIES[family].model)(cfg).eval()
     path = Path(path)

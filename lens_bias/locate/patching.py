@@ -10,7 +10,10 @@ cannot change the result is skipped:
 - layers: a row enters at the patched layer from the cached corrupted residual (`resid_pre`, or
   `resid_mid` with the patched attention/head output added, which also skips the patched layer's
   attention) by calling the model's blocks directly — the bridge's `start_at_layer` still runs
-  the earlier blocks;
+  the earlier blocks. Where it enters follows how the blocks compose (`Layout`): in GPT-NeoX's
+  parallel blocks an attention, head or MLP patch enters the next block with that output swapped
+  in the residual; where no closed form holds (a head under Gemma's post-attention norm, OPT's MLP
+  that cannot be called alone) the row enters at the block's input and a hook patches inside it;
 - positions before the change: with causal attention, positions before the first one the patch
   changes (the first token where clean and corrupted differ, or the patched position) are the
   corrupted run's in every patched run. A row computes only positions s..answer; the keys and
@@ -18,14 +21,17 @@ cannot change the result is skipped:
   as its KV cache). Cost is proportional to the tokens from the first difference onwards, so
   pairs that share long prefixes are cheap;
 - the end: the last block's MLP, the final norm and the unembedding run at the answer position
-  only, on the answer rows of W_U (in float32: logit differences of bf16/fp16 models keep
-  their precision);
+  only, on the answer rows of W_U and the final soft cap (in float32: logit differences of
+  bf16/fp16 models keep their precision);
 - no-op rows (clean activation == corrupted, or a position after the answer, or a last-layer
   position other than the answer's) take the corrupted value.
 
-Self-checks (the shortcut forward, with and without a cached prefix, must reproduce the corrupted
-run's answer metric) guard the fast path; architectures it does not fit fall back, with a
-warning, to one hooked forward per chunk of rows (`fast=False` forces that path).
+Self-checks guard the fast path: the shortcut forward, with and without a cached prefix, must
+reproduce the corrupted run's answer metric; a patched output must be what its layer adds to the
+residual; the answer-only unembedding must give the model's own logits. Architectures that fail one
+fall back, with one FastPathWarning per model naming the architecture, to one hooked forward per
+chunk of rows (or the full logits); `fast=False` forces that path. Every decoder family of
+lens_bias.core.families runs the fast path (tests/core/test_families.py).
 
 Memory: `memory_mb` bounds what patching adds on top of the model's weights: the caches of one
 group of prompts (the clean and corrupted activations at the patched sites and entry residuals,
@@ -642,7 +648,7 @@ def _cache_count(site, kind, spans, n_layers, lay: Layout) -> tuple[int, int]:
     comp_layers = {k for lo, hi in spans for k in range(lo, hi)}
     entries = {lo for lo, _ in spans}
     n = 2 * len(comp_layers) + len(_entry_sites(site, lay)) * len(entries) + 3
-    first = min(_entry_of(site, lo, lay)[1] for lo in entries)
+    first = min(at + (entry == "mid") for entry, at in (_entry_of(site, lo, lay) for lo in entries))
     return n, max(0, n_layers - first)
 
 

@@ -76,9 +76,14 @@ def family(request):
     return request.param
 
 
+#: sliding-window attention shorter than the prompts (8 tokens), so that its masks matter
+SLIDING = {"mistral": {"sliding_window": 4}, "gemma2": {"sliding_window": 4}, "gemma3": {"sliding_window": 4}}
+
+
 @pytest.fixture(scope="session")
 def family_dir(family, tmp_path_factory, gpt2_tokenizer_dir):
-    path = save_random_model(family, tmp_path_factory.mktemp(family), gpt2_tokenizer_dir, seed=1, n_kv_heads=2)
+    path = save_random_model(family, tmp_path_factory.mktemp(family), gpt2_tokenizer_dir, seed=1, n_kv_heads=2,
+                             **SLIDING.get(family, {}))
     if family == "gemma2":
         # random weights give logits ≈ 0.7, far below Gemma 2's final soft cap (30), where it would change
         # nothing: scale the (tied) embedding so that the logits reach the cap
@@ -135,6 +140,8 @@ def test_logits_equal_transformers(family, model, hf, pairs):
         assert model.cfg.n_key_value_heads == 2
     if family == "gemma2":  # the soft cap is active: without it the logits would differ
         assert theirs.abs().max() > 10 and cfg.final_logit_softcapping == 30
+    if family in SLIDING:
+        assert cfg.sliding_window == 4 < padded.tokens.shape[1]
 
 
 # ---- activation patching: fast (shortcut, shared prefix) and hooked paths vs TL / hand hooks ------------

@@ -3,15 +3,16 @@
 PEFT has no per-head LoRA. The config targets the attention projections of the heads' layers
 (`layers_to_transform`) and the model masks the LoRA factors outside the chosen heads' slices:
 
-- output-side projections (q/k/v; GPT-2's fused `c_attn`, GPT-NeoX's interleaved
-  `query_key_value`): only the rows of `lora_B` that produce the heads' q/k/v features may be
-  non-zero, so ΔW = B·A is zero on every other head's rows;
-- the output projection (`c_proj`, `o_proj`, `dense`): only the columns of `lora_A` that read the
-  heads' z features may be non-zero, so ΔW is zero on every other head's columns.
+- output-side projections (q/k/v; GPT-2's fused `c_attn`, Phi-3's fused `qkv_proj`, GPT-NeoX's
+  interleaved `query_key_value`): only the rows of `lora_B` that produce the heads' q/k/v
+  features may be non-zero, so ΔW = B·A is zero on every other head's rows;
+- the output projection (`c_proj`, `o_proj`, `dense`, OPT's `out_proj`): only the columns of
+  `lora_A` that read the heads' z features may be non-zero, so ΔW is zero on every other head's
+  columns.
 
 The masked entries are zeroed and their gradients multiplied by 0, so with Adam(W) they stay
 exactly 0 and the merged weights of other heads are bit-identical (`head_slices_unchanged`).
-Under grouped-query attention (Llama with fewer KV heads) k/v are per KV group: training a head's
+Under grouped-query attention (Llama, Mistral, Qwen2, Gemma, Phi-3 with fewer KV heads) k/v are per KV group: training a head's
 k/v also changes the query heads that share its KV group — pass modules=("q", "o") to change the
 chosen heads alone.
 """
