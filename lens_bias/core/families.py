@@ -17,7 +17,7 @@ from .errors import ModelLoadError
 class Family:
     """A transformers family: config class, model class, the config's name for each size
     (d_model, n_layers, n_heads, n_kv_heads, d_head, d_mlp, n_ctx; a size the family lacks is left
-    out) and fixed config entries."""
+    out) and fixed config entries (a value that names a size, e.g. "d_head", takes that size)."""
 
     config: str
     model: str
@@ -40,8 +40,7 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family("MistralConfig", "MistralForCausalLM", _LLAMA_SIZES),
     "qwen2": Family("Qwen2Config", "Qwen2ForCausalLM", _LLAMA_SIZES),
     # Gemma 2 keeps its soft-capping of attention scores and final logits (50, 30: the real models')
-    "gemma2": Family("Gemma2Config", "Gemma2ForCausalLM", {**_LLAMA_SIZES, "d_head": "head_dim"},
-                     {"query_pre_attn_scalar": "d_head"}),
+    "gemma2": Family("Gemma2Config", "Gemma2ForCausalLM", _LLAMA_SIZES, {"query_pre_attn_scalar": "d_head"}),
     "gemma3": Family("Gemma3TextConfig", "Gemma3ForCausalLM", _LLAMA_SIZES, {"query_pre_attn_scalar": "d_head"}),
     "phi3": Family("Phi3Config", "Phi3ForCausalLM", {k: v for k, v in _LLAMA_SIZES.items() if k != "d_head"}),
     # parallel attention and MLP (use_parallel_residual, Pythia's default): no resid_mid
