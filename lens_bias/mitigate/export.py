@@ -15,29 +15,37 @@ from torch import Tensor
 from ..core.checks import check_weights_finite
 from ..core.errors import LensBiasError
 from ..core.files import check_output_dir, replace_dir
+from ..core.families import DECODER_FAMILIES, FAMILIES
 from ..core.hf import (
     architecture,
     hf_module,
     logit_tolerance,
     probe_tokens,
+    stale_split_qkv,
     to_hf_model,
 )
 from ..core.models import HookedModel
 
-# Architectures whose export round trip is tested (logits equal after reload). GPT-NeoX is not:
-# its bridge keeps separate copies of the split q/k/v weights, so the fused query_key_value the
-# export reads does not follow edits made through the bridge.
-SUPPORTED_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM")
+#: architectures whose export round trip is tested (every decoder family of core.families: edited,
+#: exported, reloaded in transformers with the same logits)
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES[f].model for f in DECODER_FAMILIES)
 
 
 def check_exportable(model) -> str:
-    """The model's architecture; a clear error when its export round trip is not supported."""
+    """The model's architecture; a clear error when its export round trip is not supported, or when
+    the bridge computes with other q/k/v weights than the fused ones it would export (GPT-NeoX)."""
     arch = architecture(model)
     if arch not in SUPPORTED_ARCHITECTURES and type(hf_module(model)).__name__ not in SUPPORTED_ARCHITECTURES:
         raise LensBiasError(
             f"exporting architecture {arch!r} is not supported; supported (round trip tested): "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    stale = stale_split_qkv(model) if hasattr(model, "original_model") else []
+    if stale:
+        raise LensBiasError(
+            f"cannot export: in layer(s) {stale} the {arch} bridge's split q/k/v copies differ from the fused "
+            "Hugging Face q/k/v weight it would export (an attention edit reached one and not the other); edit the "
+            "fused weight (lens_bias.core.hf_state_dict) and call lens_bias.core.sync_split_qkv(model)")
     return arch
 
 

@@ -23,6 +23,7 @@ from torch import Tensor
 from ..core.checks import check_finite
 from ..core.errors import DataError, PromptError
 from ..core.hooks import device_of, run_until
+from ..core.metrics import soft_cap
 from ..core.models import HookedModel
 from ..core.prompts import bos_ids, chat_prompt, continuation, pad, pad_id_of, resolve_chat
 from .records import Items, Source, as_items, load_records, require, shipped_dataset
@@ -351,6 +352,7 @@ def sequence_logprobs(model: HookedModel, seqs: list[list[int]], spans: list[tup
     logits = x @ model.W_U
     if getattr(model, "b_U", None) is not None:
         logits = logits + model.b_U
+    logits = soft_cap(model, logits)
     lp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1).gather(1, target[:, None])[:, 0]
     return torch.zeros(len(seqs), device=device, dtype=lp.dtype).index_add(0, rows, lp)
 

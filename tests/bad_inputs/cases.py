@@ -103,6 +103,24 @@ def model_dir(fault: str) -> Callable[[Path], None]:
     return build
 
 
+def random_model(family: str) -> Callable[[Path], None]:
+    """A random-weight model of a family (lens_bias.core.families) with the shipped GPT-2 tokenizer."""
+    def build(path: Path) -> None:
+        lb.core.save_random_model(family, path, ROOT / "data" / "tokenizers" / "gpt2")
+    return build
+
+
+def neox_pairs(path: Path):
+    model = lb.load_model(path, device="cpu")
+    return model, lb.PromptSet.build(model, ["The nurse said that"], (" she", " he"), corrupted=["The man said that"])
+
+
+def neox_edited_through_the_bridge(path: Path):
+    model = lb.load_model(path, device="cpu")
+    model.blocks[0].attn.q.original_component.weight.data[0] += 1.0  # a copy the export does not read
+    return model
+
+
 def folder(**files) -> Callable[[Path], None]:
     """A folder holding `files` (a user's own folder)."""
     def build(path: Path) -> None:
@@ -128,6 +146,9 @@ CASES: list[Case] = [
     cli("device-cuda-without-cuda", "info --model organism --device cuda", {}, r"device 'cuda' is not available here"),
     cli("device-unknown", "info --model organism --device gpu0", {}, r"unknown device 'gpu0'"),
     cli("dtype-unknown", "info --model organism --dtype float8", {}, r"unknown dtype 'float8'"),
+    api("random-model-unknown-family", lambda e: lb.core.save_random_model("bert", e.d / "m", ROOT / "data" / "tokenizers" / "gpt2"), {}, r"unknown model family 'bert'; choose one of", ModelLoadError),
+    api("resid-mid-parallel-model", lambda e: activation_patching(*neox_pairs(e.d / "m"), "resid_mid", progress=False), {"m": random_model("neox")}, r"no resid_mid: its attention and MLP read the same residual stream in parallel"),
+    api("export-neox-edited-through-the-bridge", lambda e: lb.export_model(neox_edited_through_the_bridge(e.d / "m"), e.d / "out"), {"m": random_model("neox")}, r"in layer\(s\) \[0\] the GPTNeoXForCausalLM bridge's split q/k/v copies differ from the fused"),
     api("device-cuda-api", lambda e: resolve_device("cuda"), {}, r"device 'cuda' is not available", ModelLoadError),
     api("weights-truncated-api", lambda e: lb.load_model(e.d / "m"), {"m": model_dir("truncate")}, r"corrupt or truncated", ModelLoadError),
     # data files: encodings, nulls, malformed lines
