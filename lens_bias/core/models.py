@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from .checks import check_weights_finite
+from .checks import check_tokenizer, check_weights_finite, checked_loader
 from .errors import ModelLoadError
 from .files import DATA_DIR
 from .precision import float32_activations
@@ -135,7 +135,8 @@ def load_model(
 
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     try:
-        model = TransformerBridge.boot_transformers(source, device=dev, dtype=dt, tokenizer=tokenizer)
+        model = TransformerBridge.boot_transformers(source, device=dev, dtype=dt, tokenizer=tokenizer,
+                                                    model_class=checked_loader(source))
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, NotImplementedError, RuntimeError, EOFError) as e:
@@ -148,6 +149,7 @@ def load_model(
     model.eval()
     float32_activations(model)  # float16: GELU's x³ would overflow (lens_bias.core.precision)
     check_weights_finite(model, f"model {source!r}")
+    check_tokenizer(model, source)
     tok = model.tokenizer
     if tok is not None and tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
