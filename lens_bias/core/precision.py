@@ -6,11 +6,17 @@
   every gradient through it (attribution, CRISPR, NASA). `float32_activations` makes the Hugging
   Face activation modules compute in float32 and return float16 — the same function, no overflow.
   load_model and clone_model apply it to float16 models.
+- Two computations of the same logits from the same weights in half precision round in their own order
+  (the bridge's hooked forward and transformers', two attention kernels): `logit_tolerance` is how far
+  they may differ, from the dtype's unit roundoff and the model's depth.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch import Tensor
 
 
 class Float32Activation(torch.nn.Module):
@@ -50,4 +56,27 @@ def float32_activations(model, dtypes=(torch.float16,)) -> int:
     return wrapped
 
 
-__all__ = ["Float32Activation", "float32_activations"]
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = half the machine epsilon: 2⁻⁸ bfloat16, 2⁻¹¹ float16, 2⁻²⁴ float32 (the largest relative error of
+    one rounding)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def logit_tolerance(dtype: torch.dtype, logits: Tensor, n_layers: int) -> float:
+    """How far two computations of `logits` from the same weights in `dtype` may differ when they round in
+    another order. Each of the 2·n_layers residual-stream updates (attention, MLP) may be rounded
+    differently, by at most u of the stream's scale; independent roundings add in quadrature, and the
+    stream reaches the logits scaled to their largest magnitude s = max(1, max|logits|), so
+
+        tol = 4 · u · √(2·n_layers) · s.
+
+    The 4 is measured: transformers' own two attention kernels (eager, sdpa) on the same weights differ by
+    up to 2.35·u·√(2L)·s (SmolLM2-135M, 30 layers, bfloat16: 2.5 with s = 35.5; the organism, 4 layers:
+    0.74 of it in bfloat16, 0.5 in float16). That 30-layer model gets 4.3 in bfloat16 and 0.54 in float16;
+    float32 is held to 1e-4 at least (SmolLM2's bridge vs transformers: 2.4e-5)."""
+    s = max(1.0, float(logits.detach().float().abs().max()))
+    tol = 4 * unit_roundoff(dtype) * math.sqrt(2 * max(1, n_layers)) * s
+    return max(tol, 1e-4) if dtype in (torch.float32, torch.float64) else tol
+
+
+__all__ = ["Float32Activation", "float32_activations", "logit_tolerance", "unit_roundoff"]
