@@ -203,6 +203,10 @@ def claim_run(out_dir: Path, key: str, args: dict) -> SharedLock:
 
 
 def release_claim(out_dir: Path, claim: SharedLock) -> None:
+    """Give up this process's claim (once: a claim already released — e.g. before its folder was removed
+    — is left alone)."""
+    if claim.fd is None:
+        return
     with run_lock(out_dir):
         claim.release()
 
