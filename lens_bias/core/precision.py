@@ -79,4 +79,30 @@ def logit_tolerance(dtype: torch.dtype, logits: Tensor, n_layers: int) -> float:
     return max(tol, 1e-4) if dtype in (torch.float32, torch.float64) else tol
 
 
-__all__ = ["Float32Activation", "float32_activations", "logit_tolerance", "unit_roundoff"]
+def rounded_weights(model, dtype: torch.dtype):
+    """A float32 copy of `model` (a bridge, `core.clone_model`) whose weights are rounded to `dtype` and back:
+    computed in float32, it shows what rounding the weights alone changes — the part of a half-precision
+    model's difference from float32 that is the same on every CPU (no half-precision kernel runs)."""
+    from .hf import clone_model, hf_state_dict
+
+    copy = clone_model(model)
+    with torch.no_grad():
+        for w in hf_state_dict(copy).values():
+            if w.is_floating_point():
+                w.copy_(w.to(dtype).to(w.dtype))
+    return copy
+
+
+def half_tolerance(dtype: torch.dtype, weights_error: float, rounds: int, scale: float = 1.0) -> float:
+    """How far a result computed in half precision may be from float32: the error of rounding the weights
+    (`weights_error`: the float32 result of `rounded_weights` minus the float32 one — exact, the same on any
+    CPU) plus the computation's own roundings, at most u of the result's `scale` each; `rounds` of them in
+    sequence (2 per layer forward, as many again backward) add in quadrature, with a margin of 8 (measured:
+    ≤ 2.5·u·√rounds·scale over tests/core/test_precision.py, on AVX2 and ATEN_CPU_CAPABILITY=default kernels):
+
+        tol = weights_error + 8 · u · √rounds · scale."""
+    return float(weights_error) + 8 * unit_roundoff(dtype) * math.sqrt(rounds) * float(scale)
+
+
+__all__ = ["Float32Activation", "float32_activations", "half_tolerance", "logit_tolerance", "rounded_weights",
+           "unit_roundoff"]
