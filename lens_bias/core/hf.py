@@ -19,7 +19,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from .errors import LensBiasError, ModelLoadError
 from .hooks import device_of
 from .models import HookedModel, set_conventions
-from .precision import float32_activations
+from .precision import float32_activations, logit_tolerance
 from .prompts import prepends_bos
 
 _BRIDGE_INFIX = "._original_component"
@@ -101,13 +101,6 @@ def clone_model(model: TransformerBridge) -> TransformerBridge:
     return clone
 
 
-def logit_tolerance(dtype: torch.dtype, logits: Tensor) -> float:
-    """1e-4 in float32; in half precision relative to the logits' scale (rounding grows with it)."""
-    if dtype in (torch.float32, torch.float64):
-        return 1e-4
-    return 1e-2 * max(1.0, float(logits.float().abs().max()))
-
-
 def probe_tokens(model: HookedModel, n: int = 12) -> Tensor:
     """Two fixed random token sequences for checking that two models compute the same logits."""
     vocab = hf_module(model).config.vocab_size
@@ -178,7 +171,7 @@ def load_hf_weights(model: TransformerBridge, hf_model: torch.nn.Module, *, inpl
         diff = (ours - theirs).abs().max().item()
     dtypes = {next(hf_model.parameters()).dtype, next(hf_module(target).parameters()).dtype}
     coarse = next((d for d in (torch.bfloat16, torch.float16) if d in dtypes), torch.float32)  # weights were cast
-    if not diff <= logit_tolerance(coarse, theirs):
+    if not diff <= logit_tolerance(coarse, theirs, hf_module(target).config.num_hidden_layers):
         raise LensBiasError(f"the bridge did not take the weights of architecture {architecture(target)!r} "
                             f"(logits differ by {diff:.3g})")
     return target

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from .checks import check_weights_finite
+from .checks import check_tokenizer, check_weights_finite, checked_loader
 from .errors import ModelLoadError
 from .families import save_random_model  # noqa: F401 - its home is core.families
 from .files import DATA_DIR
@@ -195,6 +195,7 @@ def load_model(
     model.eval()
     float32_activations(model)  # float16: GELU's x³ would overflow (lens_bias.core.precision)
     check_weights_finite(model, f"model {source!r}")
+    check_tokenizer(model, source)
     set_conventions(model, prepend_bos)
     model.lens_bias_source = source
     return model
@@ -247,7 +248,8 @@ def _tokenizer(source: str, tokenizer):
 
 def _boot(source: str, kind: str, dev, dt, tokenizer, placement: dict) -> TransformerBridge:
     try:
-        return TransformerBridge.boot_transformers(source, device=dev, dtype=dt, tokenizer=tokenizer, **placement)
+        return TransformerBridge.boot_transformers(source, device=dev, dtype=dt, tokenizer=tokenizer,
+                                                   model_class=checked_loader(source), **placement)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, NotImplementedError, RuntimeError, EOFError) as e:

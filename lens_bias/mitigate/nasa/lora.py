@@ -74,8 +74,10 @@ def check_heads(config, heads) -> list[tuple[int, int]]:
             whole = False
         if not whole:
             raise LensBiasError(f"head ({l}, {h}): layer and head must be whole numbers")
+        if (int(l), int(h)) in pairs:
+            raise LensBiasError(f"head ({l}, {h}) is listed twice; give each head once")
         pairs.append((int(l), int(h)))
-    heads = sorted(set(pairs))
+    heads = sorted(pairs)
     if not heads:
         raise LensBiasError("no heads selected")
     for l, h in heads:
