@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ...core.files import write_text
 from .ablation import capture_means, residuals, sweep_heads
 from .case_data import yn_prompt_rows
 from .casebatch import CaseBatch, case_metrics
@@ -176,7 +177,7 @@ def plant_decision(model, tok, corpus_s: Corpus, yn_cb: CaseBatch, log, seed: in
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     if "select" not in info:
         info["select"] = select_heads(model, yn_cb, rng, log)
-        info_path.write_text(json.dumps(info, indent=1))
+        write_text(info_path, json.dumps(info, indent=1))
     heads = {k: tuple(info["select"][k]) for k in ("M", "K", "S", "D")}
     stages = {"S": lambda: plant_S(model, corpus_s, heads, log, smoke),
               "K": lambda: plant_K(model, corpus_s, heads, log, smoke),
@@ -190,5 +191,5 @@ def plant_decision(model, tok, corpus_s: Corpus, yn_cb: CaseBatch, log, seed: in
             continue
         info[name] = fn()
         save_checkpoint(model.state_dict(), path)
-        info_path.write_text(json.dumps(info, indent=1))
+        write_text(info_path, json.dumps(info, indent=1))
     return info
