@@ -54,6 +54,7 @@ def hf_sites(path, family: str, layer: int, cfg) -> dict:
     handles.append(mods["attn"].register_forward_hook(keep("attn_out", lambda m, a, o: first(o))))
     handles.append(mods["mlp"].register_forward_hook(keep("mlp_out", lambda m, a, o: o)))
     handles.append(mods["down"].register_forward_pre_hook(keep("neuron", lambda m, a: a[0])))
+    handles.append(mods["mlp"].register_forward_hook(keep("mlp_value", lambda m, a, o: o)))  # no post-MLP norm here
     handles.append(mods["o"].register_forward_pre_hook(
         keep("head", lambda m, a: a[0].reshape(*a[0].shape[:2], cfg.n_heads, cfg.d_head))))
     handles.append(mods["embed"].register_forward_hook(keep("embed", lambda m, a, o: o)))
