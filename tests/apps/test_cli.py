@@ -99,8 +99,8 @@ def test_mitigate_lsdm_on_the_organism(tmp_path, capsys):
 def test_mitigate_refuses_an_unexportable_model_before_writing(tmp_path, capsys, gpt2_tokenizer_dir):
     from lens_bias.core import save_random_model
 
-    neox = save_random_model("neox", tmp_path / "neox", gpt2_tokenizer_dir)
+    t5 = save_random_model("t5", tmp_path / "t5", gpt2_tokenizer_dir)  # an encoder-decoder: no causal-LM export
     out = tmp_path / "out"
-    assert main(["mitigate", "--model", str(neox), "--method", "prune-heads", "--units", "0:1", "--out", str(out)]) == 2
+    assert main(["mitigate", "--model", str(t5), "--method", "prune-heads", "--units", "0:1", "--out", str(out)]) == 2
     assert "not supported" in capsys.readouterr().err
-    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["neox"]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["t5"]

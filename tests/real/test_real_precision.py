@@ -97,3 +97,31 @@ def test_located_units(half, ref, professions, yes_no):
         assert same_top(attr[site].values, ref["attribution"][site].values, 5, name), site
     nas = lb.negative_attention_scores(model, yes_no, progress=False)
     assert close(nas.nas, ref["nas"].nas, name) and same_top(nas.nas, ref["nas"].nas, 5, name)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_prune_exports_and_reloads(real_model, real_dir, dtype, tmp_path):
+    """issue 22: a bfloat16 export of SmolLM2 was refused ('logits differ … by 1.96'): the reload ran sdpa attention,
+    the bridge eager. Pruning a head and a neuron in half precision exports a directory whose weights are the
+    original half-precision weights with exactly those o_proj / down_proj columns zeroed (bit for bit, built here
+    from the converted folder), and plain transformers (eager) reloads it with the pruned model's logits within
+    core.precision.logit_tolerance = 4·u·√(2·30)·max|logit| (another order of rounding, nothing more)."""
+    from transformers import AutoModelForCausalLM
+
+    from lens_bias.core.precision import logit_tolerance
+
+    model, torch_dtype = real_model(dtype), getattr(torch, dtype)
+    pruned = lb.prune_heads(model, [(26, 2)])
+    lb.prune_neurons(pruned.model, [(3, 100)], inplace=True)
+    out = lb.export_model(pruned.model, tmp_path / "pruned", verify=False)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch_dtype, attn_implementation="eager").eval()
+    want = AutoModelForCausalLM.from_pretrained(real_dir, dtype=torch_dtype).state_dict()
+    dh = model.cfg.d_head
+    want["model.layers.26.self_attn.o_proj.weight"][:, 2 * dh:3 * dh] = 0
+    want["model.layers.3.mlp.down_proj.weight"][:, 100] = 0
+    got = reloaded.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    tokens = model.to_tokens(["The nurse said that she", "The capital of France is"])
+    with torch.no_grad():
+        ours, theirs = pruned.model(tokens), reloaded(tokens).logits
+    assert float((ours.float() - theirs.float()).abs().max()) <= logit_tolerance(torch_dtype, ours, model.cfg.n_layers)
