@@ -29,38 +29,46 @@ def text_lines(texts: str | list[str]) -> list[str]:
     return texts
 
 
+def line_losses(model: HookedModel, texts: str | list[str], *, batch_size: int = 32, max_tokens: int | None = None,
+                hooks: list | None = None) -> Float[Tensor, "line 2"]:
+    """Per line of text (BOS + line): the summed next-token cross-entropy (nats) and the number of tokens
+    predicted — [lines, 2], padding ignored; `hooks` are active during the forward (for intervals over lines)."""
+    dev = device_of(model)
+    max_tokens = max_tokens or model.cfg.n_ctx
+    texts = text_lines(texts)
+    out = []
+    for i in range(0, len(texts), batch_size):
+        ids, mask = pad(encode_lines(model, texts[i:i + batch_size], max_tokens=max_tokens), pad_id_of(model.tokenizer))
+        ids, mask = ids.to(dev), mask.to(dev)
+        labels = ids.masked_fill(mask == 0, -100)[:, 1:]
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks or []):
+            logits = model(ids, attention_mask=mask)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100,
+                                                 reduction="none")
+        out.append(torch.stack([loss.sum(1), (labels != -100).sum(1).float()], 1).cpu())
+    return check_finite(torch.cat(out), "text loss", model)
+
+
 def text_loss(model: HookedModel, texts: str | list[str], *, batch_size: int = 32, max_tokens: int | None = None,
               hooks: list | None = None) -> float:
     """Capability kept: mean next-token cross-entropy (nats/token) over lines of neutral text
     (BOS + line), padding ignored; `hooks` (e.g. an ablation) are active during the forward."""
-    dev = device_of(model)
-    max_tokens = max_tokens or model.cfg.n_ctx
-    total, count = 0.0, 0
-    texts = text_lines(texts)
-    for i in range(0, len(texts), batch_size):
-        ids, mask = pad(encode_lines(model, texts[i:i + batch_size], max_tokens=max_tokens), pad_id_of(model.tokenizer))
-        ids, mask = ids.to(dev), mask.to(dev)
-        labels = ids.masked_fill(mask == 0, -100)
-        with torch.no_grad(), model.hooks(fwd_hooks=hooks or []):
-            logits = model(ids, attention_mask=mask)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                 labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
-        total += loss.item()
-        count += int((labels[:, 1:] != -100).sum())
+    per_line = line_losses(model, texts, batch_size=batch_size, max_tokens=max_tokens, hooks=hooks)
+    total, count = per_line.sum(0).tolist()
     if count == 0:
         raise LensBiasError("no tokens to score: every line is a single token")
-    return check_finite(total / count, "text loss", model)
+    return total / count
 
 
-def cloze_accuracy(model: HookedModel, items: Items, *, batch_size: int = 32, hooks: list | None = None) -> dict:
-    """Capability kept: share of cloze items ({'prompt', 'answer'}) the model completes greedily with
-    the answer (every answer token is the top-1 next token, teacher-forced), overall and per 'kind'."""
+def cloze_hits(model: HookedModel, items: Items, *, batch_size: int = 32, hooks: list | None = None) -> list[bool]:
+    """Per cloze item ({'prompt', 'answer'}), in order: whether the model completes it greedily with the answer
+    (every answer token is the top-1 next token, teacher-forced)."""
     items = as_items(items)
     if not len(items):
         raise LensBiasError("no cloze items to evaluate")
     tok = model.tokenizer
     dev = device_of(model)
-    hits: dict[str, list[bool]] = defaultdict(list)
+    hits: list[bool] = []
     for i in range(0, len(items), batch_size):
         chunk = take(items, i, i + batch_size)
         seqs, spans = [], []
@@ -80,11 +88,20 @@ def cloze_accuracy(model: HookedModel, items: Items, *, batch_size: int = 32, ho
             logits = model(ids.to(dev), attention_mask=mask.to(dev))
         check_finite(logits.amax(-1), "cloze logits", model)  # a NaN logit makes amax NaN
         top = logits.argmax(-1)
-        for it, q, (start, n), row in zip(chunk, seqs, spans, top):
-            ok = row[start - 1:start - 1 + n].tolist() == q[start:start + n]
-            hits["overall"].append(ok)
-            hits[it.get("kind", "all")].append(ok)
-    return {k: sum(v) / len(v) for k, v in hits.items()}
+        hits += [row[start - 1:start - 1 + n].tolist() == q[start:start + n] for q, (start, n), row in zip(seqs, spans, top)]
+    return hits
+
+
+def cloze_accuracy(model: HookedModel, items: Items, *, batch_size: int = 32, hooks: list | None = None) -> dict:
+    """Capability kept: share of cloze items ({'prompt', 'answer'}) the model completes greedily with
+    the answer (`cloze_hits`), overall and per 'kind'."""
+    items = as_items(items)
+    ok = cloze_hits(model, items, batch_size=batch_size, hooks=hooks)
+    by: dict[str, list[bool]] = defaultdict(list)
+    for it, hit in zip(take(items, 0, len(items)), ok):
+        by["overall"].append(hit)
+        by[it.get("kind", "all")].append(hit)
+    return {k: sum(v) / len(v) for k, v in by.items()}
 
 
 def bias_values(model: HookedModel, ps: PromptSet, batch_size: int = 32) -> Float[Tensor, " batch"]:

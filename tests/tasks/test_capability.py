@@ -40,3 +40,35 @@ def test_compare_models_expands_dict_measures():
     t = compare_models({"x": 1, "y": 3}, {"s": both, "one": lambda m: -m})
     assert list(t["measure"]) == ["s_a", "s_b", "one", "s_a", "s_b", "one"]
     assert list(t["value"]) == [2.0, 2.0, -1.0, 6.0, 4.0, -3.0] and calls == [1, 3]  # one evaluation per model
+
+
+def test_line_losses_equal_transformers_per_line(tiny_gpt2):
+    """Per line: Σ −log P(token | prefix) over the tokens after BOS, as plain transformers' loss × count;
+    text_loss is their ratio of sums (lines of different lengths: padding must not count)."""
+    from lens_bias.core.hf import to_hf_model
+    from lens_bias.tasks import line_losses, text_loss
+
+    lines = ["The big bird came to the river.", "A cat sat.", "Rain fell on the old town in the morning."]
+    per = line_losses(tiny_gpt2, lines, batch_size=2)
+    hf = to_hf_model(tiny_gpt2)
+    tok = tiny_gpt2.tokenizer
+    for row, line in zip(per, lines):
+        ids = torch.tensor([[tok.bos_token_id] + tok(line, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            mean = hf(input_ids=ids, labels=ids).loss.item()
+        assert row[1].item() == ids.shape[1] - 1
+        assert row[0].item() == pytest.approx(mean * (ids.shape[1] - 1), rel=1e-5)
+    assert text_loss(tiny_gpt2, lines) == pytest.approx((per[:, 0].sum() / per[:, 1].sum()).item(), rel=1e-6)
+
+
+def test_cloze_hits_keep_the_items_order(tiny_gpt2):
+    from lens_bias.tasks import cloze_hits
+
+    tok = tiny_gpt2.tokenizer
+    prompt = "The capital of Kenya is"
+    ids = [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        top = int(tiny_gpt2(torch.tensor([ids]))[0, -1].argmax())
+    right, wrong = tok.decode([top]), tok.decode([(top + 1) % 50257])
+    items = [{"prompt": prompt, "answer": a} for a in (wrong, right, wrong, right)]
+    assert cloze_hits(tiny_gpt2, items, batch_size=3) == [False, True, False, True]
