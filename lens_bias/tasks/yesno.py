@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import random
 import re
+import warnings
 from typing import Sequence
 
 import torch
@@ -242,16 +244,24 @@ def _instruction_positions(tok, prompt: str, instruction: str, candidates: Seque
 
 
 # ---- decisions and their metrics -----------------------------------------------------------
+def _undefined(name: str, why: str) -> float:
+    warnings.warn(f"{name} is NaN: {why} (so is the precision − recall gap)", stacklevel=3)
+    return math.nan
+
+
 def decision_metrics(pred_yes: Sequence[bool], gold_yes: Sequence[bool]) -> dict:
-    """Accuracy, precision/recall/F1 of 'yes', yes-rate and the precision − recall gap (negative bias)."""
+    """Accuracy, precision/recall/F1 of 'yes', yes-rate and the precision − recall gap (negative bias); precision
+    without a 'yes' prediction and recall without a gold 'yes' are NaN with a warning (and the gap with them)."""
     tp = sum(p and g for p, g in zip(pred_yes, gold_yes))
     fp = sum(p and not g for p, g in zip(pred_yes, gold_yes))
     fn = sum((not p) and g for p, g in zip(pred_yes, gold_yes))
     n = len(gold_yes)
     if n == 0:
         raise PromptError("no decisions to score")
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
+    # undefined is NaN, not 0: a model that never answers yes has no precision, and a gap of 0 − 0 would read as
+    # "no negative bias" for the most negatively biased model there is
+    precision = tp / (tp + fp) if tp + fp else _undefined("precision", "no 'yes' predictions")
+    recall = tp / (tp + fn) if tp + fn else _undefined("recall", "no gold 'yes' items")
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     correct = sum(p == g for p, g in zip(pred_yes, gold_yes))
     return {"n": n, "accuracy": correct / n, "precision": precision, "recall": recall, "f1": f1,

@@ -79,6 +79,18 @@ def test_decision_metrics_by_hand():
     assert m["pr_gap"] == pytest.approx(0.5 - 1 / 3) and m["yes_rate"] == 0.4
 
 
+def test_undefined_precision_or_recall_is_nan_not_zero():
+    """A model that never says yes has no precision: its gap is NaN with a warning, not 0 − 0 = 'unbiased'."""
+    import math
+
+    with pytest.warns(UserWarning, match="precision is NaN"):
+        m = decision_metrics([False] * 4, [True, True, False, False])
+    assert math.isnan(m["precision"]) and math.isnan(m["pr_gap"]) and m["recall"] == 0.0 and m["yes_rate"] == 0.0
+    with pytest.warns(UserWarning, match="recall is NaN"):
+        m = decision_metrics([True, False], [False, False])
+    assert m["precision"] == 0.0 and math.isnan(m["recall"]) and math.isnan(m["pr_gap"]) and m["accuracy"] == 0.5
+
+
 def test_organism_negative_bias(organism, organism_control):
     items = load_yes_no(data_path("yesno"))[:60]
     org = evaluate_binary(organism, binary_prompts(organism, items))
