@@ -1,18 +1,27 @@
-"""The real-model tables of the issues, for anyone who has a pretrained model's weights.
+"""The four papers' claims, measured on a real model: for each paper its claim in one sentence, what the
+toolkit measures with its default options, a control, and a verdict (holds / partly / does not hold).
 
-    python benchmarks/real_model_tables.py --model /path/to/hf_model_dir [--device cuda] [--out DIR]
-    python benchmarks/real_model_tables.py --model gpt2            # with hub access
+    python benchmarks/paper_claims.py --model smollm2-135m-instruct --out paper-claims/
+    python benchmarks/paper_claims.py --model organism --budget quick --out /tmp/claims   # ~1 min check
 
-1. NAS (negative bias): StrategyQA yes/no questions — precision − recall gap and accuracy before,
-   after zero-ablating the top-k NAS heads, and after k random heads (mean ± sd over seeds).
-2. CRISPR (BBQ Age): split by template (seeded); neurons found on train, n chosen on dev by the
-   prune curve, report on test: original / pruned / random n, with neutral-text loss and timings.
-3. LSDM (gender): Vig et al.'s professions, edit on some professions × templates, bias on held-out
-   ones, WinoBias and Winogender; edit norm; neutral-text loss and cloze accuracy.
+Sections (benchmarks/claims/, one module each; the checks behind each verdict are in its docstring):
 
-Data come from the shipped data/datasets (or --data DIR with the same layout, e.g. full copies); the neutral text and cloze set
-are the project's (data/organism_data). Tables print as markdown and are saved as CSV in --out.
-`--limit` caps every data set (for a quick look; tests run this script on a random model with it).
+1. features  Feature-based analysis (arXiv 2406.12347): layer × position patching of MLP/attention outputs and
+             the residual stream, head patching, AP vs AtP agreement, counterfactual-data debiasing of the
+             components found vs random components — professions, held-out professions and templates.
+2. lsdm      LSDM (arXiv 2403.14409): causal tracing by site, the LSDM edit at the traced site vs a random site
+             vs pruning the top neurons; held-out professions, WinoBias pro/anti, Winogender, neutral loss, cloze.
+3. nasa      NASA (arXiv 2408.00137): StrategyQA and GSM8K answer verification, with and without the chat
+             template: P − R gap and accuracy, top-k NAS heads vs k random heads (seeds) vs raw attention to
+             "No", NASA trained on a train split and judged on a held-out split.
+4. crispr    CRISPR (arXiv 2311.09627): every shipped BBQ category — is there bias (s_AMB)? If so, pruned n
+             (chosen on dev) vs n random neurons on test, and across the 10 instructions.
+
+Every figure carries a 95% interval: a bootstrap over held-out prompts or items, the spread over seeds for
+random controls. Outputs in --out: claims.md (summary table and one table per paper), summary.csv,
+<section>/*.csv, <section>/figures.html (plotly, offline), stages/ (the stage cache: a rerun resumes; a stage
+whose model, code, options or stored value changed is computed again). `--budget quick` shrinks every size
+(prompts, items, seeds, steps) for a plumbing check; no method option differs between budgets.
 """
 
 from __future__ import annotations
@@ -20,155 +29,93 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _md(df) -> str:
-    from lens_bias.core.viz import markdown_table
-
-    return markdown_table(df)
+SECTIONS = ("features", "lsdm", "nasa", "crispr")
 
 
-def nas_table(model, data: Path, limit: int | None, ks=(1, 3), seeds=5):
+def _modules():
+    from claims import crispr, features, lsdm, nasa
+
+    return {"features": features, "lsdm": lsdm, "nasa": nasa, "crispr": crispr}
+
+
+def summary_table(sections):
     import pandas as pd
 
-    import lens_bias as lb
-
-    items = lb.load_yes_no(data / "strategyqa" / "train.json")
-    random.Random(0).shuffle(items)
-    ps = lb.binary_prompts(model, items[: limit or 400])
-    t = time.perf_counter()
-    nas = lb.negative_attention_scores(model, ps, progress=False)
-    t_nas = time.perf_counter() - t
-    before = lb.evaluate_binary(model, ps)["overall"]
-    rows = [{"condition": "original", "k": 0, "pr_gap": before["pr_gap"], "pr_gap_sd": 0.0,
-             "accuracy": before["accuracy"], "yes_rate": before["yes_rate"]}]
-    for k in ks:
-        top = nas.top_heads(k)
-        o = lb.evaluate_binary(model, ps, ablate=lb.head_ablation_hooks(model, top))["overall"]
-        rows.append({"condition": f"top-{k} NAS heads {top}", "k": k, "pr_gap": o["pr_gap"], "pr_gap_sd": 0.0,
-                     "accuracy": o["accuracy"], "yes_rate": o["yes_rate"]})
-        rand = [lb.evaluate_binary(model, ps, ablate=lb.head_ablation_hooks(model, lb.mitigate.random_heads(model, k, s)))
-                ["overall"] for s in range(seeds)]
-        rows.append({"condition": f"{k} random heads ({seeds} seeds)", "k": k,
-                     "pr_gap": statistics.mean(r["pr_gap"] for r in rand),
-                     "pr_gap_sd": statistics.stdev(r["pr_gap"] for r in rand) if seeds > 1 else 0.0,
-                     "accuracy": statistics.mean(r["accuracy"] for r in rand),
-                     "yes_rate": statistics.mean(r["yes_rate"] for r in rand)})
-    return pd.DataFrame(rows), {"prompts": len(ps), "nas_seconds": t_nas}
+    return pd.DataFrame([{"paper": s.paper, "claim": s.claim, "measured on the model": s.measured,
+                          "control": s.control, "verdict": s.verdict} for s in sections])
 
 
-def crispr_table(model, data: Path, limit: int | None, neutral: str, ns=(1, 2, 4, 8, 16, 32), instructions=2):
-    import lens_bias as lb
-    from lens_bias.tasks import MC_INSTRUCTIONS as INSTRUCTIONS
+def _write(out: Path, model_name: str, sections, stages, seconds: dict) -> str:
+    from claims.common import write_figures
 
-    train, dev, test = lb.tasks.split_by_template(lb.load_bbq(data / "bbq" / "Age.jsonl"), seed=0)
-    if limit:
-        rng = random.Random(0)
-        train, dev, test = (rng.sample(x, min(limit, len(x))) for x in (train, dev, test))
-    ins = INSTRUCTIONS[:instructions]
-    t = time.perf_counter()
-    scores = lb.crispr_scores(model, train, ins, progress=False)
-    t_attr = time.perf_counter() - t
-    ns = [n for n in ns if n <= model.cfg.n_layers * model.cfg.d_mlp]
-    curve = lb.mitigate.prune_curve(model, scores, dev, ns=ns, instructions=ins)
-    # the smallest n with the lowest dev ambiguous bias score that keeps disambiguated accuracy
-    ok = curve[(curve.n > 0) & (curve.accuracy_disambig >= curve.accuracy_disambig.iloc[0] - 0.02)]
-    best = int((ok if len(ok) else curve[curve.n > 0]).sort_values(["bias_ambig", "n"]).iloc[0]["n"])
-    t = time.perf_counter()
-    report = lb.mitigate.crispr_report(model, scores.units(best), test, neutral_text=neutral, instructions=ins)
-    t_report = time.perf_counter() - t
-    keep = ["condition", "seed", "n_neurons", "accuracy", "accuracy_ambig", "accuracy_disambig", "bias_ambig",
-            "bias_disambig", "neutral_loss"]
-    return report[keep], curve, {"train/dev/test items": (len(train), len(dev), len(test)), "n": best,
-                                 "attribution_seconds": t_attr, "report_seconds": t_report}
+    from lens_bias.core.files import write_csv, write_text
+    from lens_bias.core.viz import markdown_table
 
-
-def lsdm_table(model, data: Path, limit: int | None, neutral: str, cloze: list[dict], site: str | None = None):
-    import lens_bias as lb
-
-    profs = lb.tasks.load_professions(data / "professions" / "professions.json")
-    profs = profs.sample(frac=1.0, random_state=0)
-    templates = list(lb.tasks.VIG_TEMPLATES)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # multi-token professions are skipped (counted in the warning)
-        words = lb.professions_prompts(model, profs, templates[:1], corrupt_with=None)
-        single = [m["profession"] for m in words.metadata]
-        cut = int(0.7 * len(single))
-        if limit:
-            single = single[: max(limit, 4)]
-            cut = int(0.7 * len(single))
-        she_he = dict(answers=(" she", " he"), corrupt_with=None)
-        edit = lb.professions_prompts(model, single[:cut], templates[:8], **she_he)
-        held = lb.professions_prompts(model, single[cut:], templates[8:], **she_he)
-        sets = {"professions (held out)": held,
-                "winobias (type 1, pro)": lb.winobias_prompts(model, lb.tasks.load_winobias(data / "winobias")),
-                "winogender": lb.winogender_prompts(model, lb.tasks.load_winogender(data / "winogender"))}
-    if limit:
-        sets = {k: v[list(range(min(limit, len(v))))] for k, v in sets.items()}
-    t = time.perf_counter()
-    layers = position = None
-    if site:  # else causal tracing picks it (and refuses when the corruption does not take the bias away)
-        layer, position = site.split(":")
-        layers = [int(layer)]
-    result = lb.lsdm_edit(model, edit, neutral, layers=layers, position=position, progress=False)
-    edited = result.model
-    t_edit = time.perf_counter() - t
-    table = lb.tasks.bias_table({"original": model, "lsdm": edited}, sets)
-    cap = lb.compare_models({"original": model, "lsdm": edited},
-                            {"neutral_loss": lambda m: lb.text_loss(m, neutral),
-                             "cloze_accuracy": lambda m: lb.tasks.cloze_accuracy(m, cloze)["overall"]})
-    r = result.report
-    return table, cap, {"site": (r["layers"], r["position"]), "edit_norm": r["delta_norms"],
-                        "edit prompts LD": (r["bias_before"], r["bias_after"]), "edit_seconds": t_edit}
+    parts = [f"# The four papers' claims on {model_name}\n", markdown_table(summary_table(sections)), ""]
+    for s in sections:
+        d = out / s.key
+        write_csv(d / "table.csv", s.table)
+        for name, t in s.tables.items():
+            write_csv(d / f"{name}.csv", t)
+        if s.figures:
+            write_figures(d / "figures.html", s.paper, s.figures)
+        checks = ", ".join(f"{k} {'✓' if v else '✗'}" for k, v in s.checks.items())
+        parts += [f"## {s.paper} — {s.verdict}\n", f"Claim: {s.claim}\n", markdown_table(s.table), "",
+                  f"Checks: {checks}. Duration {seconds[s.key]:.0f} s.", *[f"- {n}" for n in s.notes], ""]
+    text = "\n".join(parts)
+    write_text(out / "claims.md", text)
+    write_csv(out / "summary.csv", summary_table(sections))
+    write_text(out / "timings.json", json.dumps({"sections": seconds, "stages": stages.log}, indent=1))
+    return text
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="local Hugging Face directory or hub name")
+    p.add_argument("--model", required=True, help="a model name (smollm2-135m-instruct, organism), a Hugging Face "
+                                                  "directory or a hub name")
+    p.add_argument("--out", default="paper-claims", help="output folder (and its stage cache)")
+    p.add_argument("--only", choices=SECTIONS, action="append", default=None)
+    p.add_argument("--budget", choices=("full", "quick"), default="full")
     p.add_argument("--data", default=str(ROOT / "data" / "datasets"), help="folder with the data/datasets layout")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
-    p.add_argument("--limit", type=int, default=None, help="cap every data set (quick look)")
-    p.add_argument("--out", default="real-model-tables", help="folder for the CSV tables")
-    p.add_argument("--only", choices=["nas", "crispr", "lsdm"], action="append", default=None)
-    p.add_argument("--lsdm-site", default=None, metavar="LAYER:POSITION",
-                   help="LSDM's edit site, e.g. 5:subject (default: the top site under causal tracing)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--crispr-anyway", action="store_true",
+                   help="variant: run CRISPR's steps on BBQ categories without bias too (marked in the notes)")
     args = p.parse_args(argv)
+
+    from claims.common import BUDGETS, Context, Stages, code_fingerprint
 
     import lens_bias as lb
     from lens_bias.organism import data_path
+    from lens_bias.runs.store import model_fingerprint
 
-    data, out = Path(args.data), Path(args.out)
+    out = Path(args.out)
     model = lb.load_model(args.model, device=args.device, dtype=args.dtype)
-    neutral = data_path("neutral").read_text()
-    cloze = [json.loads(line) for line in data_path("cloze").read_text().splitlines()]
-    parts = args.only or ["nas", "crispr", "lsdm"]
-    print(f"# real-model tables: {args.model} ({model.cfg.n_layers} layers, {model.cfg.n_heads} heads, "
-          f"d_mlp {model.cfg.d_mlp})\n")
-    if "nas" in parts:
-        t, info = nas_table(model, data, args.limit)
-        lb.core.files.write_csv(out / "nas.csv", t)
-        print(f"## NAS on StrategyQA ({info})\n\n{_md(t)}\n")
-    if "crispr" in parts:
-        t, curve, info = crispr_table(model, data, args.limit, neutral)
-        lb.core.files.write_csv(out / "crispr.csv", t)
-        lb.core.files.write_csv(out / "crispr_prune_curve.csv", curve)
-        print(f"## CRISPR on BBQ Age ({info})\n\n{_md(t)}\n")
-    if "lsdm" in parts:
-        t, cap, info = lsdm_table(model, data, args.limit, neutral, cloze, args.lsdm_site)
-        lb.core.files.write_csv(out / "lsdm_bias.csv", t)
-        lb.core.files.write_csv(out / "lsdm_capability.csv", cap)
-        print(f"## LSDM ({info})\n\n{_md(t)}\n\n{_md(cap)}\n")
+    neutral = lb.tasks.text_lines(data_path("neutral").read_text())
+    cloze = [json.loads(line) for line in data_path("cloze").read_text().splitlines() if line.strip()]
+    stages = Stages(out / "stages", {"model": model_fingerprint(model), "code": code_fingerprint(),
+                                     "data": str(Path(args.data).resolve())})
+    ctx = Context(model, stages, BUDGETS[args.budget], Path(args.data), neutral, cloze, args.seed,
+                  progress=not args.no_progress, crispr_anyway=args.crispr_anyway)
+    mods, sections, seconds = _modules(), [], {}
+    for key in args.only or SECTIONS:
+        t = time.perf_counter()
+        sections.append(mods[key].run(ctx))
+        seconds[key] = round(time.perf_counter() - t, 1)
+        sections[-1].seconds = seconds[key]
+        print(f"[{key}] {sections[-1].verdict} in {seconds[key]:.0f} s", flush=True)
+    print(_write(out, args.model, sections, stages, seconds))
     return 0
 
 
