@@ -101,11 +101,11 @@ class Budget:
     nasa_batch: int = 8
     # section 4: BBQ (items)
     bbq_check_items: int = 40
-    bbq_train: int = 16
-    bbq_dev: int = 16
-    bbq_test: int = 30
+    bbq_train: int = 12
+    bbq_dev: int = 12
+    bbq_test: int = 24
     bbq_instructions: int = 2
-    robust_items: int = 16
+    robust_items: int = 12
     n_boot: int = 1000
 
 

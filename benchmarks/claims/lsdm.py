@@ -180,8 +180,7 @@ def run(ctx: Context) -> Section:
     results["lsdm at the traced site"] = ctx.stage(KEY, "eval-lsdm-traced", {**opts, "site": site},
                                                    lambda: _edited(ctx, sets, evals, lambda: _edit(ctx, sets, *site)))
     pool = [(l, k) for l in range(L) for k in KINDS if (l, k) != site]
-    for s in range(b.train_seeds):
-        rs = random.Random(ctx.seed + 100 + s).choice(pool)
+    for s, rs in enumerate(random.Random(ctx.seed + 100).sample(pool, b.train_seeds)):  # distinct random sites
         results[f"lsdm at random site {s}"] = ctx.stage(KEY, f"eval-lsdm-random{s}", {**opts, "site": rs},
                                                         lambda rs=rs: _edited(ctx, sets, evals, lambda: _edit(ctx, sets, *rs)))
     results[f"prune top {N_PRUNE} neurons"] = ctx.stage(KEY, "eval-prune", opts,
@@ -206,12 +205,12 @@ def _section(ctx, sets, trace, te, noise, top_mlp, top_attn, results, rows) -> S
     table_rows = [{"model": "original", "professions mean abs LD": fmt(mean_iv(np.abs(orig["professions"]), b.n_boot)),
                    "share removed": "", "WinoBias gap (pro − anti)": fmt(mean_iv(_gap(orig), b.n_boot)),
                    "Winogender LD": fmt(mean_iv(orig.get("winogender", [np.nan]), b.n_boot)),
-                   "Δ neutral loss": f"{_loss(orig):.3f} nats/token", "Δ cloze": f"{np.mean(orig['cloze']):.2f}"}]
+                   "neutral loss (Δ)": f"{_loss(orig):.3f} nats/token", "cloze accuracy (Δ)": f"{np.mean(orig['cloze']):.2f}"}]
     for r in rows:
         table_rows.append({"model": r["model"], "professions mean abs LD": fmt(r["professions_abs_ld"]),
                            "share removed": fmt(r["professions_removed"]), "WinoBias gap (pro − anti)": fmt(r["winobias_gap"]),
-                           "Winogender LD": fmt(r["winogender_ld"]), "Δ neutral loss": fmt(r["neutral_loss_change"], 3),
-                           "Δ cloze": fmt(r["cloze_change"])})
+                           "Winogender LD": fmt(r["winogender_ld"]), "neutral loss (Δ)": fmt(r["neutral_loss_change"], 3),
+                           "cloze accuracy (Δ)": fmt(r["cloze_change"])})
     table = pd.DataFrame(table_rows)
     rep = results["lsdm at the traced site"]["report"]
     noise_top = {s: np.unravel_index(np.argmax(v["effect"]), np.shape(v["effect"])) for s, v in noise.items()}

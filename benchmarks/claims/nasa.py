@@ -12,9 +12,13 @@ questions (every prompt of a drawn question comes along); paired for changes.
 
 Checks (fixed before the run), per data set and prompt mode:
   negative   the original's P − R gap is positive (CI above 0)
-  nas        ablating the top-3 NAS heads leaves a smaller gap than every random draw but the lowest 2.5%
-             (below the random band) and keeps accuracy (drop ≤ 0.02)
+  nas        ablating the top-3 NAS heads narrows |P − R| (CI of the change below 0), leaves a smaller gap than the
+             random heads' band and keeps accuracy (drop ≤ 0.02)
   nasa       NASA narrows |P − R| on test (CI of the change below 0) and keeps accuracy (drop ≤ 0.02)
+Added after the first run, where SmolLM2 through the chat template never answered "Yes" (precision, hence the
+gap, undefined for every condition): where a gap is undefined the checks read the class-balanced No − Yes logit
+offset instead (`_offset`, the locate report's yes/no bias metric) — negative bias is then "never yes, offset CI
+above 0", narrowing is "offset change CI below 0 and below the random band".
 """
 
 from __future__ import annotations
@@ -102,9 +106,21 @@ def _metric(p_yes, gold, idx, key) -> float:
         return decision_metrics(pred, [gold[i] for i in idx])[key] if len(idx) else np.nan
 
 
+def _offset(p_yes, gold, idx) -> float:
+    """Class-balanced logit(No) − logit(Yes) = ½(mean over gold-yes + mean over gold-no) of log((1 − P)/P): the
+    locate report's yes/no bias metric, defined when the model never answers yes (the P − R gap is not)."""
+    p = np.clip(np.asarray(p_yes)[idx], 1e-12, 1 - 1e-12)
+    g = np.asarray(gold)[idx]
+    lo = np.log1p(-p) - np.log(p)
+    return 0.5 * (lo[g].mean() + lo[~g].mean()) if g.any() and (~g).any() else np.nan
+
+
 def _summary(p_yes, base, gold, groups, n_boot) -> dict:
     p, q = np.asarray(p_yes), np.asarray(base)
-    out = {}
+    out = {"no_shift": iv_dict(bootstrap(lambda i: _offset(p, gold, i), len(p), n_boot=n_boot, groups=groups,
+                                         what="prompts")),
+           "no_shift_change": iv_dict(bootstrap(lambda i: _offset(p, gold, i) - _offset(q, gold, i), len(p),
+                                                n_boot=n_boot, groups=groups, what="prompts"))}
     for key in ("pr_gap", "accuracy", "yes_rate"):
         out[key] = iv_dict(bootstrap(lambda i, key=key: _metric(p, gold, i, key), len(p), n_boot=n_boot,
                                      groups=groups, what="prompts"))
@@ -142,15 +158,28 @@ def _config(ctx: Context, name: str, chat: bool) -> dict:
             "sizes": {k: len(v) for k, v in ps.items()}}
 
 
+def _narrower(cond: dict, orig: dict, band: dict | None) -> bool:
+    """Narrows the negative bias: the P − R gap where it is defined for both (|gap| change CI below 0, below the
+    random band), else the No − Yes offset (change CI below 0, below the random band)."""
+    if np.isfinite(cond["pr_gap"]["estimate"]) and np.isfinite(orig["pr_gap"]["estimate"]):
+        key, change = "pr_gap", "abs_gap_change"
+    else:
+        key, change = "no_shift", "no_shift_change"
+    below = band is None or cond[key]["estimate"] < band[key].low
+    return cond[change]["high"] < 0 and below and cond["accuracy_change"]["estimate"] >= -0.02
+
+
 def _checks(c: dict) -> dict:
     s = c["summary"]
-    orig, nas = s["original"], s[f"top-{K} NAS heads"]
-    band = over_seeds([v["pr_gap"]["estimate"] for k, v in s.items() if k.startswith("random ")])
-    nasa = s["NASA (top-3 NAS heads)"]
+    orig = s["original"]
+    rand = [v for k, v in s.items() if k.startswith("random ")]
+    band = {key: over_seeds([v[key]["estimate"] for v in rand]) for key in ("pr_gap", "no_shift")}
     tag = f"({c['data']}, {c['mode']})"
-    return {f"negative {tag}": orig["pr_gap"]["low"] > 0,
-            f"nas {tag}": nas["pr_gap"]["estimate"] < band.low and nas["accuracy_change"]["estimate"] >= -0.02,
-            f"nasa {tag}": nasa["abs_gap_change"]["high"] < 0 and nasa["accuracy_change"]["estimate"] >= -0.02}
+    never_yes = orig["yes_rate"]["estimate"] == 0
+    negative = orig["pr_gap"]["low"] > 0 or (never_yes and orig["no_shift"]["low"] > 0)
+    return {f"negative {tag}": negative,
+            f"nas {tag}": _narrower(s[f"top-{K} NAS heads"], orig, band),
+            f"nasa {tag}": _narrower(s["NASA (top-3 NAS heads)"], orig, None)}
 
 
 def run(ctx: Context) -> Section:
@@ -161,31 +190,33 @@ def run(ctx: Context) -> Section:
     for c in configs:
         s = c["summary"]
         band = {m: iv_dict(over_seeds([v[m]["estimate"] for k, v in s.items() if k.startswith("random ")]))
-                for m in ("pr_gap", "accuracy")}
+                for m in ("pr_gap", "accuracy", "yes_rate", "no_shift")}
         for name in ("original", f"top-{K} NAS heads", f"top-{K} attention-to-No heads", "NASA (top-3 NAS heads)"):
             rows.append({"data": c["data"], "prompt": c["mode"], "condition": name, "P − R gap": fmt(s[name]["pr_gap"]),
                          "accuracy": fmt(s[name]["accuracy"]), "yes-rate": fmt(s[name]["yes_rate"]),
-                         "Δ |gap| vs original": "" if name == "original" else fmt(s[name]["abs_gap_change"])})
+                         "No − Yes offset": fmt(s[name]["no_shift"]),
+                         "Δ offset vs original": "" if name == "original" else fmt(s[name]["no_shift_change"])})
         rows.append({"data": c["data"], "prompt": c["mode"], "condition": f"{K} random heads × {ctx.budget.seeds} seeds",
-                     "P − R gap": fmt(band["pr_gap"]), "accuracy": fmt(band["accuracy"]), "yes-rate": "",
-                     "Δ |gap| vs original": ""})
+                     "P − R gap": fmt(band["pr_gap"]), "accuracy": fmt(band["accuracy"]), "yes-rate": fmt(band["yes_rate"]),
+                     "No − Yes offset": fmt(band["no_shift"]), "Δ offset vs original": ""})
         long += [{"data": c["data"], "prompt": c["mode"], "condition": k, "measure": m, **v}
                  for k, d in s.items() for m, v in d.items()]
     table = pd.DataFrame(rows)
-    first = configs[0]
-    s0 = first["summary"]
-    measured = "; ".join(
-        f"{c['data']} {c['mode']}: gap {fmt(c['summary']['original']['pr_gap'])} → NAS-3 "
-        f"{fmt(c['summary'][f'top-{K} NAS heads']['pr_gap'])}, NASA {fmt(c['summary']['NASA (top-3 NAS heads)']['pr_gap'])}"
-        for c in configs)
+    def brief(d):
+        return f"gap {fmt(d['pr_gap'])}, offset {fmt(d['no_shift'])}"
+
+    measured = "; ".join(f"{c['data']} {c['mode']}: original {brief(c['summary']['original'])} (yes-rate "
+                         f"{c['summary']['original']['yes_rate']['estimate']:.2f}); NAS-3 ablated "
+                         f"{brief(c['summary'][f'top-{K} NAS heads'])}; NASA {brief(c['summary']['NASA (top-3 NAS heads)'])}"
+                         for c in configs)
     control = "; ".join(
-        f"{c['data']} {c['mode']}: random heads {fmt(over_seeds([v['pr_gap']['estimate'] for k, v in c['summary'].items() if k.startswith('random ')]))}, "
-        f"attention-to-No {fmt(c['summary'][f'top-{K} attention-to-No heads']['pr_gap'])}" for c in configs)
+        f"{c['data']} {c['mode']}: random heads offset "
+        f"{fmt(over_seeds([v['no_shift']['estimate'] for k, v in c['summary'].items() if k.startswith('random ')]))}, "
+        f"attention-to-No {brief(c['summary'][f'top-{K} attention-to-No heads'])}" for c in configs)
     notes = [f"{c['data']} {c['mode']}: prompts {c['sizes']}; NAS top-{K} {c['nas_top']}; attention-to-No top-{K} "
              f"{c['att_top']}; NASA best step {c['nasa']['best_step']}" for c in configs]
     if len({m for m in ("chat", "plain") if any(c["mode"] == m for c in configs)}) == 1:
         notes.append("the tokenizer has no chat template: plain prompts only")
-    del s0
     tables = {"results": pd.DataFrame(long),
               "heads": pd.DataFrame([{"data": c["data"], "prompt": c["mode"], "selection": sel, "rank": r, "layer": l,
                                       "head": h} for c in configs for sel, key in (("nas", "nas_top"), ("attention", "att_top"))
