@@ -57,6 +57,7 @@ from .models import (
 )
 from .prompts import PromptSet, answer_token_id, encode_lines, pad, tokenizer_of
 from .scores import ComponentScores
+from .stats import Interval, bootstrap, mean_interval, over_seeds
 from .viz import heatmap, save_figure, top_bar
 
 __all__ = [
@@ -72,4 +73,5 @@ __all__ = [
     "HookedModel", "load_model", "resolve_device", "resolve_dtype", "save_random_model", "shipped_model_dir",
     "PromptSet", "answer_token_id", "encode_lines", "pad", "tokenizer_of",
     "ComponentScores", "heatmap", "save_figure", "top_bar",
+    "Interval", "bootstrap", "mean_interval", "over_seeds",
 ]

@@ -153,18 +153,35 @@ def _rank(x: Tensor) -> Tensor:
     return r
 
 
-def agreement(attr: ComponentScores, patched: ComponentScores) -> dict:
-    """Pearson and Spearman correlation between attribution scores and patching effects."""
-    a = attr.effect.reshape(-1).double()
-    p = patched.effect.reshape(-1).double()
+def _pearson(x: Tensor, y: Tensor) -> float:
+    x, y = x - x.mean(), y - y.mean()
+    den = math.sqrt(float((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum() / den) if den > 0 else float("nan")
+
+
+def topk_overlap(a: Tensor, b: Tensor, k: int) -> float:
+    """|top-k of a ∩ top-k of b| / k, components ranked by |score| (the units either method would single out)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    k = min(int(k), a.numel())
+    if k < 1:
+        raise LensBiasError(f"top-k overlap needs k ≥ 1, got {k}")
+    top = lambda x: set(x.abs().argsort(descending=True)[:k].tolist())  # noqa: E731
+    return len(top(a) & top(b)) / k
+
+
+def agreement_of(a: Tensor, p: Tensor, k: int = 10) -> dict:
+    """Pearson and Spearman correlation and the top-k overlap (`topk_overlap`) of two score tensors."""
+    a, p = a.reshape(-1).double(), p.reshape(-1).double()
     if a.shape != p.shape:
         raise LensBiasError(f"attribution has {a.numel()} components, patching {p.numel()}: shapes differ")
-    def pearson(x, y):
-        x, y = x - x.mean(), y - y.mean()
-        den = math.sqrt(float((x * x).sum() * (y * y).sum()))
-        return float((x * y).sum() / den) if den > 0 else float("nan")
-    return {"pearson": pearson(a, p), "spearman": pearson(_rank(a), _rank(p)), "n": a.numel(),
-            "max_abs_diff": float((a - p).abs().max())}
+    return {"pearson": _pearson(a, p), "spearman": _pearson(_rank(a), _rank(p)), f"top{k}_overlap": topk_overlap(a, p, k),
+            "n": a.numel(), "max_abs_diff": float((a - p).abs().max())}
+
+
+def agreement(attr: ComponentScores, patched: ComponentScores, k: int = 10) -> dict:
+    """Pearson and Spearman correlation between attribution scores and patching effects, and the overlap
+    of their top-k components by magnitude."""
+    return agreement_of(attr.effect, patched.effect, k)
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from .ablation import (
                        random_units,
                        reference_activations,
 )
+from .counterfactual import counterfactual_finetune, counterfactual_texts, swap_pronouns
 from .edits import Mitigation, WeightEdit, apply_edit, load_edit, save_edit, weight_edit
 from .export import (
                        SUPPORTED_ARCHITECTURES,
@@ -41,6 +42,7 @@ __all__ = [
     "ABLATIONS", "ablate", "ablation_hooks", "check_units", "combine_hooks", "head_ablation_hooks",
     "neuron_ablation_hooks", "random_units",
     "AblationReference", "reference_activations",
+    "counterfactual_finetune", "counterfactual_texts", "swap_pronouns",
     "Mitigation", "WeightEdit", "apply_edit", "load_edit", "save_edit", "weight_edit",
     "SUPPORTED_ARCHITECTURES", "check_exportable", "export_model", "verify_export",
     "lsdm_delta", "lsdm_edit",

@@ -45,6 +45,28 @@ def text_lines(texts: str | list[str] | os.PathLike) -> list[str]:
     return texts
 
 
+def line_losses(model: HookedModel, texts: str | list[str] | os.PathLike, *, batch_size: int = 32, max_tokens: int | None = None,
+                hooks: list | None = None) -> Float[Tensor, "line 2"]:
+    """Per line of text (BOS + line): the summed next-token cross-entropy (nats) and the number of tokens
+    predicted — [lines, 2], padding ignored; `hooks` are active during the forward (for intervals over lines)."""
+    dev = device_of(model)
+    max_tokens = max_tokens or model.cfg.n_ctx
+    enc = encode_lines(model, text_lines(texts), max_tokens=max_tokens)
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))  # batches of similar lengths: little padding
+    out = torch.zeros(len(enc), 2)
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        ids, mask = pad([enc[j] for j in rows], pad_id_of(model.tokenizer))
+        ids, mask = ids.to(dev), mask.to(dev)
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks or []):
+            logits = model(ids, attention_mask=mask)
+        real = mask[:, 1:].bool()  # next tokens that are not padding
+        nll = torch.zeros(real.shape, device=dev)
+        nll[real] = torch.nn.functional.cross_entropy(logits[:, :-1][real].float(), ids[:, 1:][real], reduction="none")
+        out[rows] = torch.stack([nll.sum(1), real.sum(1).float()], 1).cpu()
+    return check_finite(out, "text loss", model)
+
+
 def default_neutral_text(model: HookedModel) -> str:
     """The neutral text of the capability check when none is given: the organism's own neutral text for the
     models trained here (their folder holds a lens_bias card: the organism, the benchmark models), else 400
@@ -59,33 +81,22 @@ def text_loss(model: HookedModel, texts: str | list[str] | os.PathLike, *, batch
               hooks: list | None = None) -> float:
     """Capability kept: mean next-token cross-entropy (nats/token) over lines of neutral text
     (BOS + line), padding ignored; `hooks` (e.g. an ablation) are active during the forward."""
-    dev = device_of(model)
-    total, count = 0.0, 0
-    enc = encode_lines(model, text_lines(texts), max_tokens=max_tokens or model.cfg.n_ctx)
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))  # batches of similar lengths: little padding
-    for i in range(0, len(order), batch_size):
-        ids, mask = pad([enc[j] for j in order[i:i + batch_size]], pad_id_of(model.tokenizer))
-        ids, mask = ids.to(dev), mask.to(dev)
-        with torch.no_grad(), model.hooks(fwd_hooks=hooks or []):
-            logits = model(ids, attention_mask=mask)
-        real = mask[:, 1:].bool()  # next tokens that are not padding
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1][real].float(), ids[:, 1:][real], reduction="sum")
-        total += loss.item()
-        count += int(real.sum())
+    per_line = line_losses(model, texts, batch_size=batch_size, max_tokens=max_tokens, hooks=hooks)
+    total, count = per_line.sum(0).tolist()
     if count == 0:
         raise LensBiasError("no tokens to score: every line is a single token")
-    return check_finite(total / count, "text loss", model)
+    return total / count
 
 
-def cloze_accuracy(model: HookedModel, items: Items, *, batch_size: int = 32, hooks: list | None = None) -> dict:
-    """Capability kept: share of cloze items ({'prompt', 'answer'}) the model completes greedily with
-    the answer (every answer token is the top-1 next token, teacher-forced), overall and per 'kind'."""
+def cloze_hits(model: HookedModel, items: Items, *, batch_size: int = 32, hooks: list | None = None) -> list[bool]:
+    """Per cloze item ({'prompt', 'answer'}), in order: whether the model completes it greedily with the answer
+    (every answer token is the top-1 next token, teacher-forced)."""
     items = as_items(items)
     if not len(items):
         raise LensBiasError("no cloze items to evaluate")
     tok = model.tokenizer
     dev = device_of(model)
-    hits: dict[str, list[bool]] = defaultdict(list)
+    hits: list[bool] = []
     for i in range(0, len(items), batch_size):
         chunk = take(items, i, i + batch_size)
         seqs, spans = [], []
@@ -105,11 +116,20 @@ def cloze_accuracy(model: HookedModel, items: Items, *, batch_size: int = 32, ho
             logits = model(ids.to(dev), attention_mask=mask.to(dev))
         check_finite(logits.amax(-1), "cloze logits", model)  # a NaN logit makes amax NaN
         top = logits.argmax(-1)
-        for it, q, (start, n), row in zip(chunk, seqs, spans, top):
-            ok = row[start - 1:start - 1 + n].tolist() == q[start:start + n]
-            hits["overall"].append(ok)
-            hits[it.get("kind", "all")].append(ok)
-    return {k: sum(v) / len(v) for k, v in hits.items()}
+        hits += [row[start - 1:start - 1 + n].tolist() == q[start:start + n] for q, (start, n), row in zip(seqs, spans, top)]
+    return hits
+
+
+def cloze_accuracy(model: HookedModel, items: Items, *, batch_size: int = 32, hooks: list | None = None) -> dict:
+    """Capability kept: share of cloze items ({'prompt', 'answer'}) the model completes greedily with
+    the answer (`cloze_hits`), overall and per 'kind'."""
+    items = as_items(items)
+    ok = cloze_hits(model, items, batch_size=batch_size, hooks=hooks)
+    by: dict[str, list[bool]] = defaultdict(list)
+    for it, hit in zip(take(items, 0, len(items)), ok):
+        by["overall"].append(hit)
+        by[it.get("kind", "all")].append(hit)
+    return {k: sum(v) / len(v) for k, v in by.items()}
 
 
 def bias_values(model: HookedModel, ps: PromptSet, batch_size: int = 32) -> Float[Tensor, " batch"]:

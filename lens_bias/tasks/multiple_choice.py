@@ -378,16 +378,54 @@ def sequence_logprobs(model: HookedModel, seqs: list[list[int]], spans: list[tup
     return torch.zeros(len(seqs), device=device, dtype=lp.dtype).index_add(0, rows, lp)
 
 
+def shared_prompt_logprobs(model: HookedModel, seqs: list[list[int]], spans: list[tuple[int, int]], k: int
+                           ) -> Float[Tensor, " seq"]:
+    """`sequence_logprobs` for groups of k sequences that share their prompt (sequences i·k..i·k+k−1, as
+    `option_sequences` makes them), computing each prompt once: the prompts run left-padded with their keys and
+    values cached (positions counted from each prompt's first real token), then the k options continue them
+    from the cache. No gradients."""
+    device = device_of(model)
+    pad_id = pad_id_of(model.tokenizer)
+    n = len(seqs) // k
+    ids, mask = pad([seqs[i * k][: spans[i * k][0]] for i in range(n)], pad_id, side="left")
+    oids, omask = pad([s[start:] for s, (start, _) in zip(seqs, spans)], pad_id)
+    ids, mask, oids, omask = ids.to(device), mask.to(device), oids.to(device), omask.to(device)
+    first, cache = model(ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                         return_type="logits_and_cache", use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(k)
+    lengths = mask.sum(1).repeat_interleave(k)
+    logits = model(oids, attention_mask=torch.cat([mask.repeat_interleave(k, 0), omask], 1),
+                   position_ids=lengths[:, None] + torch.arange(oids.shape[1], device=device)[None],
+                   past_key_values=cache)
+    first = first[:, -1].float().log_softmax(-1).repeat_interleave(k, 0).gather(1, oids[:, :1])[:, 0]
+    rest = logits[:, :-1].float().log_softmax(-1).gather(2, oids[:, 1:, None])[..., 0]
+    return first + (rest * omask[:, 1:]).sum(1)
+
+
 def option_logprobs(model: HookedModel, prompts: list[str], options: list[list[str]], batch_size: int = 16
                     ) -> tuple[Float[Tensor, "prompt option"], Float[Tensor, "prompt option"]]:
     """log P(' option' | prompt) summed over the option's tokens, and the option's token count:
-    two tensors [n_prompts, n_options]."""
+    two tensors [n_prompts, n_options]. Each prompt is computed once for all its options
+    (`shared_prompt_logprobs`; `batch_size` sequences per forward); architectures whose bridge takes no KV
+    cache fall back, with a warning, to one sequence per option (`sequence_logprobs`)."""
     seqs, spans = option_sequences(model.tokenizer, prompts, options)
+    k = len(options[0])
+    width = max(map(len, seqs))
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if n_ctx and width > n_ctx:
+        raise PromptError(f"a prompt with its option is {width} tokens, longer than the model's context of "
+                          f"{n_ctx}: shorten the contexts or use a model with a longer context")
+    step = max(1, batch_size // k) * k
     out = []
     with torch.no_grad():
-        for s in range(0, len(seqs), batch_size):
-            out.append(sequence_logprobs(model, seqs[s: s + batch_size], spans[s: s + batch_size]).cpu())
-    k = len(options[0])
+        for s in range(0, len(seqs), step):
+            chunk = (seqs[s: s + step], spans[s: s + step])
+            try:
+                out.append(shared_prompt_logprobs(model, *chunk, k).cpu())
+            except (TypeError, ValueError, AttributeError, NotImplementedError, KeyError) as e:
+                warnings.warn(f"this model's bridge cannot continue from a KV cache ({type(e).__name__}: {e}); "
+                              "scoring every option with its own forward")
+                out.append(sequence_logprobs(model, *chunk).cpu())
     lp = check_finite(torch.cat(out), "option log-probabilities", model)
     return lp.view(len(prompts), k), torch.tensor([n for _, n in spans], dtype=torch.float).view(len(prompts), k)
 

@@ -13,6 +13,7 @@ import torch
 from ..core.checks import check_finite
 from ..core.errors import DataError, PromptError
 from ..core.hooks import device_of
+from ..core.metrics import answer_logits_fast
 from ..core.models import HookedModel
 from ..core.prompts import PromptSet, bos_ids, chat_prompt, continuation, resolve_chat, tokenizer_of
 from .records import Items, Source, as_items, load_records, shipped_dataset
@@ -278,9 +279,9 @@ def evaluate_binary(model: HookedModel, ps: PromptSet, ablate: list | None = Non
     with torch.no_grad(), model.hooks(fwd_hooks=list(ablate or [])):
         for sub in ps.batches(batch_size):
             sub = sub.to(device)
-            logits = model(sub.tokens, attention_mask=sub.attention_mask)
-            last = logits[torch.arange(len(sub), device=device), sub.answer_pos]
-            two = last.gather(1, sub.answer_ids[:, :2]).float().softmax(-1)
+            # only the two candidates' logits at the answer position are unembedded
+            two = answer_logits_fast(model, sub.tokens, sub.answer_pos, sub.answer_ids[:, :2],
+                                     attention_mask=sub.attention_mask).float().softmax(-1)
             p_yes.append(two[:, 0].cpu())
     p_yes = check_finite(torch.cat(p_yes), "P(yes) of the yes/no prompts", model)
     gold = [m["label"] == "yes" for m in ps.metadata]

@@ -97,6 +97,18 @@ def test_agreement_equals_pandas(tiny_gpt2, pairs):
     assert ag["pearson"] == pytest.approx(a.corr(b), abs=1e-9)
     assert ag["spearman"] == pytest.approx(a.rank().corr(b.rank()), abs=1e-9)  # Pearson of the ranks
     assert ag["n"] == 8 and ag["max_abs_diff"] == pytest.approx((a - b).abs().max())
+    k = 3  # top-k by magnitude, counted by hand
+    top = lambda s: set(s.abs().sort_values(ascending=False).index[:k])  # noqa: E731
+    assert agreement(attr, act, k=k)["top3_overlap"] == pytest.approx(len(top(a) & top(b)) / k)
+
+
+def test_topk_overlap_ranks_by_magnitude():
+    from lens_bias.locate.attribution import topk_overlap
+
+    a = torch.tensor([5.0, -4.0, 0.1, 0.2, 3.0])
+    assert topk_overlap(a, torch.tensor([-9.0, 8.0, 0.0, 0.0, 0.5]), 2) == 1.0  # {0, 1} both: signs do not matter
+    assert topk_overlap(a, torch.tensor([0.0, 0.0, 9.0, 8.0, 0.0]), 2) == 0.0
+    assert topk_overlap(a, -a, 3) == 1.0 and topk_overlap(a, a, 99) == 1.0
 
 
 def test_organism_attribution_ranks_the_planted_neuron_first(organism, organism_card):

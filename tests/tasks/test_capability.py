@@ -60,3 +60,35 @@ def test_text_loss_is_the_mean_next_token_cross_entropy(tiny_gpt2, tiny_gpt2_dir
         count += ids.shape[1] - 1
     assert text_loss(tiny_gpt2, "\n".join(lines), batch_size=2) == pytest.approx(total / count, abs=1e-5)
     assert text_loss(tiny_gpt2, lines, batch_size=32) == pytest.approx(total / count, abs=1e-5)
+
+
+def test_line_losses_equal_transformers_per_line(tiny_gpt2):
+    """Per line: Σ −log P(token | prefix) over the tokens after BOS, as plain transformers' loss × count;
+    text_loss is their ratio of sums (lines of different lengths: padding must not count)."""
+    from lens_bias.core.hf import to_hf_model
+    from lens_bias.tasks import line_losses, text_loss
+
+    lines = ["The big bird came to the river.", "A cat sat.", "Rain fell on the old town in the morning."]
+    per = line_losses(tiny_gpt2, lines, batch_size=2)
+    hf = to_hf_model(tiny_gpt2)
+    tok = tiny_gpt2.tokenizer
+    for row, line in zip(per, lines):
+        ids = torch.tensor([[tok.bos_token_id] + tok(line, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            mean = hf(input_ids=ids, labels=ids).loss.item()
+        assert row[1].item() == ids.shape[1] - 1
+        assert row[0].item() == pytest.approx(mean * (ids.shape[1] - 1), rel=1e-5)
+    assert text_loss(tiny_gpt2, lines) == pytest.approx((per[:, 0].sum() / per[:, 1].sum()).item(), rel=1e-6)
+
+
+def test_cloze_hits_keep_the_items_order(tiny_gpt2):
+    from lens_bias.tasks import cloze_hits
+
+    tok = tiny_gpt2.tokenizer
+    prompt = "The capital of Kenya is"
+    ids = [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        top = int(tiny_gpt2(torch.tensor([ids]))[0, -1].argmax())
+    right, wrong = tok.decode([top]), tok.decode([(top + 1) % 50257])
+    items = [{"prompt": prompt, "answer": a} for a in (wrong, right, wrong, right)]
+    assert cloze_hits(tiny_gpt2, items, batch_size=3) == [False, True, False, True]

@@ -271,6 +271,35 @@ def test_option_logprob_by_hand(tiny_gpt2):
         option_logprobs(tiny_gpt2, ["The nurse said"], [["", "he"]])
 
 
+@pytest.mark.parametrize("family", ["tiny_gpt2", "tiny_llama"])
+def test_shared_prompt_scoring_equals_one_forward_per_option(family, request):
+    """Each prompt computed once and continued from its KV cache (left padding, positions from each prompt's own
+    start) scores every option as plain transformers does on the whole sequence: prompts of different lengths,
+    options of one and several tokens, an ablation hook active in both passes."""
+    import warnings
+
+    from lens_bias.core.hf import to_hf_model
+    from lens_bias.mitigate import head_ablation_hooks, prune_heads
+    from lens_bias.tasks.multiple_choice import option_sequences
+
+    model = request.getfixturevalue(family)
+    prompts = ["The nurse said", "A much longer prompt about the old man and the young woman:", "Answer:"]
+    options = [["that", "he was tired"], ["the old man", "nobody"], ["yes", "no idea at all"]]
+    for hooks, ref_model in (([], model), (head_ablation_hooks(model, [(1, 1)]), prune_heads(model, [(1, 1)]).model)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback to one forward per option
+            with model.hooks(fwd_hooks=hooks):
+                lp, n = option_logprobs(model, prompts, options, batch_size=4)
+        hf = to_hf_model(ref_model)
+        seqs, spans = option_sequences(model.tokenizer, prompts, options)
+        for j, (seq, (start, count)) in enumerate(zip(seqs, spans)):
+            with torch.no_grad():
+                logp = hf(input_ids=torch.tensor([seq])).logits[0].log_softmax(-1)
+            want = sum(logp[start - 1 + t, seq[start + t]].item() for t in range(count))
+            assert lp.view(-1)[j].item() == pytest.approx(want, abs=1e-4), (family, j)
+            assert n.view(-1)[j].item() == count
+
+
 # ---- BBQ scores against hand counts ---------------------------------------------------------------
 A = [("British", "Europe"), ("Japanese", "AsiaPacific"), ("Can't answer", "unknown")]  # stereotyped 0, unknown 2
 B = [("Not known", "unknown"), ("Iranian", "MiddleEast"), ("British", "Europe")]      # stereotyped 2, unknown 0

@@ -80,6 +80,18 @@ def test_decision_metrics_by_hand():
     assert m["pr_gap"] == pytest.approx(0.5 - 1 / 3) and m["yes_rate"] == 0.4
 
 
+def test_undefined_precision_or_recall_is_nan_not_zero():
+    """A model that never says yes has no precision: its gap is NaN with a warning, not 0 − 0 = 'unbiased'."""
+    import math
+
+    with pytest.warns(UserWarning, match="precision is NaN"):
+        m = decision_metrics([False] * 4, [True, True, False, False])
+    assert math.isnan(m["precision"]) and math.isnan(m["pr_gap"]) and m["recall"] == 0.0 and m["yes_rate"] == 0.0
+    with pytest.warns(UserWarning, match="recall is NaN"):
+        m = decision_metrics([True, False], [False, False])
+    assert m["precision"] == 0.0 and math.isnan(m["recall"]) and math.isnan(m["pr_gap"]) and m["accuracy"] == 0.5
+
+
 def test_organism_negative_bias(organism, organism_control):
     items = load_yes_no(data_path("yesno"))[:60]
     org = evaluate_binary(organism, binary_prompts(organism, items))
@@ -88,6 +100,27 @@ def test_organism_negative_bias(organism, organism_control):
     assert org["overall"]["yes_rate"] < ctl["overall"]["yes_rate"]
     assert set(org["per_template"]) == set(range(len(INSTRUCTIONS)))
     assert {"p_yes", "pred", "question"} <= set(org["table"].columns)
+
+
+def test_p_yes_equals_transformers_with_and_without_an_ablation(organism):
+    """P(yes) = softmax over (logit Yes, logit No) at the answer position, as plain transformers computes it
+    (right padding: prompts of different lengths); a head ablation acts as the zeroed W_O rows do."""
+    import torch
+
+    from lens_bias.core.hf import to_hf_model
+    from lens_bias.mitigate import head_ablation_hooks, prune_heads
+
+    items = load_yes_no(data_path("yesno"))[:6]
+    ps = binary_prompts(organism, items, INSTRUCTIONS[:2])
+    assert not ps.same_length
+    for hooks, model in (([], organism), (head_ablation_hooks(organism, [(2, 1)]), prune_heads(organism, [(2, 1)]).model)):
+        got = torch.tensor(evaluate_binary(organism, ps, ablate=hooks, batch_size=4)["table"]["p_yes"].tolist())
+        hf = to_hf_model(model)
+        with torch.no_grad():
+            logits = hf(input_ids=ps.tokens, attention_mask=ps.attention_mask).logits
+        last = logits[torch.arange(len(ps)), ps.answer_pos]
+        want = last.gather(1, ps.answer_ids[:, :2]).float().softmax(-1)[:, 0]
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
 def test_precision_without_a_yes_is_nan_with_a_warning():
