@@ -20,8 +20,9 @@ from ..core.models import HookedModel
 from ..core.scores import ComponentScores
 from ..tasks.capability import text_loss
 from ..tasks.multiple_choice import bbq_evaluate
-from .ablation import check_units, neuron_ablation_hooks, random_units
+from .ablation import UnitSite, check_units, neuron_ablation_hooks, random_units
 from .edits import Mitigation
+from .methods import MitigationMethod, MitigationRequest, MitigationRun
 
 #: n random (layer, neuron) pairs not in `exclude`
 random_neurons = functools.partial(random_units, site="neuron")
@@ -85,3 +86,40 @@ def crispr_report(model: HookedModel, neurons: list[tuple[int, int]], test_items
     for s in random_seeds:
         rows.append(row("random", neuron_ablation_hooks(model, random_neurons(model, len(neurons), s, exclude=neurons)), s))
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------
+# As mitigations of `lens-bias mitigate` (lens_bias.mitigate.registry)
+# ---------------------------------------------------------------------------------------
+def _needs_units(model: HookedModel, request: MitigationRequest, name: str) -> None:
+    if not request.units:
+        raise LensBiasError(f"{name} needs the components to prune (--units LAYER:INDEX,...)")
+
+
+def _pruning(site: UnitSite):
+    """The run of prune-neurons or prune-heads: the --units pruned (the pipeline measures --data)."""
+    prune = prune_neurons if site == "neuron" else prune_heads
+
+    def run(model: HookedModel, request: MitigationRequest, data: None) -> MitigationRun:
+        units = request.units
+        return MitigationRun(prune(model, units), lines=[f"pruned {len(units)} {site}s: {units}"])
+    return run
+
+
+RUN_NEURONS = MitigationMethod(
+    name="prune-neurons",
+    summary="zero the W_out rows of --units LAYER:NEURON,... (= zero ablation; Yang et al. 2024, CRISPR)",
+    units="neuron",
+    data="evaluation",
+    run=_pruning("neuron"),
+    check=functools.partial(_needs_units, name="prune-neurons"),
+)
+
+RUN_HEADS = MitigationMethod(
+    name="prune-heads",
+    summary="zero the W_O slices of --units LAYER:HEAD,... (= zero ablation of hook_z)",
+    units="head",
+    data="evaluation",
+    run=_pruning("head"),
+    check=functools.partial(_needs_units, name="prune-heads"),
+)
