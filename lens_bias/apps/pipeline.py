@@ -19,7 +19,8 @@ from ..core.models import HookedModel, resolve_model
 from ..core.prompts import resolve_chat
 from ..mitigate.edits import Mitigation, apply_edit, load_edit, save_edit
 from ..mitigate.export import check_exportable, export_model
-from ..mitigate.methods import Measure, MitigationData, MitigationMethod, MitigationRequest, Occupations, Questions
+from ..mitigate import methods
+from ..mitigate.methods import Measure, MitigationData, MitigationRequest, Occupations, Questions
 from ..mitigate.registry import MITIGATIONS, get_mitigation
 from ..organism import data_path, organism_card
 from ..tasks.capability import compare_models, default_neutral_text, text_loss
@@ -145,7 +146,7 @@ def mitigate(model: HookedModel | str | os.PathLike, method: str, out: str | os.
     return _write(out, spec, table, lines, run.result, export)
 
 
-def _write(out: Path, spec: MitigationMethod, table, lines: list[str], result: Mitigation, export: bool) -> str:
+def _write(out: Path, spec: methods.MitigationMethod, table, lines: list[str], result: Mitigation, export: bool) -> str:
     """The before/after table, the edit, the exported model and the report, into a temporary sibling that
     replaces `out`'s files of an earlier run at the end (the user's other files in `out` stay)."""
     with atomic_dir(out, merge=True) as tmp:
