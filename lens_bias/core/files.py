@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import shutil
@@ -87,6 +88,11 @@ def renamed_error(e: BaseException, tmp: str | os.PathLike, final: str | os.Path
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_jsonl(path: str | os.PathLike, rows) -> Path:
+    """One JSON object a line."""
+    return write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def write_csv(path: str | os.PathLike, df) -> Path:
