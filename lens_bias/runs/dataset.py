@@ -24,7 +24,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +145,8 @@ class RunResult:
     out_dir: Path
     n_prompts: int
     n_chunks: int
-    computed: list[int] = field(default_factory=list)
-    skipped: list[int] = field(default_factory=list)
+    computed: tuple[int, ...] = ()
+    skipped: tuple[int, ...] = ()
 
 
 @dataclass
@@ -224,14 +224,14 @@ def run_dataset(
         computed = _compute(plan, claim)
         total, computed = _combine(plan, computed)
         if total is None:
-            return RunResult(None, False, out_dir, len(plan.data), plan.n_chunks, computed)
+            return RunResult(None, False, out_dir, len(plan.data), plan.n_chunks, tuple(computed))
         result = spec.finalize(model, plan.data, total, opts)
         skipped = [i for i in range(plan.n_chunks) if i not in set(computed)]
         if write and plan.writes_folder:
             _write(plan, result, computed, skipped)
         if plan.dist is not None:
             plan.dist.barrier()  # every rank returns once rank 0's outputs are on disk
-        return RunResult(result, True, out_dir, len(plan.data), plan.n_chunks, computed, skipped)
+        return RunResult(result, True, out_dir, len(plan.data), plan.n_chunks, tuple(computed), tuple(skipped))
     finally:
         release_claim(out_dir, claim)
 

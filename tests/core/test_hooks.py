@@ -7,15 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from lens_bias.core import LensBiasError
-from lens_bias.core.hooks import (
-    SITES,
-    hook_name,
-    last_resid,
-    run_until,
-    site_kind,
-    trace,
-    unit_names,
-)
+from lens_bias.core.hooks import SITES, hook_name, last_resid, run_until, site_kind, trace, unit_names
 
 IDS = torch.tensor([[464, 15849, 531, 326, 50, 60, 7], [7, 8, 9, 10, 11, 12, 13]])
 #: the activation layout of each site kind, in (batch, pos, d_model, heads, d_head, d_mlp) terms
