@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ...core.errors import LensBiasError
-from ...core.hooks import device_of, hook_name
+from ...core.hooks import device_of, hook_name, site_kind, trace, unit_names
 from ...core.models import HookedModel
 from ...core.prompts import PromptSet
 from ...locate.attribution import attribution_patching
@@ -169,17 +169,7 @@ def mc_forward(model, items: list, instruction: str, grad: bool):
     prompts = [format_mc_prompt(instruction, it["context"], it["question"], item_options(it)) for it in items]
     options = [item_options(it) for it in items]
     seqs, spans = option_sequences(model.tokenizer, prompts, options)
-    L = model.cfg.n_layers
-    names = [hook_name(s, l) for s in ("head", "neuron") for l in range(L)]
-    acts = {}
-
-    def keep(n):
-        def f(x, hook):
-            acts[n] = x
-            return x
-        return f
-
-    with torch.set_grad_enabled(grad), model.hooks(fwd_hooks=[(n, keep(n)) for n in names]):
+    with torch.set_grad_enabled(grad), trace(model, unit_names(model, ("head", "neuron")).values()) as acts:
         lp = sequence_logprobs(model, seqs, spans)
     k = len(options[0])
     return acts, lp.view(len(items), k).softmax(-1), seqs
@@ -189,7 +179,8 @@ def mc_grad_x_act(model, items: list, instructions: list[str]) -> dict[str, Tens
     """Σ_pos ∂m/∂a · a of the report's multiple-choice bias metric m = mean over ambiguous items of
     P(biased) − P(other non-unknown option): [layer, head] (Σ over d_head) and [layer, neuron]."""
     L = model.cfg.n_layers
-    names = [hook_name(s, l) for s in ("head", "neuron") for l in range(L)]
+    sites = unit_names(model, ("head", "neuron"))
+    names = list(sites.values())
     total = {n: 0.0 for n in names}
     for ins in instructions:
         acts, probs, _ = mc_forward(model, items, ins, grad=True)
@@ -204,9 +195,9 @@ def mc_grad_x_act(model, items: list, instructions: list[str]) -> dict[str, Tens
         if not terms:
             raise LensBiasError("no ambiguous item with a biased option to take the gradient of")
         grads = torch.autograd.grad(torch.stack(terms).mean(), [acts[n] for n in names], allow_unused=True)
-        for n, g in zip(names, grads):
+        for ((site, _), n), g in zip(sites.items(), grads):
             s = (g * acts[n]).detach().float() if g is not None else torch.zeros(acts[n].shape)
-            if ".attn." in n:
+            if site_kind(site) == "head":
                 s = s.sum(-1)  # a head's features: [seq, pos, head]
             total[n] = total[n] + s.sum((0, 1)).cpu()
     return {site: torch.stack([total[hook_name(site, l)] for l in range(L)]) / len(instructions)
