@@ -1,0 +1,47 @@
+"""The table of locate methods: a new method is its file plus one REGISTRY entry, and batch runs and the
+in-memory adapter (locate_units, what reports and benchmarks call) pick it up."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from transformer_lens.utilities import get_act_name
+
+from lens_bias.core.prompts import PromptSet
+from lens_bias.runs import REGISTRY, attribute_dataset, read_manifest
+from lens_bias.runs.registry import locate_units, methods_for
+
+_spec = importlib.util.spec_from_file_location("toy_method", Path(__file__).with_name("toy_method.py"))
+toy_method = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(toy_method)
+
+
+def test_a_toy_method_is_one_file_and_one_entry(organism, organism_card, tmp_path, monkeypatch):
+    g = organism_card["planted"]["gender_neuron"]
+    prompts = [t.format(o) for o in g["occupations"][:4] + g["male_occupations"][:3] for t in g["templates"][:2]]
+    ps = PromptSet.build(organism, prompts, (" she", " he"))
+    monkeypatch.setitem(REGISTRY, "toy", toy_method.RUN)  # the one line
+    # ground truth: TransformerLens' own cache, read at the last real token of each prompt
+    names = [get_act_name("post", l) for l in range(organism.cfg.n_layers)]
+    with torch.no_grad():
+        _, cache = organism.run_with_cache(ps.tokens, attention_mask=ps.attention_mask, names_filter=names)
+    last = ps.attention_mask.sum(1) - 1
+    want = torch.stack([cache[n][torch.arange(len(ps)), last].mean(0) for n in names])
+    tol = dict(atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+    assert "toy" in methods_for("pairs") and "toy" not in methods_for("yesno")
+    torch.testing.assert_close(locate_units(organism, "toy", ps)["neuron"], want, **tol)
+    batch = attribute_dataset(organism, "toy", ps, tmp_path / "run", chunk_size=5, progress=False)
+    torch.testing.assert_close(batch.values, want, **tol)
+    assert read_manifest(tmp_path / "run")["n_chunks"] == 3  # 14 prompts in chunks of 5
+
+
+def test_locate_units_of_a_shipped_method_are_its_direct_result(organism):
+    """NAS through the table (one in-memory chunk, mapped to [layer, head]) equals the direct call."""
+    from lens_bias.locate.nas import negative_attention_scores
+    from lens_bias.organism import data_path
+    from lens_bias.tasks.yesno import binary_prompts, load_yes_no
+
+    ps = binary_prompts(organism, load_yes_no(data_path("yesno"))[:6])
+    got = locate_units(organism, "nas", ps)
+    assert set(got) == {"head"} and "nas" in methods_for("yesno")
+    torch.testing.assert_close(got["head"], negative_attention_scores(organism, ps, progress=False).values)
