@@ -45,3 +45,27 @@ def test_locate_units_of_a_shipped_method_are_its_direct_result(organism):
     got = locate_units(organism, "nas", ps)
     assert set(got) == {"head"} and "nas" in methods_for("yesno")
     torch.testing.assert_close(got["head"], negative_attention_scores(organism, ps, progress=False).values)
+
+
+def test_the_report_runs_a_registered_method_it_has_no_runner_for(organism, monkeypatch):
+    """The locate report lists the toy (before random) for a pairs task and runs it through locate_units:
+    its neuron scores are the cached activations' mean, signed by the task's orientation; layer = Σ neurons."""
+    from lens_bias.apps.report.methods import applicable_methods, run_method
+    from lens_bias.apps.report.tasks import resolve_task
+
+    monkeypatch.setitem(REGISTRY, "toy", toy_method.RUN)
+    methods, _ = applicable_methods("pairs")
+    assert methods[-2:] == ["toy", "random"] and "toy" not in applicable_methods("yesno")[0]
+    task = resolve_task(organism, "professions", max_prompts=8)
+    ps = task.locate
+    names = [get_act_name("post", l) for l in range(organism.cfg.n_layers)]
+    with torch.no_grad():
+        _, cache = organism.run_with_cache(ps.tokens, attention_mask=ps.attention_mask, names_filter=names)
+    last = ps.attention_mask.sum(1) - 1
+    want = -torch.stack([cache[n][torch.arange(len(ps)), last].mean(0) for n in names])
+    scores, meta = run_method("toy", organism, task, {"sign": -1.0}, {}, False)
+    tol = dict(atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+    torch.testing.assert_close(scores["neuron"], want, **tol)
+    torch.testing.assert_close(scores["layer"][:, 1], want.sum(1), atol=tol["atol"] * want.shape[1], rtol=1e-5)
+    assert scores["layer"][:, 0].isnan().all()  # [layer, (attn, mlp)]: no heads scored
+    assert "locate_units" in meta["rule"]

@@ -26,7 +26,7 @@ from ...locate.crispr import crispr_scores
 from ...locate.nas import negative_attention_scores
 from ...locate.patching import activation_patching, position_labels
 from ...locate.tracing import causal_trace
-from ...runs.registry import REGISTRY
+from ...runs.registry import REGISTRY, locate_units
 from ...tasks.multiple_choice import (
     biased_option,
     format_mc_prompt,
@@ -238,22 +238,28 @@ RUNNERS: dict[str, tuple[str | None, Callable, tuple[str, ...]]] = {
 }
 
 
+def _registered(name: str) -> Callable:
+    """The runner of a registered method with no hand-written one: runs.registry.locate_units on the task."""
+    def run(model, task: ReportTask, orient: dict, opts: dict, progress: bool):
+        out = _with_layers(_flip(locate_units(model, name, task.locate), orient["sign"]), model.cfg.n_layers)
+        return out, {"rule": "layer: sum of heads / neurons (runs.registry.locate_units)"}
+    return run
+
+
 def applicable_methods(kind: str) -> tuple[list[str], list[str]]:
-    """(report methods for a task kind, notes): the registry's methods whose data kind the task has, the
-    baselines, random; a registered method of that data kind with no runner here is named in a note."""
+    """(report methods for a task kind, notes): the registry's methods whose data kind the task has (a
+    registered method with no runner here through runs.registry.locate_units), the baselines, random."""
     kinds = TASK_DATA_KINDS[kind]
     known = {reg for reg, _, _ in RUNNERS.values() if reg}
-    notes = [f"registered method {name!r} ({spec.data}) has no report runner: not in this report"
-             for name, spec in REGISTRY.items() if spec.data in kinds and name not in known]
     registered = {name for name, spec in REGISTRY.items() if spec.data in kinds} | {"baselines"}
     methods = [m for m, (reg, _, tasks) in RUNNERS.items()
                if kind in tasks and (reg is None or reg in registered or reg == "baselines")]
-    return methods, notes
+    return methods[:-1] + sorted(registered - known) + methods[-1:], []  # random last
 
 
 def run_method(name: str, model: HookedModel, task: ReportTask, orient: dict, opts: dict, progress: bool):
     """(scores by unit type, metadata) of one report method."""
-    return RUNNERS[name][1](model, task, orient, opts, progress)
+    return (RUNNERS[name][1] if name in RUNNERS else _registered(name))(model, task, orient, opts, progress)
 
 
 __all__ = ["RUNNERS", "applicable_methods", "mc_grad_x_act", "mc_mean_activation", "position_labels", "run_method"]
