@@ -69,3 +69,26 @@ def test_the_report_runs_a_registered_method_it_has_no_runner_for(organism, monk
     torch.testing.assert_close(scores["layer"][:, 1], want.sum(1), atol=tol["atol"] * want.shape[1], rtol=1e-5)
     assert scores["layer"][:, 0].isnan().all()  # [layer, (attn, mlp)]: no heads scored
     assert "locate_units" in meta["rule"]
+
+
+def test_the_benchmark_scores_a_registered_method_it_has_no_runner_for(monkeypatch):
+    """The benchmark's case 1 (pairs, neuron units) gets the toy's scores without an edit of bench/:
+    the cached activations' mean over the case's prompts; a BBQ case gets none (the toy runs on pairs)."""
+    import lens_bias as lb
+    from lens_bias.bench import CASES, get_case
+    from lens_bias.bench.methods import registered_scores
+    from lens_bias.tasks.pairs import load_prompt_pairs
+
+    monkeypatch.setitem(REGISTRY, "toy", toy_method.RUN)
+    case = CASES["case1"]  # its model (bench-gender) and pairs are shipped; only its planted truth is missing
+    model = lb.load_model(str(case.model_dir), device="cpu")
+    ps = load_prompt_pairs(model, case.model_dir / "data" / case.data)
+    names = [get_act_name("post", l) for l in range(model.cfg.n_layers)]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(ps.tokens, attention_mask=ps.attention_mask, names_filter=names)
+    last = ps.attention_mask.sum(1) - 1
+    want = torch.stack([cache[n][torch.arange(len(ps)), last].mean(0) for n in names])
+    got = registered_scores(model, case)
+    assert list(got) == ["toy"] and list(got["toy"]) == ["neuron"]
+    torch.testing.assert_close(got["toy"]["neuron"], want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+    assert registered_scores(model, get_case("case6")) == {}
