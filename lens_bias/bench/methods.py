@@ -49,7 +49,7 @@ def scores_key(case: Case) -> tuple:
 
 def case_scores(model: HookedModel, case: Case, *, seeds: int = 20) -> Scores:
     """Scores of every method and baseline that applies to `case` (random: `seeds` draws, stacked)."""
-    runners: dict[str, Callable[[HookedModel, Case], Scores]] = {"pairs": _pairs, "yesno": _yesno, "bbq": _bbq}
+    runners: dict[str, Callable[[HookedModel, Case], Scores]] = {"pairs": _pairs, "yesno": _yesno, "multiple_choice": _bbq}
     out = runners[case.kind](model, case)
     out.update(registered_scores(model, case))
     shapes = {u: next(s[u] for s in out.values() if u in s).shape for u in case.units}
@@ -62,9 +62,9 @@ COVERED = ("patching", "attribution", "tracing", "nas", "crispr", "baselines")
 
 
 def registered_scores(model: HookedModel, case: Case) -> Scores:
-    """Every other registered method of the case's data kind (a BBQ case's: multiple_choice), on its data,
+    """Every other registered method of the case's data kind (a yes/no case's: its pairs), on its data,
     by runs.registry.locate_units: a method added to REGISTRY is in the benchmark without an edit here."""
-    kind = "multiple_choice" if case.kind == "bbq" else "pairs"
+    kind = "multiple_choice" if case.kind == "multiple_choice" else "pairs"
     names = [n for n in methods_for(kind) if n not in COVERED]
     data = (_items(case, case.data) if kind == "multiple_choice" else
             load_prompt_pairs(model, case.model_dir / "data" / case.data)) if names else None

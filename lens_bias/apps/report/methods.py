@@ -40,8 +40,6 @@ from .units import SITE_PARTS, layer_from_heads_and_neurons, layer_from_sites
 
 #: the registry's data kinds each task kind runs
 TASK_DATA_KINDS = {"pairs": ("pairs", "subject_prompts"), "yesno": ("yesno",), "multiple_choice": ("multiple_choice",)}
-#: baselines every task gets (they need no counterfactual)
-BASELINE_METHODS = ("grad_x_act", "weight_norm", "mean_activation", "random")
 
 
 def _flip(scores: dict[str, Tensor], s: float) -> dict[str, Tensor]:
