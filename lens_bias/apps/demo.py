@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..core.files import check_output_dir, move_into, write_table, write_text
+from ..core.files import atomic_dir, check_output_dir, write_table, write_text
 from ..core.hooks import device_of
 from ..core.metrics import answer_logits_fast
 from ..core.model_names import MODELS, converted_dir
-from ..core.models import HookedModel, load_model
+from ..core.models import HookedModel, resolve_model
 from ..core.prompts import PromptSet
 from ..core.viz import heatmap, save_figure
 from ..locate.attribution import agreement, attribution_patching
@@ -57,23 +55,17 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: int = 0, progress: bool = False,
-             overwrite: bool = False, model: str = DEFAULT_MODEL) -> str:
-    """Run the demo on `model` (the organism: its planted-truth demo; any other model: the real-model demo)
-    into `out` (refused when it holds files, unless `overwrite`); returns the report.
+             overwrite: bool = False, model: str | HookedModel = DEFAULT_MODEL) -> str:
+    """Run the demo on `model` (the organism: its planted-truth demo; any other name, path or hooked model:
+    the real-model demo) into `out` (refused when it holds files, unless `overwrite`); returns the report.
 
     The files are written to a temporary sibling folder and moved into `out` when all are done, so a
     failed or killed demo leaves `out` as it was."""
     out = check_output_dir(out, overwrite)
-    hooked = load_model(model, device=device, dtype=dtype, progress=progress)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    hooked, _ = resolve_model(model, device=device, dtype=dtype, progress=progress)
+    with atomic_dir(out, merge=True) as work:
         steps = _demo if model == "organism" else _real_demo
         report = steps(hooked, work, out, seed, progress)
-        move_into(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return report
 
 

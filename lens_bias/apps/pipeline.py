@@ -6,32 +6,29 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
-import tempfile
+import warnings
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 from ..core.checks import check_seed, check_weights_finite
 from ..core.errors import DataError, LensBiasError, PromptError
-from ..core.files import check_output_dir, move_into, renamed_error, write_csv, write_text
-from ..core.models import HookedModel
+from ..core.files import atomic_dir, check_output_dir, write_csv, write_text
+from ..core.models import HookedModel, resolve_model
 from ..core.prompts import resolve_chat
-from ..locate.nas import negative_attention_scores
-from ..mitigate.edits import apply_edit, load_edit, save_edit
+from ..mitigate.edits import Mitigation, apply_edit, load_edit, save_edit
 from ..mitigate.export import check_exportable, export_model
-from ..mitigate.lsdm import lsdm_edit
-from ..mitigate.nasa import nasa_train
-from ..mitigate.prune import prune_heads, prune_neurons
+from ..mitigate import methods
+from ..mitigate.methods import Measure, MitigationData, MitigationRequest, Occupations, Questions
+from ..mitigate.registry import MITIGATIONS, get_mitigation
 from ..organism import data_path, organism_card
-from ..tasks.capability import bias_values, compare_models, default_neutral_text, text_loss
-from ..tasks.gender import VIG_TEMPLATES, load_professions, professions_prompts
+from ..tasks.capability import compare_models, default_neutral_text, text_loss
+from ..tasks.gender import VIG_TEMPLATES, load_professions
 from ..tasks.multiple_choice import bbq_evaluate, check_contexts, load_bbq
 from ..tasks.records import located, read_dataset, read_text_file, shipped_dataset
-from ..tasks.yesno import binary_prompts, evaluate_binary, load_yes_no
+from ..tasks.yesno import binary_prompts, load_yes_no, yes_no_measures
 
-MitigationMethod = Literal["prune-neurons", "prune-heads", "lsdm", "nasa"]
-METHODS = ("prune-neurons", "prune-heads", "lsdm", "nasa")
 #: what `mitigate` writes into its folder (with --overwrite, the folder's other files stay)
 OUTPUTS = ("before_after.csv", "edit.safetensors", "model", "report.txt", "report.json")
 
@@ -52,43 +49,14 @@ def parse_units(text: str | None, what: str = "unit") -> list[tuple[int, int]]:
     return out
 
 
-def _occupation_prompts(model, data, seed):
-    """Edit/evaluation prompt sets for LSDM: from a professions file (Vig et al. JSON or one word per
-    line) with Vig's templates, or, for the organism, its card's occupations and templates. The edit
-    prompts carry counterfactual twins for the site choice (causal tracing): the organism's neutral
-    occupations, or Vig et al.'s neutral 'person'."""
-    twins = "person"
-    card = organism_card(model) if data is None else None
-    if card is not None:
-        g = card["planted"]["gender_neuron"]
-        words, templates = g["occupations"] + g["male_occupations"] + g["neutral_occupations"], g["templates"]
-        twins = g["neutral_occupations"]
-    else:
-        path = Path(data) if data is not None else shipped_dataset("professions")
-        words = (list(load_professions(path)["name"]) if path.suffix == ".json"
-                 else [w.strip() for w in read_text_file(path).splitlines() if w.strip()])
-        templates = list(VIG_TEMPLATES)
-        tok = model.tokenizer
-        words = [w for w in words if len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1]
-        if len(words) < 2:
-            raise DataError(f"{path}: fewer than 2 occupations are single tokens for this tokenizer")
-
-    def she_he(occupations, templates, corrupt_with=None):
-        return professions_prompts(model, occupations, templates, answers=(" she", " he"), corrupt_with=corrupt_with)
-
-    rng = random.Random(seed)
-    words, templates = words[:], templates[:]
-    rng.shuffle(words)
-    rng.shuffle(templates)
-    cut_w, cut_t = max(1, int(0.7 * len(words))), max(1, len(templates) // 2)
-    edit = she_he(words[:cut_w], templates[:cut_t], twins)
-    held_out = she_he(words[cut_w:] or words, templates[cut_t:] or templates)
-    return edit, held_out
-
-
-def _task_measures(model, data) -> dict:
-    """Bias and accuracy measures for a data file: BBQ (context, question, ans0..2: bias scores,
-    accuracy) or yes/no questions (precision − recall gap, accuracy), told apart by its fields."""
+# ---------------------------------------------------------------------------------------
+# --data, read as the mitigation's data kind says: (what its run gets, measures of the data)
+# ---------------------------------------------------------------------------------------
+def _evaluation_data(model: HookedModel, data) -> tuple[None, dict[str, Measure]]:
+    """Bias and accuracy measures of a data file, when one is given: BBQ (context, question, ans0..2: bias
+    scores, accuracy) or yes/no questions (precision − recall gap, accuracy), told apart by its fields."""
+    if data is None:
+        return None, {}
     columns = set(read_dataset(data).column_names)
     if {"context", "ans0", "ans1", "ans2"} <= columns:
         items = load_bbq(data)
@@ -98,9 +66,35 @@ def _task_measures(model, data) -> dict:
             raise located(data, e) from None
         keys = ("accuracy", "accuracy_ambig", "accuracy_disambig", "bias_ambig", "bias_disambig",
                 "stereotyped_rate_ambig")
-        return {"bbq": lambda m: {k: v for k, v in bbq_evaluate(m, items).items() if k in keys}}
+        return None, {"bbq": lambda m: {k: v for k, v in bbq_evaluate(m, items).items() if k in keys}}
     ps = _yes_no_prompts(model, data)
-    return {"yesno": lambda m: _binary_measures(m, ps)}
+    return None, {"yesno": lambda m: yes_no_measures(m, ps)}
+
+
+def _occupations(model: HookedModel, data) -> tuple[Occupations, dict]:
+    """Occupations and templates: from a professions file (Vig et al. JSON or one word per line) with
+    Vig's templates, twins Vig et al.'s neutral 'person'; or, for the organism, its card's occupations,
+    templates and neutral occupations."""
+    card = organism_card(model) if data is None else None
+    if card is not None:
+        g = card["planted"]["gender_neuron"]
+        words = g["occupations"] + g["male_occupations"] + g["neutral_occupations"]
+        return Occupations(words, g["templates"], g["neutral_occupations"]), {}
+    path = Path(data) if data is not None else shipped_dataset("professions")
+    words = (list(load_professions(path)["name"]) if path.suffix == ".json"
+             else [w.strip() for w in read_text_file(path).splitlines() if w.strip()])
+    tok = model.tokenizer
+    words = [w for w in words if len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1]
+    if len(words) < 2:
+        raise DataError(f"{path}: fewer than 2 occupations are single tokens for this tokenizer")
+    return Occupations(words, list(VIG_TEMPLATES)), {}
+
+
+def _questions(model: HookedModel, data) -> tuple[Questions, dict]:
+    """Yes/no questions (default: the organism's) and their prompts, a bad item named by its line."""
+    source = data or data_path("yesno")
+    items = load_yes_no(source)
+    return Questions(Path(source), items, _yes_no_prompts(model, source, items)), {}
 
 
 def _yes_no_prompts(model, data, items=None):
@@ -111,74 +105,51 @@ def _yes_no_prompts(model, data, items=None):
         raise located(data, e) from None
 
 
-def _binary_measures(model, ps) -> dict:
-    return {k: v for k, v in evaluate_binary(model, ps)["overall"].items() if k in ("pr_gap", "accuracy", "yes_rate")}
+#: data kind → (its reader, its line in the CLI's help)
+DATA_KINDS: dict[MitigationData, tuple[Callable, str]] = {
+    "evaluation": (_evaluation_data, "with --data (BBQ JSONL, or yes/no questions): bias and accuracy before/after "
+                                     "too"),
+    "occupations": (_occupations, "--data: professions (Vig et al. .json, or .txt one a line); default: the shipped "
+                                  "Vig et al. list (the organism: its card's occupations and templates)"),
+    "yesno": (_questions, "--data: yes/no JSONL/JSON/CSV (default: the organism's)"),
+}
 
 
-def mitigate(model: HookedModel, method: MitigationMethod, out: str | os.PathLike, *, units=None, data=None, neutral=None,
-             top_k: int = 1, steps: int = 100, seed: int = 0, export: bool = True, overwrite: bool = False,
-             progress: bool = True) -> str:
-    """Apply `method` ('prune-neurons', 'prune-heads' with `units`, evaluated on `data` — BBQ or
-    yes/no — when given; 'lsdm' on occupations; 'nasa' on yes/no data with `units` heads or the
-    top-k NAS heads), write before_after.csv, edit.safetensors,
-    the exported model (out/model) and report.txt; return the report."""
-    if method not in METHODS:
-        raise LensBiasError(f"unknown mitigation {method!r}; choose one of {METHODS}")
+# ---------------------------------------------------------------------------------------
+# The pipeline: check → read → run → evaluate → write
+# ---------------------------------------------------------------------------------------
+def mitigate(model: HookedModel | str | os.PathLike, method: str, out: str | os.PathLike, *, units=None, data=None,
+             neutral=None, top_k: int = 1, steps: int = 100, seed: int = 0, export: bool = True,
+             overwrite: bool = False, progress: bool = True, device=None, dtype=None) -> str:
+    """Apply the mitigation `method` (a name in lens_bias.mitigate.MITIGATIONS: 'prune-neurons',
+    'prune-heads' with `units`, evaluated on `data` — BBQ or yes/no — when given; 'lsdm' on occupations;
+    'nasa' on yes/no data with `units` heads or the top-k NAS heads), write before_after.csv,
+    edit.safetensors, the exported model (out/model) and report.txt; return the report. `model`: a hooked
+    model, or a name/path for load_model(device, dtype)."""
+    spec = get_mitigation(method)
     check_seed(seed)
     # everything that can be refused is refused before any work
     out = check_output_dir(out, overwrite)
+    model, _ = resolve_model(model, device=device, dtype=dtype)
     if export:
         check_exportable(model)
-    n_heads = model.cfg.n_layers * model.cfg.n_heads
-    if method == "nasa" and not units and (isinstance(top_k, bool) or not isinstance(top_k, int)
-                                           or not 1 <= top_k <= n_heads):
-        raise LensBiasError(f"--top-k must be a number of heads from 1 to {n_heads} (the model's heads), got {top_k}")
-    if method == "nasa" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise LensBiasError(f"--steps must be ≥ 1, got {steps}")
+    request = MitigationRequest(list(units or []), data, seed=seed, top_k=top_k, steps=steps, progress=progress)
+    if spec.check is not None:
+        spec.check(model, request)
     check_weights_finite(model, "mitigate")
-    neutral_text = read_text_file(neutral) if neutral else default_neutral_text(model)
-    units = list(units or [])
-    measures = {"neutral_loss": lambda m: text_loss(m, neutral_text)}
-    lines = [f"lens-bias mitigate: {method} on {getattr(model, 'lens_bias_source', 'model')}"]
-    if method in ("prune-neurons", "prune-heads"):
-        if not units:
-            raise LensBiasError(f"{method} needs the components to prune (--units LAYER:INDEX,...)")
-        result = (prune_neurons if method == "prune-neurons" else prune_heads)(model, units)
-        lines.append(f"pruned {len(units)} {'neurons' if method == 'prune-neurons' else 'heads'}: {units}")
-        if data is not None:
-            measures.update(_task_measures(model, data))
-    elif method == "lsdm":
-        edit_set, held_out = _occupation_prompts(model, data, seed)
-        result = lsdm_edit(model, edit_set, neutral_text, progress=progress)
-        res = result.report
-        measures["bias_held_out"] = lambda m: bias_values(m, held_out).mean().item()
-        measures["abs_bias_held_out"] = lambda m: bias_values(m, held_out).abs().mean().item()
-        lines.append(f"LSDM edit of MLP layer(s) {res['layers']} at the {res['position']} token, ‖Δ‖ = "
-                     f"{sum(v ** 2 for v in res['delta_norms'].values()) ** 0.5:.3f}; edit prompts LD "
-                     f"{res['bias_before']:+.3f} → {res['bias_after']:+.3f}")
-    else:
-        source = data or data_path("yesno")
-        items = load_yes_no(source)
-        n = len(items)
-        if n < 10:
-            raise DataError(f"{source}: nasa needs at least 10 yes/no items, got {n}")
-        every = _yes_no_prompts(model, source, items)  # bad items named by line, before the shuffle
-        order = list(range(n))
-        random.Random(seed).shuffle(order)
-        per = len(every) // n  # prompts per item (one per instruction), item-major
-        a, b = int(0.6 * n), int(0.8 * n)
-        train, dev, test = (every[[j * per + t for j in part for t in range(per)]]
-                            for part in (order[:a], order[a:b], order[b:]))
-        heads = units or negative_attention_scores(model, train, progress=progress).top_heads(top_k)
-        result = nasa_train(model, heads, train, dev, steps=steps, seed=seed, progress=progress)
-        measures["test"] = lambda m: _binary_measures(m, test)
-        lines.append(f"NASA on heads {heads}: LoRA trained {result.report['best_step']} steps (best dev gap)")
-    edited = result.model
-    table = compare_models({"original": model, "mitigated": edited}, measures)
-    # everything goes to a temporary sibling that replaces `out` whole at the end
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    request = replace(request, neutral_text=read_text_file(neutral) if neutral else default_neutral_text(model))
+    inputs, data_measures = DATA_KINDS[spec.data][0](model, data)
+    run = spec.run(model, request, inputs)
+    measures = {"neutral_loss": lambda m: text_loss(m, request.neutral_text), **data_measures, **run.measures}
+    table = compare_models({"original": model, "mitigated": run.result.model}, measures)
+    lines = [f"lens-bias mitigate: {method} on {getattr(model, 'lens_bias_source', 'model')}", *run.lines]
+    return _write(out, spec, table, lines, run.result, export)
+
+
+def _write(out: Path, spec: methods.MitigationMethod, table, lines: list[str], result: Mitigation, export: bool) -> str:
+    """The before/after table, the edit, the exported model and the report, into a temporary sibling that
+    replaces `out`'s files of an earlier run at the end (the user's other files in `out` stay)."""
+    with atomic_dir(out, merge=True) as tmp:
         write_csv(tmp / "before_after.csv", table)
         wide = table.pivot(index="measure", columns="model", values="value")
         for name, row in wide.iterrows():
@@ -187,21 +158,15 @@ def mitigate(model: HookedModel, method: MitigationMethod, out: str | os.PathLik
         save_edit(edit, tmp / "edit.safetensors")
         lines.append(f"edit: {len(edit.changes)} weights changed, ‖Δ‖ = {edit.norm:.3f} → edit.safetensors")
         if export:
-            export_model(edited, tmp / "model")
+            export_model(result.model, tmp / "model")
             lines.append("exported (transformers reloads it with the same logits) → model/")
         report = "\n".join(lines)
         write_text(tmp / "report.txt", report + "\n")
-        write_text(tmp / "report.json", json.dumps({"method": method, "table": table.to_dict("records")}, indent=2))
+        summary = {"method": spec.name, "table": table.to_dict("records")}
+        write_text(tmp / "report.json", json.dumps(summary, indent=2))
         stale = [out / name for name in OUTPUTS if not (tmp / name).exists()]  # an earlier run's, e.g. its model/
-        move_into(tmp, out)  # the user's other files in `out` stay
-        for path in stale:
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        named = renamed_error(e, tmp, out)  # a file too large is named where it was to go
-        if named is not e:
-            raise named from None
-        raise
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     return report
 
 
@@ -210,3 +175,17 @@ def export_edit(model: HookedModel, edit_file: str | os.PathLike, out: str | os.
     check_output_dir(out, overwrite)  # before the work
     check_exportable(model)
     return export_model(apply_edit(model, load_edit(edit_file)), out, overwrite=overwrite)
+
+
+def __getattr__(name: str):
+    """Deprecated names: METHODS and MitigationMethod (the Literal of the built-in names)."""
+    if name == "METHODS":
+        warnings.warn("lens_bias.apps.pipeline.METHODS is deprecated: use lens_bias.mitigate.MITIGATIONS (name → spec)",
+                      DeprecationWarning, stacklevel=2)
+        return tuple(MITIGATIONS)
+    if name == "MitigationMethod":
+        warnings.warn("lens_bias.apps.pipeline.MitigationMethod (a Literal of names) is deprecated: the names are the "
+                      "keys of lens_bias.mitigate.MITIGATIONS, whose values are lens_bias.mitigate.MitigationMethod specs",
+                      DeprecationWarning, stacklevel=2)
+        return Literal["prune-neurons", "prune-heads", "lsdm", "nasa"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

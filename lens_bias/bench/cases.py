@@ -12,7 +12,8 @@ from ..core.errors import LensBiasError
 from ..core.files import DATA_DIR
 
 BENCH_DIR = DATA_DIR / "bench"
-Kind = Literal["pairs", "yesno", "bbq"]
+#: a case's data, in core.methods.DataKind's names (a yes/no case: counterfactual pairs and yes/no questions)
+Kind = Literal["pairs", "yesno", "multiple_choice"]
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,10 @@ CASES: dict[str, Case] = {c.name: c for c in [
          loses=("NAS", "attention to ' No'"),
          expected="NAS and raw attention put the decoy at the top; AP/AtP/GxA rank it low",
          extra={"yesno": "case3_5_yesno.jsonl", "decoy": True}),
-    Case("case6", "CRISPR disentanglement (skill + bias neuron)", "bench-decision", "case6", "bbq", "case6_bbq.jsonl",
+    Case("case6", "CRISPR disentanglement (skill + bias neuron)", "bench-decision", "case6", "multiple_choice", "case6_bbq.jsonl",
          ("neuron",), wins=("CRISPR λ=0", "grad×P(biased)"), loses=("weight norm", "mean |activation|"),
          expected="λ=0 ranks both planted neurons high; λ=1 demotes the mixed one (changes the ranking)"),
-    Case("case7", "gold already top", "bench-decision", "case7", "bbq", "case7_bbq.jsonl", ("neuron",),
+    Case("case7", "gold already top", "bench-decision", "case7", "multiple_choice", "case7_bbq.jsonl", ("neuron",),
          wins=("grad×P(biased)",), loses=("CRISPR λ=1", "weight norm", "mean |activation|"),
          expected="CRISPR's ŷ (best non-gold = 'unknown') misses the truth; attribution to P(biased) finds it"),
     Case("case8", "LSDM's own site (subject's last token)", "bench-gender", "case8", "pairs", "case8_pairs.jsonl",

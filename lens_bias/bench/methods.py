@@ -23,6 +23,7 @@ from ..locate.crispr import crispr_scores, option_attributions
 from ..locate.nas import negative_attention_scores
 from ..locate.patching import activation_patching
 from ..locate.tracing import causal_trace, trace_sites
+from ..runs.registry import locate_units, methods_for
 from ..tasks.multiple_choice import INSTRUCTIONS as MC_INSTRUCTIONS
 from ..tasks.multiple_choice import biased_option, format_mc_prompt, item_options
 from ..tasks.pairs import load_prompt_pairs
@@ -48,11 +49,26 @@ def scores_key(case: Case) -> tuple:
 
 def case_scores(model: HookedModel, case: Case, *, seeds: int = 20) -> Scores:
     """Scores of every method and baseline that applies to `case` (random: `seeds` draws, stacked)."""
-    runners: dict[str, Callable[[HookedModel, Case], Scores]] = {"pairs": _pairs, "yesno": _yesno, "bbq": _bbq}
+    runners: dict[str, Callable[[HookedModel, Case], Scores]] = {"pairs": _pairs, "yesno": _yesno, "multiple_choice": _bbq}
     out = runners[case.kind](model, case)
+    out.update(registered_scores(model, case))
     shapes = {u: next(s[u] for s in out.values() if u in s).shape for u in case.units}
     out["random"] = {u: torch.stack([_random(shapes[u], k) for k in range(seeds)]) for u in case.units}
     return out
+
+
+#: the registered locate methods the runners below score under the benchmark's own names
+COVERED = ("patching", "attribution", "tracing", "nas", "crispr", "baselines")
+
+
+def registered_scores(model: HookedModel, case: Case) -> Scores:
+    """Every other registered method of the case's data kind (a yes/no case's: its pairs), on its data,
+    by runs.registry.locate_units: a method added to REGISTRY is in the benchmark without an edit here."""
+    kind = "multiple_choice" if case.kind == "multiple_choice" else "pairs"
+    names = [n for n in methods_for(kind) if n not in COVERED]
+    data = (_items(case, case.data) if kind == "multiple_choice" else
+            load_prompt_pairs(model, case.model_dir / "data" / case.data)) if names else None
+    return {n: {u: v for u, v in locate_units(model, n, data).items() if u in case.units} for n in names}
 
 
 def _pairs(model: HookedModel, case: Case, ps: PromptSet | None = None) -> Scores:

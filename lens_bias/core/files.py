@@ -148,6 +148,26 @@ def move_into(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, *, merge: bool = False) -> Iterator[Path]:
+    """A temp folder beside `path` to write a whole folder into: when the block ends it replaces `path`
+    whole (replace_dir) or, with `merge`, its entries move into `path` and the others there stay
+    (move_into). When the block fails the temp folder goes, `path` is as it was, and an OSError about a
+    file in the temp folder names that file under `path` (the name the user knows)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        (move_into if merge else replace_dir)(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        named = renamed_error(e, tmp, path)
+        if named is not e:
+            raise named from None
+        raise
+
+
+@contextlib.contextmanager
 def file_lock(path: str | os.PathLike, *, blocking: bool = True) -> Iterator[bool]:
     """Hold an exclusive advisory lock (flock) on the file `path` within the block. Yields True when
     held; with `blocking=False`, False at once when another process holds it. The lock file is

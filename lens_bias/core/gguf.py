@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .errors import ModelLoadError
+from .files import atomic_dir
 from .model_names import ModelEntry, cache_dir
 
 SOURCE_FILE = "lens_bias_source.json"
@@ -113,19 +112,11 @@ def convert_gguf(path: str | Path, out: str | Path | None = None, *, entry: Mode
               "architecture": type(model).__name__, "dtype": "float32", "seconds": None,
               **({"name": entry.name, "hub_id": entry.hub_id, "licence": entry.licence, "package": entry.package,
                   "package_version": entry.package_version, "note": entry.note} if entry else {})}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as work:
         model.save_pretrained(work)
         tok.save_pretrained(work)
         record["seconds"] = round(time.perf_counter() - t, 1)
         (work / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     steps.update()
     steps.close()
     return out

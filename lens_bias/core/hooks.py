@@ -1,8 +1,9 @@
 """The one component vocabulary and the small hook library every method uses.
 
 A *site* names a kind of activation; `hook_name(site, layer)` is the TransformerLens hook that
-carries it (TransformerLens' `get_act_name` plays this role there). Every method, result table,
-CLI option and ablation speaks these names — nothing else writes a `blocks.{…}` string.
+carries it (TransformerLens' `get_act_name` plays this role there), `unit_names(model, sites)` those of
+every layer. Every method, result table, CLI option and ablation speaks these names — nothing else
+writes a `blocks.{…}` string.
 
 | site | hook | shape |
 |---|---|---|
@@ -61,6 +62,13 @@ def hook_name(site: Site, layer: int | None = None) -> str:
     if layer is None:
         raise LensBiasError(f"site {site!r} needs a layer")
     return template.format(int(layer))
+
+
+def unit_names(model, sites: Site | Iterable[Site]) -> dict[tuple[str, int], str]:
+    """The hook of every layer of each site, keyed (site, layer), site by site (e.g. unit_names(model,
+    ("head", "neuron"))[("head", 3)] = 'blocks.3.attn.hook_z')."""
+    sites = [sites] if isinstance(sites, str) else list(sites)
+    return {(s, l): hook_name(s, l) for s in sites for l in range(model.cfg.n_layers)}
 
 
 def site_kind(site: Site) -> str:

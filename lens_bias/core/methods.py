@@ -40,7 +40,8 @@ class LocateMethod:
     finalize(model, data, total: ChunkSums, options) → the method's result (ComponentScores or a
     dict of them, one per site); prepare(model, data, options, seed) → state shared by all chunks.
     `options` maps each option to its default (all of them go into a run's manifest); `sites` lists
-    the values its 'components' option takes.
+    the values its 'components' option takes. `units(result)` → scores by unit kind ('head':
+    [layer, head], 'neuron': [layer, neuron]), what reports and benchmarks compare; None: unit_scores.
     """
 
     name: str
@@ -51,6 +52,7 @@ class LocateMethod:
     finalize: Callable[..., Any]
     prepare: Callable[..., Any] | None = None
     sites: tuple[str, ...] = ()
+    units: Callable[[Any], dict[str, Tensor]] | None = None
 
 
 def add_scores(results: dict[str, ComponentScores], n: int, into: ChunkSums | None = None) -> ChunkSums:
@@ -80,4 +82,20 @@ def scores_from_sums(total: ChunkSums, tokens: list[str] | None, n: int | None =
         out[key] = ComponentScores((total.sums[f"{key}/values"] / n).float(), tuple(m["dims"]), m["component"],
                                    m["method"], float(total.sums[f"{key}/clean"] / n),
                                    float(total.sums[f"{key}/corrupted"] / n), tokens, extra)
+    return out
+
+
+#: a unit kind → the dims of its [layer, unit] scores
+UNIT_DIMS = {"head": ("layer", "head"), "neuron": ("layer", "neuron")}
+
+
+def unit_scores(result: ComponentScores | dict[str, ComponentScores]) -> dict[str, Tensor]:
+    """A method's result as scores by unit kind: every ComponentScores whose dims are [layer, head] or
+    [layer, neuron], its effect (patched − corrupted for patching and tracing, the score otherwise)."""
+    parts = result.values() if isinstance(result, dict) else [result]
+    out = {}
+    for res in parts:
+        kind = next((k for k, dims in UNIT_DIMS.items() if tuple(res.dims) == dims), None)
+        if kind is not None:
+            out.setdefault(kind, res.effect)
     return out

@@ -201,6 +201,16 @@ def load_model(
     return model
 
 
+def resolve_model(model: TransformerBridge | str | os.PathLike, *, device: str | torch.device | None = None,
+                  dtype: str | torch.dtype | None = None, progress: bool | None = None) -> tuple[TransformerBridge, str]:
+    """(hooked model, the name runs and reports record for it): a model as it is, named by its source
+    (else its config's name); a name or a path loaded by load_model(device, dtype), named as given."""
+    if isinstance(model, (str, os.PathLike)):
+        kw = {} if progress is None else {"progress": progress}
+        return load_model(model, device=device, dtype=dtype, **kw), str(model)
+    return model, str(getattr(model, "lens_bias_source", None) or getattr(model.cfg, "model_name", "model"))
+
+
 def set_conventions(model: TransformerBridge, prepend_bos: bool | None) -> None:
     """Record the model's own tokenisation conventions on its tokenizer and config: whether prompts start
     with BOS (`core.prompts.bos_convention`, decided on the tokenizer as the model ships it — the bridge

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..core.checks import check_finite
 from ..core.errors import LensBiasError
-from ..core.hooks import check_hook_names, check_sites, device_of, hook_name
+from ..core.hooks import check_hook_names, check_sites, device_of, hook_name, trace, unit_names
 from ..core.methods import ChunkSums, LocateMethod, add_scores, scores_from_sums
 from ..core.metrics import answer_logits_fast
 from ..core.models import HookedModel
@@ -40,16 +40,6 @@ def activations_and_gradients(model: HookedModel, ps: PromptSet, tokens: Tensor,
     """One forward+backward of the mean logit difference LD over `ps` on `tokens` (with `fwd_hooks`):
     the activations at `names`, ∂(mean LD)/∂a there, and the mean LD. The weights get no gradients
     (the backward starts from the embeddings), which halves its cost."""
-    acts, grads = {}, {}
-
-    def keep(x, hook, name):
-        acts[name] = x.detach()
-        if x.requires_grad:
-            x.register_hook(lambda g: grads.__setitem__(name, g.detach()))
-        return x
-
-    hooks = [(n, (lambda n: lambda x, hook: keep(x, hook, n))(n)) for n in set(names)]
-
     def leaf(x, hook):  # gradients flow from here: the weights need none
         return x.detach().requires_grad_(True)
 
@@ -57,13 +47,16 @@ def activations_and_gradients(model: HookedModel, ps: PromptSet, tokens: Tensor,
     try:
         for p in params:
             p.requires_grad_(False)
-        with torch.enable_grad():
-            metric = _answer_metric(model, ps, tokens, list(fwd_hooks) + [(hook_name("resid_pre", 0), leaf)] + hooks,
-                                    model.W_U, getattr(model, "b_U", None))
-            metric.backward()
+        hooks = [*fwd_hooks, (hook_name("resid_pre", 0), leaf)]
+        with torch.enable_grad(), trace(model, set(names), fwd_hooks=hooks) as live:
+            metric = _answer_metric(model, ps, tokens, [], model.W_U, getattr(model, "b_U", None))
+            reached = [n for n, x in live.items() if x.requires_grad]
+            got = torch.autograd.grad(metric, [live[n] for n in reached], allow_unused=True) if reached else ()
     finally:
         for p in params:
             p.requires_grad_(True)
+    acts = {n: x.detach() for n, x in live.items()}
+    grads = {n: g.detach() for n, g in zip(reached, got) if g is not None}
     missing = [n for n in acts if n not in grads]
     if missing:
         raise LensBiasError(f"no gradient reached {missing[0]}: is the metric independent of it?")
@@ -99,7 +92,7 @@ def attribution_patching(
     device = device_of(model)
     ps = ps.to(device)
     L = model.cfg.n_layers
-    names = {(c, l): hook_name(c, l) for c in components for l in range(L)}
+    names = unit_names(model, components)
     wanted = set(names.values())
     check_hook_names(model, sorted(wanted))
     W_U, b_U = model.W_U, getattr(model, "b_U", None)
@@ -109,16 +102,8 @@ def attribution_patching(
     grad_extra, other_extra = ([], corrupt_hooks) if at == "clean" else (corrupt_hooks, [])
 
     grad_acts, grads, grad_metric = activations_and_gradients(model, ps, grad_tokens, wanted, grad_extra)
-    acts = {}
-
-    def keep(x, hook, name):
-        acts[name] = x.detach()
-        return x
-
-    hooks = [(n, (lambda n: lambda x, hook: keep(x, hook, n))(n)) for n in wanted]
-    with torch.no_grad():
-        other_metric = _answer_metric(model, ps, other_tokens, other_extra + hooks, W_U, b_U).item()
-    other_acts = acts
+    with torch.no_grad(), trace(model, wanted, fwd_hooks=other_extra) as other_acts:
+        other_metric = _answer_metric(model, ps, other_tokens, [], W_U, b_U).item()
     clean_m, corr_m = (grad_metric, other_metric) if at == "clean" else (other_metric, grad_metric)
 
     out = {}

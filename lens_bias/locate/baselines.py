@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..core.errors import LensBiasError
 from ..core.hf import out_projection
-from ..core.hooks import check_sites, device_of, hook_name, last_resid, trace
+from ..core.hooks import check_sites, device_of, last_resid, trace, unit_names
 from ..core.methods import ChunkSums, LocateMethod, add_scores, scores_from_sums
 from ..core.models import HookedModel
 from ..core.prompts import PromptSet
@@ -56,7 +56,7 @@ def weight_norm(model: HookedModel, site: UnitSite = "neuron") -> ComponentScore
 def mean_activation(model: HookedModel, ps: PromptSet, site: UnitSite = "neuron") -> ComponentScores:
     """Mean over prompts and real positions of |h_i| (neuron) or ‖z_h‖ (head): [layer, unit]."""
     check_sites([site], ("head", "neuron"), "mean-activation")
-    names = [hook_name(site, l) for l in range(model.cfg.n_layers)]
+    names = list(unit_names(model, site).values())
     ps = ps.to(device_of(model))
     with torch.no_grad(), trace(model, names, stop_at=last_resid(model)) as acts:
         model(ps.tokens, attention_mask=ps.attention_mask)
@@ -72,7 +72,7 @@ def grad_x_activation(model: HookedModel, ps: PromptSet, site: UnitSite = "neuro
     """Mean over prompts of Σ_pos ∂LD/∂a · a (clean run), summed over a head's z features: [layer, unit]."""
     check_sites([site], ("head", "neuron"), "gradient × activation")
     ps = ps.to(device_of(model))
-    names = [hook_name(site, l) for l in range(model.cfg.n_layers)]
+    names = list(unit_names(model, site).values())
     acts, grads, _ = activations_and_gradients(model, ps, ps.tokens, names)
     vals = []
     for n in names:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..core.checks import check_finite
 from ..core.errors import LensBiasError
-from ..core.hooks import hook_name
+from ..core.hooks import trace, unit_names
 from ..core.methods import ChunkSums, LocateMethod
 from ..core.models import HookedModel
 from ..core.prompts import resolve_chat
@@ -72,18 +72,11 @@ def _attribute(model, prompts: list[str], options: list[list[str]], choose, unit
         raise LensBiasError(f"unit must be one of {sorted(UNITS)}, not {unit!r}")
     k, n = len(options[0]), len(prompts)
     seqs, spans = option_sequences(model.tokenizer, prompts, options)
-    L = model.cfg.n_layers
-    acts = {}
-
-    def keep(x, hook, l):
-        acts[l] = x
-        return x
-
-    hooks = [(hook_name(unit, l), (lambda l: lambda x, hook: keep(x, hook, l))(l)) for l in range(L)]
-    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+    names = list(unit_names(model, unit).values())
+    with torch.enable_grad(), trace(model, names) as acts:
         probs = sequence_logprobs(model, seqs, spans).view(n, k).softmax(-1)
         targets = choose(probs.detach().cpu())
-        xs = [acts[l] for l in range(L)]
+        xs = [acts[name] for name in names]
         grads = {}
         for j, (name, t) in enumerate(targets.items()):
             t = torch.as_tensor(t, dtype=torch.long)

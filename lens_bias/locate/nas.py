@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..core.checks import check_finite
 from ..core.errors import LensBiasError
-from ..core.hooks import device_of, hook_name, last_resid, trace
+from ..core.hooks import device_of, hook_name, last_resid, trace, unit_names
 from ..core.methods import ChunkSums, LocateMethod
 from ..core.models import HookedModel
 from ..core.prompts import PromptSet
@@ -141,7 +141,7 @@ def negative_attention_scores(model: HookedModel, ps: PromptSet, batch_size: int
     L = model.cfg.n_layers
     device = device_of(model)
     per_prompt, neg_all, pos_all = [], [], []
-    names = [hook_name("pattern", l) for l in range(L)]
+    names = list(unit_names(model, "pattern").values())
     batches = list(ps.batches(batch_size))
     for sub in tqdm(batches, desc="NAS", disable=not progress):
         sub = sub.to(device)

@@ -21,14 +21,17 @@ from .export import (
                        export_model,
                        verify_export,
 )
-from .lsdm import lsdm_delta, lsdm_edit
+from .lsdm import lsdm_delta, lsdm_edit, occupation_split
+from .methods import MitigationMethod, MitigationRequest, MitigationRun, Occupations, Questions
 from .nasa import (
                        head_lora_config,
                        head_lora_model,
                        head_slices_unchanged,
                        nas_gap_curve,
                        nasa_train,
+                       split_questions,
 )
+from .registry import MITIGATIONS, get_mitigation
 from .prune import (
                        crispr_report,
                        prune_curve,
@@ -45,7 +48,10 @@ __all__ = [
     "counterfactual_finetune", "counterfactual_texts", "swap_pronouns",
     "Mitigation", "WeightEdit", "apply_edit", "load_edit", "save_edit", "weight_edit",
     "SUPPORTED_ARCHITECTURES", "check_exportable", "export_model", "verify_export",
-    "lsdm_delta", "lsdm_edit",
+    "lsdm_delta", "lsdm_edit", "occupation_split",
+    "MITIGATIONS", "MitigationMethod", "MitigationRequest", "MitigationRun", "Occupations", "Questions",
+    "get_mitigation",
     "head_lora_config", "head_lora_model", "head_slices_unchanged", "nas_gap_curve", "nasa_train",
+    "split_questions",
     "crispr_report", "prune_curve", "prune_heads", "prune_neurons", "random_heads", "random_neurons",
 ]

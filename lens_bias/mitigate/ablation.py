@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..core.errors import LensBiasError
-from ..core.hooks import device_of, hook_name
+from ..core.hooks import device_of, hook_name, unit_names
 from ..core.models import HookedModel
 from ..core.prompts import PromptSet
 
@@ -76,7 +76,7 @@ def reference_activations(model: HookedModel, reference: PromptSet | Tensor,
                           sites: Sequence[UnitSite] = ("head", "neuron")) -> Reference:
     """The reference set's activations at every layer of `sites`, from one forward: reuse them across
     ablations instead of running the reference again for each."""
-    names = [hook_name(s, l) for s in sites for l in range(model.cfg.n_layers)]
+    names = list(unit_names(model, sites).values())
     return Reference(*_reference_acts(model, reference, names))
 
 

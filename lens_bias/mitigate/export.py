@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -15,7 +13,7 @@ from torch import Tensor
 from ..core.checks import check_weights_finite
 from ..core.errors import LensBiasError
 from ..core.families import DECODER_FAMILIES, FAMILIES
-from ..core.files import check_output_dir, renamed_error, replace_dir, writing_error
+from ..core.files import atomic_dir, check_output_dir, writing_error
 from ..core.hf import (
     architecture,
     hf_module,
@@ -66,9 +64,7 @@ def export_model(model: HookedModel, out_dir: str | os.PathLike, *, tokenizer=No
     check_weights_finite(model, "export")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     fresh = to_hf_model(model, device="cpu")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         try:
             fresh.save_pretrained(tmp)
         except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError for a full disk
@@ -82,13 +78,6 @@ def export_model(model: HookedModel, out_dir: str | os.PathLike, *, tokenizer=No
             diff = verify_export(model, tmp, atol=atol)
             (tmp / "lens_bias_export.json").write_text(json.dumps(
                 {"architecture": architecture(model), "max_abs_logit_diff": diff}, indent=2))
-        replace_dir(tmp, out_dir)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        named = renamed_error(e, tmp, out_dir)
-        if named is not e:
-            raise named from None
-        raise
     return out_dir
 
 

@@ -20,8 +20,9 @@ from ..core.models import HookedModel
 from ..core.scores import ComponentScores
 from ..tasks.capability import text_loss
 from ..tasks.multiple_choice import bbq_evaluate
-from .ablation import check_units, neuron_ablation_hooks, random_units
+from .ablation import UnitSite, check_units, neuron_ablation_hooks, random_units
 from .edits import Mitigation
+from .methods import MitigationMethod, MitigationRequest, MitigationRun
 
 #: n random (layer, neuron) pairs not in `exclude`
 random_neurons = functools.partial(random_units, site="neuron")
@@ -85,3 +86,25 @@ def crispr_report(model: HookedModel, neurons: list[tuple[int, int]], test_items
     for s in random_seeds:
         rows.append(row("random", neuron_ablation_hooks(model, random_neurons(model, len(neurons), s, exclude=neurons)), s))
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------
+# As mitigations of `lens-bias mitigate` (lens_bias.mitigate.registry)
+# ---------------------------------------------------------------------------------------
+def _pruning(site: UnitSite, summary: str) -> MitigationMethod:
+    """prune-neurons or prune-heads as a mitigation: the --units pruned (the pipeline measures --data)."""
+    name, prune = f"prune-{site}s", (prune_neurons if site == "neuron" else prune_heads)
+
+    def check(model: HookedModel, request: MitigationRequest) -> None:
+        if not request.units:
+            raise LensBiasError(f"{name} needs the components to prune (--units LAYER:INDEX,...)")
+
+    def run(model: HookedModel, request: MitigationRequest, data: None) -> MitigationRun:
+        return MitigationRun(prune(model, request.units), lines=[f"pruned {len(request.units)} {site}s: {request.units}"])
+
+    return MitigationMethod(name=name, summary=summary, units=site, data="evaluation", run=run, check=check)
+
+
+RUN_NEURONS = _pruning("neuron", "zero the W_out rows of --units LAYER:NEURON,... (= zero ablation; Yang et al. 2024, "
+                                 "CRISPR)")
+RUN_HEADS = _pruning("head", "zero the W_O slices of --units LAYER:HEAD,... (= zero ablation of hook_z)")

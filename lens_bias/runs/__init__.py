@@ -4,10 +4,10 @@ registry.py lists the methods (one entry each), store.py keeps a run folder (man
 parallel.py joins torchrun / accelerate process groups, dataset.py runs a method over a data set.
 """
 
-from .dataset import attribute_dataset, result_frame, write_outputs
+from .dataset import RunResult, attribute_dataset, result_frame, run_dataset, write_outputs
 from .parallel import distributed
 from .registry import REGISTRY, get_method, load_run_data
 from .store import read_manifest
 
-__all__ = ["REGISTRY", "attribute_dataset", "distributed", "get_method", "load_run_data", "read_manifest",
-           "result_frame", "write_outputs"]
+__all__ = ["REGISTRY", "RunResult", "attribute_dataset", "distributed", "get_method", "load_run_data",
+           "read_manifest", "result_frame", "run_dataset", "write_outputs"]

@@ -24,7 +24,9 @@ import math
 import os
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -34,8 +36,9 @@ from ..core.errors import DataError, LensBiasError
 from ..core.files import atomic_write, check_writable, file_lock, write_table
 from ..core.hooks import device_of
 from ..core.methods import ChunkSums, LocateMethod
-from ..core.models import HookedModel, load_model
+from ..core.models import HookedModel, resolve_model
 from ..core.prompts import PromptSet
+from ..core.scores import ComponentScores
 from ..core.viz import heatmap
 from ..locate.nas import NASResult, nas_heatmap
 from .parallel import all_reduce, process_group
@@ -130,8 +133,56 @@ def _pad_positions(rec: dict, width: int | None) -> dict:
     return rec
 
 
-def attribute_dataset(
-    model: HookedModel,
+@dataclass(frozen=True)
+class RunResult:
+    """A batch run's outcome. `scores`: the method's result — dict[str, ComponentScores] (patching,
+    attribution, tracing, baselines: one per site), NASResult (nas) or ComponentScores (crispr) —, None
+    with `done` False for a job whose chunks are done while other jobs' are still missing. `computed`:
+    the chunks computed by this start (every rank's, under torch.distributed), `skipped` the others."""
+
+    scores: ComponentScores | dict[str, ComponentScores] | None
+    done: bool
+    out_dir: Path
+    n_prompts: int
+    n_chunks: int
+    computed: tuple[int, ...] = ()
+    skipped: tuple[int, ...] = ()
+
+
+@dataclass
+class _Plan:
+    """One run's arguments, as its steps share them."""
+
+    spec: LocateMethod
+    model: HookedModel
+    data: Any  # a PromptSet, or multiple-choice items
+    out_dir: Path
+    opts: dict
+    args: dict  # what the manifest records and a rerun must match
+    key: str
+    chunk_size: int
+    batch_size: int | None
+    rank: int
+    world_size: int
+    dist: Any  # torch.distributed under a process group, else None
+    progress: bool
+    write: bool
+    state: Any = None  # spec.prepare's, shared by every chunk
+    created: bool = False  # this run created out_dir
+    start_no: int = 1  # the manifest's count of starts, this one included
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(len(self.data) / self.chunk_size)
+
+    @property
+    def writes_folder(self) -> bool:
+        """This process writes the outputs and undoes a failed start: no process group, or its rank 0."""
+        return self.dist is None or self.rank == 0
+
+
+def run_dataset(
+    model: HookedModel | str | Path,
     method: str,
     data,
     out_dir: str | Path,
@@ -147,22 +198,59 @@ def attribute_dataset(
     progress: bool = True,
     write: bool = True,
     overwrite: bool = False,
-):
-    """Run `method` over `data` in resumable chunks of `chunk_size` prompts; the combined result.
+) -> RunResult:
+    """Run `method` over `data` in resumable chunks of `chunk_size` prompts: check → load → run → combine
+    → write. Returns a RunResult (its `scores`: the combined result, as attribute_dataset returns it).
 
-    method: a name in lens_bias.runs.REGISTRY (patching, attribution, tracing, nas, crispr).
+    method: a name in lens_bias.runs.REGISTRY (patching, attribution, tracing, nas, crispr, baselines).
     model: a hooked model, or a name/directory for load_model(device, dtype). data: a file (see
     load_run_data), a PromptSet (patching, attribution, tracing, nas) or multiple-choice items
     (crispr). batch_size: prompts per forward (rows of (component, prompt) for patching and
     tracing; the method's default when None). options: the method's options (REGISTRY[method].options).
-    Returns dict[str, ComponentScores] (patching, attribution, tracing), NASResult (nas) or
-    ComponentScores (crispr), without per-prompt values except NAS's; None for a job
-    (rank/world_size without torch.distributed) that finds other jobs' chunks still missing.
+    Results carry no per-prompt values except NAS's. A job (rank/world_size without
+    torch.distributed) that finds other jobs' chunks still missing gets done=False and no scores.
     Finished chunks on disk whose checksum matches the manifest are skipped; `write` adds the table
     and heatmaps to out_dir. An existing out_dir that holds no run, or a run with other arguments
     and finished chunks, is refused unless `overwrite` (which discards that run's chunks and
     outputs). Processes sharing out_dir never compute the same chunk (a lock per chunk).
     """
+    spec, opts, out_dir = _check(method, data, out_dir, chunk_size, batch_size, seed, options, overwrite)
+    model, model_name = resolve_model(model, device=device, dtype=dtype)
+    plan, data_name = _load(model, spec, opts, data, out_dir, chunk_size=chunk_size, batch_size=batch_size,
+                            seed=seed, rank=rank, world_size=world_size, progress=progress, write=write,
+                            overwrite=overwrite)
+    claim = _claim(plan, overwrite, model_name, data_name)
+    try:
+        computed = _compute(plan, claim)
+        total, computed = _combine(plan, computed)
+        if total is None:
+            return RunResult(None, False, out_dir, len(plan.data), plan.n_chunks, tuple(computed))
+        result = spec.finalize(model, plan.data, total, opts)
+        skipped = [i for i in range(plan.n_chunks) if i not in set(computed)]
+        if write and plan.writes_folder:
+            _write(plan, result, computed, skipped)
+        if plan.dist is not None:
+            plan.dist.barrier()  # every rank returns once rank 0's outputs are on disk
+        return RunResult(result, True, out_dir, len(plan.data), plan.n_chunks, tuple(computed), tuple(skipped))
+    finally:
+        release_claim(out_dir, claim)
+
+
+def attribute_dataset(model: HookedModel | str | Path, method: str, data, out_dir: str | Path, **kwargs
+                      ) -> ComponentScores | dict[str, ComponentScores] | None:
+    """`run_dataset(...).scores` (same arguments): dict[str, ComponentScores] (patching, attribution,
+    tracing, baselines), NASResult (nas) or ComponentScores (crispr); None for a job (rank/world_size
+    without torch.distributed) that finds other jobs' chunks still missing."""
+    return run_dataset(model, method, data, out_dir, **kwargs).scores
+
+
+# ---------------------------------------------------------------------------------------
+# The steps: check → load → (claim the folder) → run → combine → write
+# ---------------------------------------------------------------------------------------
+def _check(method: str, data, out_dir, chunk_size, batch_size, seed, options,
+           overwrite: bool) -> tuple[LocateMethod, dict, Path]:
+    """The method, its options and the output folder, refused before any work when they are wrong: a
+    folder, writable, and not a user's folder."""
     spec = get_method(method)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise LensBiasError(f"chunk_size must be ≥ 1, got {chunk_size}")
@@ -173,7 +261,6 @@ def attribute_dataset(
     if isinstance(data, (str, Path)) and not Path(data).is_file():
         raise DataError(f"data file {data} {'is a directory' if Path(data).is_dir() else 'does not exist'}")
     out_dir = Path(out_dir)
-    # the output folder, before any work: a folder, writable, and not a user's folder
     if out_dir.exists() and not out_dir.is_dir():
         raise LensBiasError(f"{out_dir} is a file; the output must be a folder")
     if read_manifest(out_dir) is None and _user_files(out_dir) and not overwrite:
@@ -181,23 +268,22 @@ def attribute_dataset(
         raise LensBiasError(f"{out_dir} holds files but no lens-bias run ({shown}, ...): its files would be "
                             "overwritten; use another folder, or pass overwrite=True (--overwrite)")
     check_writable(out_dir)
-    if isinstance(model, (str, Path)):
-        model_name = str(model)
-        model = load_model(model, device=device, dtype=dtype)
-    else:
-        model_name = str(getattr(model, "lens_bias_source", None) or getattr(model.cfg, "model_name", "model"))
+    return spec, opts, out_dir
+
+
+def _load(model: HookedModel, spec: LocateMethod, opts: dict, data, out_dir: Path, *, chunk_size: int, batch_size,
+          seed: int, rank, world_size, progress: bool, write: bool, overwrite: bool) -> tuple[_Plan, str]:
+    """The data (read from its file), this process's rank, the run's arguments and the method's shared
+    state: bad input the method finds in the whole data set fails here, before anything is written."""
     data_name = str(data) if isinstance(data, (str, Path)) else type(data).__name__
     data_hash = data_fingerprint(data)
     if isinstance(data, (str, Path)):
-        data = load_run_data(model, method, data, opts)
+        data = load_run_data(model, spec, data, opts)
     if isinstance(data, PromptSet) != expects_prompt_set(spec):
         want = "a PromptSet" if expects_prompt_set(spec) else "multiple-choice items"
-        raise LensBiasError(f"{method} runs on {want}, got {type(data).__name__}")
-    n = len(data)
-    if n == 0:
+        raise LensBiasError(f"{spec.name} runs on {want}, got {type(data).__name__}")
+    if len(data) == 0:
         raise DataError("no prompts to run on")
-    width = data.tokens.shape[1] if isinstance(data, PromptSet) else None
-
     dist = process_group()
     if dist is not None:
         rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -205,35 +291,47 @@ def attribute_dataset(
     if not 0 <= rank < world_size:
         raise LensBiasError(f"rank {rank} is not in 0..{world_size - 1}")
     torch.manual_seed(seed)
-    args = {"method": method, "model_sha256": model_fingerprint(model), "data_sha256": data_hash,
-            "n_prompts": n, "chunk_size": chunk_size, "seed": seed, "options": opts}
+    args = {"method": spec.name, "model_sha256": model_fingerprint(model), "data_sha256": data_hash,
+            "n_prompts": len(data), "chunk_size": chunk_size, "seed": seed, "options": opts}
     key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
-    n_chunks = math.ceil(n / chunk_size)
     if not overwrite:
         check_same_run(out_dir, read_manifest(out_dir), args)
-    # bad input the method finds in the whole data set fails here, before anything is written
-    state = spec.prepare(model, data, opts, seed) if spec.prepare is not None else None
+    plan = _Plan(spec, model, data, out_dir, opts, args, key, chunk_size, batch_size, rank, world_size, dist,
+                 progress, write)
+    plan.state = spec.prepare(model, data, opts, seed) if spec.prepare is not None else None
+    return plan, data_name
 
-    created = not out_dir.exists()
+
+def _claim(plan: _Plan, overwrite: bool, model_name: str, data_name: str):
+    """This process's claim on the folder (a live run with other arguments is refused) and, on rank 0,
+    the manifest of this start; then every rank has the same run key."""
+    out_dir = plan.out_dir
+    plan.created = not out_dir.exists()
     (out_dir / CHUNKS).mkdir(parents=True, exist_ok=True)
     with run_lock(out_dir):
         try:
-            claim = claim_run(out_dir, key, args)  # a live run with other arguments is refused
+            claim = claim_run(out_dir, plan.key, plan.args)
         except LensBiasError:
-            _remove_if_empty(out_dir, created)
+            _remove_if_empty(out_dir, plan.created)
             raise
         try:
-            if rank == 0:
-                _start(out_dir, args, key, n_chunks, overwrite, model_name, data_name)
+            if plan.rank == 0:
+                _start(out_dir, plan.args, plan.key, plan.n_chunks, overwrite, model_name, data_name)
         except BaseException:
             claim.release()
             raise
     try:
-        return _run(model, spec, data, out_dir, args=args, key=key, n_chunks=n_chunks, chunk_size=chunk_size,
-                    batch_size=batch_size, opts=opts, state=state, rank=rank, world_size=world_size, dist=dist,
-                    width=width, progress=progress, write=write, created=created, claim=claim)
-    finally:
+        if plan.dist is not None:
+            keys = [None] * plan.world_size
+            plan.dist.all_gather_object(keys, plan.key)  # also the barrier after rank 0's manifest
+            if len(set(keys)) > 1:
+                raise LensBiasError(f"the ranks were given different arguments (run keys {sorted(set(keys))})")
+        (out_dir / CHUNKS).mkdir(parents=True, exist_ok=True)
+        plan.start_no = (read_manifest(out_dir) or {}).get("starts", 1)
+    except BaseException:
         release_claim(out_dir, claim)
+        raise
+    return claim
 
 
 def _start(out_dir: Path, args: dict, key: str, n_chunks: int, overwrite: bool, model_name: str, data_name: str):
@@ -252,76 +350,76 @@ def _start(out_dir: Path, args: dict, key: str, n_chunks: int, overwrite: bool, 
     write_manifest(out_dir, args, key, n_chunks, starts, model=model_name, data=data_name, locked=True)
 
 
-def _run(model, spec: LocateMethod, data, out_dir: Path, *, args: dict, key: str, n_chunks: int, chunk_size: int,
-         batch_size, opts: dict, state, rank: int, world_size: int, dist, width, progress: bool, write: bool,
-         created: bool, claim):
-    """attribute_dataset once this process holds its claim on the folder: its chunks, then the result."""
-    method, n = spec.name, len(data)
-    writes_manifest = dist is None or rank == 0
-    if dist is not None:
-        keys = [None] * world_size
-        dist.all_gather_object(keys, key)  # also the barrier after rank 0's manifest
-        if len(set(keys)) > 1:
-            raise LensBiasError(f"the ranks were given different arguments (run keys {sorted(set(keys))})")
-    (out_dir / CHUNKS).mkdir(parents=True, exist_ok=True)
-    start_no = (read_manifest(out_dir) or {}).get("starts", 1)
+def _finished(plan: _Plan, i: int, manifest: dict | None):
+    """Chunk i's record when it is finished on disk (its checksum matching the manifest), else None."""
+    entry = chunk_entry(manifest, i)
+    return load_chunk(chunk_path(plan.out_dir, i), plan.key, entry, i) if entry is not None else None
 
-    def load(i: int, manifest: dict | None):
-        entry = chunk_entry(manifest, i)
-        return load_chunk(chunk_path(out_dir, i), key, entry, i) if entry is not None else None
 
-    mine = [i for i in range(n_chunks) if i % world_size == rank]
-    bar = tqdm(total=len(mine), disable=not progress, unit="chunk",
-               desc=f"{method}" + (f" rank {rank}" if world_size > 1 else ""),
-               position=rank if world_size > 1 else None)
+def _compute(plan: _Plan, claim) -> list[int]:
+    """This process's chunks (rank r: every world_size-th), each computed unless finished; one a chunk
+    another process is computing is waited for. Returns the chunks computed here. When it fails before
+    any chunk of the run finished, the folder is left as it was."""
+    out_dir, n = plan.out_dir, len(plan.data)
+    mine = [i for i in range(plan.n_chunks) if i % plan.world_size == plan.rank]
+    bar = tqdm(total=len(mine), disable=not plan.progress, unit="chunk",
+               desc=plan.spec.name + (f" rank {plan.rank}" if plan.world_size > 1 else ""),
+               position=plan.rank if plan.world_size > 1 else None)
     computed: list[int] = []
 
     def compute(i: int) -> None:
         """Chunk i, computed and saved (call holding its lock)."""
         clean_chunk_temps(out_dir, i)
-        lo, hi = i * chunk_size, min(n, (i + 1) * chunk_size)
+        lo, hi = i * plan.chunk_size, min(n, (i + 1) * plan.chunk_size)
         t0 = time.perf_counter()
-        part = spec.run(model, data, lo, hi, opts, batch_size, state)
+        part = plan.spec.run(plan.model, plan.data, lo, hi, plan.opts, plan.batch_size, plan.state)
         # the values (clean/corrupted are NaN by design for methods without a counterfactual)
         check_finite({k: v for k, v in part.sums.items() if k.endswith("/values")},
-                     f"{method} sums of chunk {i} (prompts {lo}..{hi - 1})", model)
-        rec = {"key": key, "index": i, "lo": lo, "hi": hi, "count": part.count, "sums": part.sums, "meta": part.meta,
-               "rows": part.rows, "start": start_no, "rank": rank, "pid": os.getpid(), "seconds": time.perf_counter() - t0}
-        save_chunk(out_dir, i, rec, (args, key, n_chunks))
+                     f"{plan.spec.name} sums of chunk {i} (prompts {lo}..{hi - 1})", plan.model)
+        rec = {"key": plan.key, "index": i, "lo": lo, "hi": hi, "count": part.count, "sums": part.sums,
+               "meta": part.meta, "rows": part.rows, "start": plan.start_no, "rank": plan.rank, "pid": os.getpid(),
+               "seconds": time.perf_counter() - t0}
+        save_chunk(out_dir, i, rec, (plan.args, plan.key, plan.n_chunks))
         computed.append(i)
 
+    def compute_unless_finished(i: int) -> None:
+        if _finished(plan, i, read_manifest(out_dir)) is None:  # another process may have finished it
+            compute(i)
+
     try:
-        manifest = read_manifest(out_dir)
-        busy = []
+        manifest, busy = read_manifest(out_dir), []
         for i in mine:
-            if load(i, manifest) is not None:
-                bar.update(1)
-                continue
-            with file_lock(chunk_lock_path(out_dir, i), blocking=False) as held:
-                if not held:  # another process is computing it
-                    busy.append(i)
-                    continue
-                if load(i, read_manifest(out_dir)) is None:  # it may have finished it just now
-                    compute(i)
+            if _finished(plan, i, manifest) is None:
+                with file_lock(chunk_lock_path(out_dir, i), blocking=False) as held:
+                    if not held:  # another process is computing it
+                        busy.append(i)
+                        continue
+                    compute_unless_finished(i)
             bar.update(1)
         for i in busy:  # wait for the other process; compute what it left (it may have died)
             with file_lock(chunk_lock_path(out_dir, i)):
-                if load(i, read_manifest(out_dir)) is None:
-                    compute(i)
+                compute_unless_finished(i)
             bar.update(1)
     except BaseException:
-        if writes_manifest and not finished_chunks(out_dir, read_manifest(out_dir)):
+        if plan.writes_folder and not finished_chunks(out_dir, read_manifest(out_dir)):
             release_claim(out_dir, claim)
-            _undo_start(out_dir, created)  # nothing finished: leave the folder as it was
+            _undo_start(out_dir, plan.created)  # nothing finished: leave the folder as it was
         raise
     finally:
         bar.close()
+    return computed
 
-    owned = mine if dist is not None else range(n_chunks)
-    manifest = read_manifest(out_dir)
+
+def _combine(plan: _Plan, computed: list[int]) -> tuple[ChunkSums | None, list[int]]:
+    """The sums of every finished chunk (under torch.distributed: this rank's, all-reduced), per-prompt
+    rows in order, and the chunks computed (every rank's); None with a warning while chunks are missing."""
+    owned = [i for i in range(plan.n_chunks) if i % plan.world_size == plan.rank] if plan.dist is not None \
+        else range(plan.n_chunks)
+    manifest = read_manifest(plan.out_dir)
+    width = plan.data.tokens.shape[1] if isinstance(plan.data, PromptSet) else None
     total, rows, missing = ChunkSums({}, 0), {}, []
     for i in owned:
-        rec = load(i, manifest)
+        rec = _finished(plan, i, manifest)
         if rec is None:
             missing.append(i)
             continue
@@ -331,29 +429,30 @@ def _run(model, spec: LocateMethod, data, out_dir: Path, *, args: dict, key: str
         total.meta, total.count = rec["meta"] or total.meta, total.count + rec["count"]
         if rec["rows"]:
             rows[i] = rec["rows"]
-    if dist is not None:
-        total, rows, computed = all_reduce(dist, total, rows, computed, device_of(model))
+    if plan.dist is not None:
+        total, rows, computed = all_reduce(plan.dist, total, rows, computed, device_of(plan.model))
     elif missing:
-        warnings.warn(f"{len(missing)} of {n_chunks} chunks are not finished yet (e.g. chunk {missing[0]}); "
+        warnings.warn(f"{len(missing)} of {plan.n_chunks} chunks are not finished yet (e.g. chunk {missing[0]}); "
                       "the job that finishes the last one combines them")
-        return None
+        return None, computed
     for k in sorted({k for r in rows.values() for k in r}):
         total.rows[k] = torch.cat([rows[i][k] for i in sorted(rows)])
-    result = spec.finalize(model, data, total, opts)
-    if write and (dist is None or rank == 0):
-        with run_lock(out_dir):
-            clean_temp_files(out_dir)
-            clean_stale_locks(out_dir)
-            write_outputs(out_dir, spec, result)
-            outputs = sorted(p.name for p in out_dir.glob("*") if p.is_file() and not p.name.startswith("."))
-            entry = {"start": start_no, "pid": os.getpid(), "world_size": world_size, "computed": computed,
-                     "skipped": [i for i in range(n_chunks) if i not in set(computed)]}
-            history = (read_manifest(out_dir) or {}).get("history", [])[-49:] + [entry]
-            write_manifest(out_dir, args, key, n_chunks, outputs=outputs, locked=True, last_start=entry,
-                           history=history)
-    if dist is not None:
-        dist.barrier()  # every rank returns once rank 0's outputs are on disk
-    return result
+    return total, computed
+
+
+def _write(plan: _Plan, result, computed: list[int], skipped: list[int]) -> None:
+    """The table and heatmaps, and the manifest's record of this start (holding the folder's lock)."""
+    out_dir = plan.out_dir
+    with run_lock(out_dir):
+        clean_temp_files(out_dir)
+        clean_stale_locks(out_dir)
+        write_outputs(out_dir, plan.spec, result)
+        outputs = sorted(p.name for p in out_dir.glob("*") if p.is_file() and not p.name.startswith("."))
+        entry = {"start": plan.start_no, "pid": os.getpid(), "world_size": plan.world_size, "computed": computed,
+                 "skipped": skipped}
+        history = (read_manifest(out_dir) or {}).get("history", [])[-49:] + [entry]
+        write_manifest(out_dir, plan.args, plan.key, plan.n_chunks, outputs=outputs, locked=True, last_start=entry,
+                       history=history)
 
 
 def _undo_start(out_dir: Path, created: bool) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torch import Tensor
+
 from ..core.errors import DataError, LensBiasError, PromptError
-from ..core.methods import LocateMethod
+from ..core.methods import DataKind, LocateMethod, unit_scores
 from ..core.models import HookedModel
 from ..core.prompts import PromptSet, resolve_chat
 from ..locate import attribution, baselines, crispr, nas, patching, tracing
@@ -102,4 +104,22 @@ def expects_prompt_set(method: LocateMethod) -> bool:
     return method.data != "multiple_choice"
 
 
-__all__ = ["REGISTRY", "PromptSet", "expects_prompt_set", "get_method", "load_run_data", "method_options"]
+def methods_for(kind: DataKind) -> list[str]:
+    """The registered methods that run on data of `kind`, in REGISTRY's order."""
+    return [name for name, spec in REGISTRY.items() if spec.data == kind]
+
+
+def locate_units(model: HookedModel, method: str | LocateMethod, data, options: dict | None = None,
+                 seed: int = 0) -> dict[str, Tensor]:
+    """A registered method over in-memory `data` as one chunk (prepare → run → finalize, as a batch run
+    does), its result mapped to scores by unit kind (the spec's `units`, else unit_scores): how a report
+    or a benchmark runs any method of the table."""
+    spec = method if isinstance(method, LocateMethod) else get_method(method)
+    opts = method_options(spec, options)
+    state = spec.prepare(model, data, opts, seed) if spec.prepare is not None else None
+    part = spec.run(model, data, 0, len(data), opts, None, state)
+    return (spec.units or unit_scores)(spec.finalize(model, data, part, opts))
+
+
+__all__ = ["REGISTRY", "PromptSet", "expects_prompt_set", "get_method", "load_run_data", "locate_units",
+           "method_options", "methods_for"]

@@ -58,6 +58,7 @@ from .yesno import (
                      load_yes_no,
                      membership_items,
                      negation_items,
+                     yes_no_measures,
 )
 
 __all__ = [
@@ -71,4 +72,5 @@ __all__ = [
     "load_prompt_pairs", "load_records", "read_dataset", "read_text_file", "shipped_dataset",
     "YESNO_INSTRUCTIONS", "arithmetic_items", "binary_prompts", "comparison_items", "decision_metrics",
     "evaluate_binary", "format_binary_prompt", "load_gsm8k", "load_yes_no", "membership_items", "negation_items",
+    "yes_no_measures",
 ]

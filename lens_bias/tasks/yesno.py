@@ -291,3 +291,8 @@ def evaluate_binary(model: HookedModel, ps: PromptSet, ablate: list | None = Non
                     for t in sorted({m["template"] for m in ps.metadata})}
     table = pd.DataFrame([{**m, "p_yes": float(p), "pred": "yes" if p > 0.5 else "no"} for m, p in zip(ps.metadata, p_yes)])
     return {"overall": decision_metrics(pred, gold), "per_template": per_template, "table": table}
+
+
+def yes_no_measures(model: HookedModel, ps: PromptSet) -> dict:
+    """evaluate_binary's overall precision − recall gap, accuracy and yes-rate: a before/after measure."""
+    return {k: v for k, v in evaluate_binary(model, ps)["overall"].items() if k in ("pr_gap", "accuracy", "yes_rate")}

@@ -104,3 +104,61 @@ def test_mitigate_refuses_an_unexportable_model_before_writing(tmp_path, capsys,
     assert main(["mitigate", "--model", str(t5), "--method", "prune-heads", "--units", "0:1", "--out", str(out)]) == 2
     assert "not supported" in capsys.readouterr().err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["t5"]
+
+
+def test_a_new_mitigation_is_one_registry_entry(tmp_path, capsys, monkeypatch):
+    """A toy mitigation (halve the W_out rows of --units) added as one entry of MITIGATIONS: `lens-bias
+    mitigate` lists it (choices, help), runs it and writes its outputs — the exported weights checked
+    against the original ones read by transformers, its own measure in the before/after table."""
+    import pandas as pd
+    import pytest
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lens_bias.core import clone_model, out_projection, shipped_model_dir
+    from lens_bias.mitigate import MITIGATIONS, Mitigation, MitigationMethod, MitigationRun
+
+    def halve(model, request, data):
+        edited = clone_model(model)
+        with torch.no_grad():
+            for l, i in request.units:
+                out_projection(edited, l, "mlp")[i] *= 0.5
+        (l, i) = request.units[0]
+        return MitigationRun(Mitigation.of(model, edited, "halve-neurons", units=request.units),
+                             {"w_out_norm": lambda m: float(out_projection(m, l, "mlp")[i].detach().norm())},
+                             [f"halved {len(request.units)} neurons"])
+
+    toy = MitigationMethod("halve-neurons", "halve the W_out rows of --units LAYER:NEURON,... (a toy)", "neuron",
+                           "evaluation", halve)
+    monkeypatch.setitem(MITIGATIONS, toy.name, toy)
+    with pytest.raises(SystemExit):
+        main(["mitigate", "--help"])
+    shown = capsys.readouterr().out
+    assert "{prune-neurons,prune-heads,lsdm,nasa,halve-neurons}" in shown
+    assert "  halve-neurons  halve the W_out rows of --units LAYER:NEURON,... (a toy); with --data" in shown
+    out = tmp_path / "toy"
+    assert main(["mitigate", "--method", "halve-neurons", "--units", "0:103,1:7", "--out", str(out), "--quiet"]) == 0
+    report = capsys.readouterr().out
+    assert "mitigate: halve-neurons on" in report and "halved 2 neurons" in report and "edit: 2 weights changed" in report
+    t = pd.read_csv(out / "before_after.csv").pivot(index="measure", columns="model", values="value")
+    assert set(t.index) == {"neutral_loss", "w_out_norm"}
+    assert t.loc["w_out_norm", "mitigated"] == pytest.approx(t.loc["w_out_norm", "original"] / 2, rel=1e-6)
+    assert sorted(p.name for p in out.iterdir()) == ["before_after.csv", "edit.safetensors", "model", "report.json",
+                                                     "report.txt"]
+    want = AutoModelForCausalLM.from_pretrained(shipped_model_dir("organism"), local_files_only=True).state_dict()
+    for l, i in ((0, 103), (1, 7)):  # GPT-2's Conv1D c_proj: [d_mlp, d_model], row i is neuron i's output
+        want[f"transformer.h.{l}.mlp.c_proj.weight"][i] *= 0.5
+    got = AutoModelForCausalLM.from_pretrained(out / "model", local_files_only=True).state_dict()
+    assert all(torch.equal(got[k], w) for k, w in want.items() if "attn.bias" not in k)
+
+
+def test_the_old_pipeline_names_still_work_and_name_the_registry():
+    import pytest
+
+    from lens_bias.apps import pipeline
+    from lens_bias.mitigate import MITIGATIONS
+
+    with pytest.warns(DeprecationWarning, match=r"lens_bias\.mitigate\.MITIGATIONS"):
+        assert pipeline.METHODS == ("prune-neurons", "prune-heads", "lsdm", "nasa") == tuple(MITIGATIONS)
+    with pytest.warns(DeprecationWarning, match=r"lens_bias\.mitigate\.MitigationMethod"):
+        assert set(pipeline.MitigationMethod.__args__) == set(MITIGATIONS)

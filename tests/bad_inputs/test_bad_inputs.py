@@ -65,9 +65,8 @@ def env(organism, organism_card):
 @pytest.fixture
 def cached_models(monkeypatch):
     """The CLI loads the shipped organism once for all cases (faults live in copies under {d})."""
-    from lens_bias.apps import cli, demo
+    from lens_bias.apps import cli
     from lens_bias.core import models
-    from lens_bias.runs import dataset
 
     real, cache = models.load_model, {}
 
@@ -79,7 +78,7 @@ def cached_models(monkeypatch):
             cache[key] = real(name, device=device, dtype=dtype)
         return cache[key]
 
-    for module in (cli, demo, dataset):
+    for module in (cli, models):  # models: resolve_model's load_model (mitigate, demo, runs)
         monkeypatch.setattr(module, "load_model", load)
 
 

@@ -56,6 +56,35 @@ def test_move_into_keeps_other_files(tmp_path):
     assert os.listdir(final / "model") == ["config.json"] and sorted(os.listdir(tmp_path)) == ["out"]
 
 
+
+def test_atomic_dir_replaces_merges_or_leaves_the_folder_as_it_was(tmp_path):
+    from lens_bias.core.files import atomic_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("the user's")
+    with pytest.raises(RuntimeError):  # a failure half-way: nothing changes, no temp folder stays
+        with atomic_dir(out) as tmp:
+            assert tmp.parent == tmp_path and tmp.name.startswith(".out.tmp-")
+            (tmp / "report.txt").write_text("half")
+            raise RuntimeError("killed")
+    assert os.listdir(out) == ["mine.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
+    with pytest.raises(OSError) as e:  # an OSError about a temp file names it where it was to go
+        with atomic_dir(out, merge=True) as tmp:
+            raise OSError(27, "File too large", str(tmp / "model" / "model.safetensors"))
+    assert e.value.filename == str(out / "model" / "model.safetensors") and os.listdir(out) == ["mine.txt"]
+    with atomic_dir(out, merge=True) as tmp:  # merge: the user's file stays
+        (tmp / "report.txt").write_text("new")
+    assert sorted(os.listdir(out)) == ["mine.txt", "report.txt"]
+    with atomic_dir(out) as tmp:  # replace: the folder is the new one, whole
+        (tmp / "model.bin").write_text("weights")
+    assert os.listdir(out) == ["model.bin"] and sorted(os.listdir(tmp_path)) == ["out"]
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~_umask()
+    with atomic_dir(tmp_path / "new" / "deep") as tmp:  # a missing parent is made
+        (tmp / "a.txt").write_text("a")
+    assert os.listdir(tmp_path / "new" / "deep") == ["a.txt"]
+
+
 LOCKER = """
 import sys, time
 from lens_bias.core.files import file_lock

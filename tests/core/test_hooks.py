@@ -7,14 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from lens_bias.core import LensBiasError
-from lens_bias.core.hooks import (
-    SITES,
-    hook_name,
-    last_resid,
-    run_until,
-    site_kind,
-    trace,
-)
+from lens_bias.core.hooks import SITES, hook_name, last_resid, run_until, site_kind, trace, unit_names
 
 IDS = torch.tensor([[464, 15849, 531, 326, 50, 60, 7], [7, 8, 9, 10, 11, 12, 13]])
 #: the activation layout of each site kind, in (batch, pos, d_model, heads, d_head, d_mlp) terms
@@ -160,3 +153,19 @@ def test_run_until_defaults_to_the_final_residual_stream(tiny_gpt2):
     with torch.no_grad():
         unmasked = run_until(tiny_gpt2, IDS)[final]
     assert (unmasked[1] - acts[final][1]).abs().max() > 1e-4  # the mask was applied
+
+
+def test_unit_names_are_transformerlens_hooks_of_every_layer(organism):
+    from transformer_lens.utilities import get_act_name
+
+    L = organism.cfg.n_layers
+    names = unit_names(organism, ("head", "neuron"))
+    tl = {"head": "z", "neuron": "post"}
+    assert list(names) == [(s, l) for s in ("head", "neuron") for l in range(L)]  # site by site, layer by layer
+    assert all(name == get_act_name(tl[s], l) for (s, l), name in names.items())
+    assert set(names.values()) <= set(organism.hook_dict)
+    assert unit_names(organism, "pattern") == {("pattern", l): get_act_name("pattern", l) for l in range(L)}
+    assert [site_kind(s) for s, _ in names] == ["head"] * L + ["neuron"] * L
+    with pytest.raises(LensBiasError, match="unknown site 'heads'"):
+        unit_names(organism, ["heads"])
+    assert hook_name("head", 1) == get_act_name("z", 1)

@@ -127,3 +127,29 @@ def test_nasa_on_the_organism_shrinks_the_negative_bias(organism, organism_card,
         theirs = reloaded(input_ids=test.tokens[:4], attention_mask=test.attention_mask[:4]).logits
     assert (ours - theirs).abs().max().item() < 1e-4
     assert (ours - organism(test.tokens[:4], attention_mask=test.attention_mask[:4])).abs().max().item() > 1e-3
+
+
+def test_split_questions_keeps_each_question_in_one_part(organism, tmp_path):
+    """`lens-bias mitigate --method nasa`'s 60/20/20 split: by question (all its instruction prompts in the
+    same part), disjoint, covering every prompt, the shuffle set by the seed; too few items refused."""
+    from lens_bias.core import DataError
+    from lens_bias.mitigate import Questions, split_questions
+
+    items = load_yes_no(data_path("yesno"))[:25]
+    ps = binary_prompts(organism, items)
+    per = len(ps) // len(items)
+    assert per > 1 and len(ps) == per * len(items)
+    q = Questions(data_path("yesno"), items, ps)
+    parts = split_questions(q, seed=3)
+    asked = [[m["question"] for m in part.metadata] for part in parts]
+    assert [len(a) for a in asked] == [15 * per, 5 * per, 5 * per]  # int(0.6·25), int(0.8·25) − 15, the rest
+    sets = [set(a) for a in asked]
+    assert [len(s) for s in sets] == [15, 5, 5] and not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    assert set().union(*sets) == {it["question"] for it in items}
+    assert all(a.count(x) == per for a in asked for x in set(a))  # every instruction of a question, together
+    prompts = {(m["question"], m["template"]): p for m, p in zip(ps.metadata, ps.prompts)}
+    assert all(prompts[(m["question"], m["template"])] == p for part in parts for m, p in zip(part.metadata, part.prompts))
+    assert split_questions(q, seed=3)[0].prompts == parts[0].prompts
+    assert split_questions(q, seed=4)[0].prompts != parts[0].prompts
+    with pytest.raises(DataError, match=r"yesno\.jsonl: nasa needs at least 10 yes/no items, got 9"):
+        split_questions(Questions(data_path("yesno"), items[:9], binary_prompts(organism, items[:9])))

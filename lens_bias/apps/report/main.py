@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ...core.errors import LensBiasError
 from ...core.files import atomic_write, write_table, write_text
 from ...core.hooks import device_of, hook_name, run_until
-from ...core.models import HookedModel, load_model
+from ...core.models import HookedModel, resolve_model
 from ...core.prompts import PromptSet, tokenizer_of
 from ...locate.patching import position_labels
 from ...runs.store import data_fingerprint, model_fingerprint
@@ -406,11 +406,7 @@ def locate_report(
         check_out_early(out, overwrite)
     if isinstance(task, (str, Path)) and not isinstance(task, PromptSet):
         check_task_spec(str(task))
-    if isinstance(model, (str, Path)):
-        name = str(model)
-        model = load_model(name, device=device, dtype=dtype)
-    else:
-        name = str(getattr(model, "lens_bias_source", None) or getattr(model.cfg, "model_name", "model"))
+    model, name = resolve_model(model, device=device, dtype=dtype)
     bad = [a for a in ablations if a not in ("zero", "mean", "resample")]
     if bad or not ablations:
         raise LensBiasError(f"unknown ablation(s) {bad or list(ablations)}; choose from zero, mean, resample")

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ...core.errors import LensBiasError
-from ...core.hooks import device_of, hook_name
+from ...core.hooks import device_of, hook_name, site_kind, trace, unit_names
 from ...core.models import HookedModel
 from ...core.prompts import PromptSet
 from ...locate.attribution import attribution_patching
@@ -26,7 +26,7 @@ from ...locate.crispr import crispr_scores
 from ...locate.nas import negative_attention_scores
 from ...locate.patching import activation_patching, position_labels
 from ...locate.tracing import causal_trace
-from ...runs.registry import REGISTRY
+from ...runs.registry import REGISTRY, locate_units
 from ...tasks.multiple_choice import (
     biased_option,
     format_mc_prompt,
@@ -40,8 +40,6 @@ from .units import SITE_PARTS, layer_from_heads_and_neurons, layer_from_sites
 
 #: the registry's data kinds each task kind runs
 TASK_DATA_KINDS = {"pairs": ("pairs", "subject_prompts"), "yesno": ("yesno",), "multiple_choice": ("multiple_choice",)}
-#: baselines every task gets (they need no counterfactual)
-BASELINE_METHODS = ("grad_x_act", "weight_norm", "mean_activation", "random")
 
 
 def _flip(scores: dict[str, Tensor], s: float) -> dict[str, Tensor]:
@@ -169,17 +167,7 @@ def mc_forward(model, items: list, instruction: str, grad: bool):
     prompts = [format_mc_prompt(instruction, it["context"], it["question"], item_options(it)) for it in items]
     options = [item_options(it) for it in items]
     seqs, spans = option_sequences(model.tokenizer, prompts, options)
-    L = model.cfg.n_layers
-    names = [hook_name(s, l) for s in ("head", "neuron") for l in range(L)]
-    acts = {}
-
-    def keep(n):
-        def f(x, hook):
-            acts[n] = x
-            return x
-        return f
-
-    with torch.set_grad_enabled(grad), model.hooks(fwd_hooks=[(n, keep(n)) for n in names]):
+    with torch.set_grad_enabled(grad), trace(model, unit_names(model, ("head", "neuron")).values()) as acts:
         lp = sequence_logprobs(model, seqs, spans)
     k = len(options[0])
     return acts, lp.view(len(items), k).softmax(-1), seqs
@@ -189,7 +177,8 @@ def mc_grad_x_act(model, items: list, instructions: list[str]) -> dict[str, Tens
     """Σ_pos ∂m/∂a · a of the report's multiple-choice bias metric m = mean over ambiguous items of
     P(biased) − P(other non-unknown option): [layer, head] (Σ over d_head) and [layer, neuron]."""
     L = model.cfg.n_layers
-    names = [hook_name(s, l) for s in ("head", "neuron") for l in range(L)]
+    sites = unit_names(model, ("head", "neuron"))
+    names = list(sites.values())
     total = {n: 0.0 for n in names}
     for ins in instructions:
         acts, probs, _ = mc_forward(model, items, ins, grad=True)
@@ -204,9 +193,9 @@ def mc_grad_x_act(model, items: list, instructions: list[str]) -> dict[str, Tens
         if not terms:
             raise LensBiasError("no ambiguous item with a biased option to take the gradient of")
         grads = torch.autograd.grad(torch.stack(terms).mean(), [acts[n] for n in names], allow_unused=True)
-        for n, g in zip(names, grads):
+        for ((site, _), n), g in zip(sites.items(), grads):
             s = (g * acts[n]).detach().float() if g is not None else torch.zeros(acts[n].shape)
-            if ".attn." in n:
+            if site_kind(site) == "head":
                 s = s.sum(-1)  # a head's features: [seq, pos, head]
             total[n] = total[n] + s.sum((0, 1)).cpu()
     return {site: torch.stack([total[hook_name(site, l)] for l in range(L)]) / len(instructions)
@@ -247,22 +236,28 @@ RUNNERS: dict[str, tuple[str | None, Callable, tuple[str, ...]]] = {
 }
 
 
+def _registered(name: str) -> Callable:
+    """The runner of a registered method with no hand-written one: runs.registry.locate_units on the task."""
+    def run(model, task: ReportTask, orient: dict, opts: dict, progress: bool):
+        out = _with_layers(_flip(locate_units(model, name, task.locate), orient["sign"]), model.cfg.n_layers)
+        return out, {"rule": "layer: sum of heads / neurons (runs.registry.locate_units)"}
+    return run
+
+
 def applicable_methods(kind: str) -> tuple[list[str], list[str]]:
-    """(report methods for a task kind, notes): the registry's methods whose data kind the task has, the
-    baselines, random; a registered method of that data kind with no runner here is named in a note."""
+    """(report methods for a task kind, notes): the registry's methods whose data kind the task has (a
+    registered method with no runner here through runs.registry.locate_units), the baselines, random."""
     kinds = TASK_DATA_KINDS[kind]
     known = {reg for reg, _, _ in RUNNERS.values() if reg}
-    notes = [f"registered method {name!r} ({spec.data}) has no report runner: not in this report"
-             for name, spec in REGISTRY.items() if spec.data in kinds and name not in known]
     registered = {name for name, spec in REGISTRY.items() if spec.data in kinds} | {"baselines"}
     methods = [m for m, (reg, _, tasks) in RUNNERS.items()
                if kind in tasks and (reg is None or reg in registered or reg == "baselines")]
-    return methods, notes
+    return methods[:-1] + sorted(registered - known) + methods[-1:], []  # random last
 
 
 def run_method(name: str, model: HookedModel, task: ReportTask, orient: dict, opts: dict, progress: bool):
     """(scores by unit type, metadata) of one report method."""
-    return RUNNERS[name][1](model, task, orient, opts, progress)
+    return (RUNNERS[name][1] if name in RUNNERS else _registered(name))(model, task, orient, opts, progress)
 
 
 __all__ = ["RUNNERS", "applicable_methods", "mc_grad_x_act", "mc_mean_activation", "position_labels", "run_method"]

@@ -3,9 +3,9 @@ removes the bias and preserves other outputs. keys → targets → solve → mai
 compute_v, rome_main."""
 
 from .keys import edit_positions, mlp_keys, preservation_keys
-from .main import lsdm_edit
+from .main import lsdm_edit, occupation_split
 from .solve import lsdm_delta
 from .targets import gender_direction, target_residuals
 
-__all__ = ["edit_positions", "gender_direction", "lsdm_delta", "lsdm_edit", "mlp_keys", "preservation_keys",
-           "target_residuals"]
+__all__ = ["edit_positions", "gender_direction", "lsdm_delta", "lsdm_edit", "mlp_keys", "occupation_split",
+           "preservation_keys", "target_residuals"]

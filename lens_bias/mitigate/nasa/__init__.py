@@ -2,6 +2,7 @@
 masked to those heads (lora.py), trained with the NASA loss and early stopping (train.py)."""
 
 from .lora import head_lora_config, head_lora_model, head_slices_unchanged
-from .train import nas_gap_curve, nasa_train
+from .train import nas_gap_curve, nasa_train, split_questions
 
-__all__ = ["head_lora_config", "head_lora_model", "head_slices_unchanged", "nas_gap_curve", "nasa_train"]
+__all__ = ["head_lora_config", "head_lora_model", "head_slices_unchanged", "nas_gap_curve", "nasa_train",
+           "split_questions"]

@@ -20,19 +20,21 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ...core.errors import LensBiasError
+from ...core.errors import DataError, LensBiasError
 from ...core.hf import hf_module, load_hf_weights
 from ...core.hooks import device_of
 from ...core.models import HookedModel
 from ...core.prompts import PromptSet
 from ...locate.nas import NASQueries, nas_terms, negative_attention_scores, query_mask
-from ...tasks.yesno import decision_metrics
+from ...tasks.yesno import decision_metrics, yes_no_measures
 from ..edits import Mitigation
+from ..methods import MitigationMethod, MitigationRequest, MitigationRun, Questions
 from .lora import Projection, head_lora_model
 
 
@@ -167,3 +169,51 @@ def nas_gap_curve(result: Mitigation):
 
     return pd.DataFrame(result.report["history"])
 
+
+
+# ---------------------------------------------------------------------------------------
+# As a mitigation of `lens-bias mitigate` (lens_bias.mitigate.registry)
+# ---------------------------------------------------------------------------------------
+def split_questions(questions: Questions, seed: int = 0) -> tuple[PromptSet, PromptSet, PromptSet]:
+    """(train, dev, test) prompts: the items shuffled with `seed` and cut 60/20/20 (train / dev for early
+    stopping / test), all prompts of an item (one per instruction) in the same part."""
+    n = len(questions.items)
+    if n < 10:
+        raise DataError(f"{questions.source}: nasa needs at least 10 yes/no items, got {n}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    every = questions.prompts
+    per = len(every) // n  # prompts per item, item-major
+    a, b = int(0.6 * n), int(0.8 * n)
+    train, dev, test = (every[[j * per + t for j in part for t in range(per)]]
+                        for part in (order[:a], order[a:b], order[b:]))
+    return train, dev, test
+
+
+def _check(model: HookedModel, request: MitigationRequest) -> None:
+    n_heads, top_k, steps = model.cfg.n_layers * model.cfg.n_heads, request.top_k, request.steps
+    if not request.units and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_heads):
+        raise LensBiasError(f"--top-k must be a number of heads from 1 to {n_heads} (the model's heads), got {top_k}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise LensBiasError(f"--steps must be ≥ 1, got {steps}")
+
+
+def _run(model: HookedModel, request: MitigationRequest, questions: Questions) -> MitigationRun:
+    """NASA on the --units heads (else the top-k by NAS on the train split), judged on the test split."""
+    train, dev, test = split_questions(questions, request.seed)
+    heads = request.units or negative_attention_scores(model, train, progress=request.progress).top_heads(request.top_k)
+    result = nasa_train(model, heads, train, dev, steps=request.steps, seed=request.seed, progress=request.progress)
+    return MitigationRun(result, {"test": lambda m: yes_no_measures(m, test)},
+                         [f"NASA on heads {heads}: LoRA trained {result.report['best_step']} steps (best dev gap)"])
+
+
+RUN = MitigationMethod(
+    name="nasa",
+    summary="LoRA restricted to --units LAYER:HEAD,... (default: the --top-k heads by NAS) trained with the NASA "
+            "loss (Yu et al. 2024)",
+    units="head",
+    data="yesno",
+    run=_run,
+    check=_check,
+    help="split 60/20/20 (train / dev for early stopping / test)",
+)
