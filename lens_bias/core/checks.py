@@ -90,7 +90,7 @@ def _tensors(x: Any) -> Iterable[Tensor]:
     elif isinstance(x, (list, tuple)):
         for v in x:
             yield from _tensors(v)
-    elif hasattr(x, "values") and isinstance(getattr(x, "values"), Tensor):  # ComponentScores
+    elif hasattr(x, "values") and isinstance(x.values, Tensor):  # ComponentScores
         yield x.values
 
 
@@ -214,7 +214,7 @@ def checked_config(source: str):
 
     try:
         return AutoConfig.from_pretrained(source)
-    except Exception as e:  # noqa: BLE001 - huggingface_hub's strict dataclasses raise their own type
+    except Exception as e:  # huggingface_hub's strict dataclasses raise their own type
         if type(e).__name__ != "StrictDataclassFieldValidationError":
             raise
         cause = str(e.__cause__ or e).strip().splitlines()[-1].strip()

@@ -211,7 +211,7 @@ class SharedLock:
     def __init__(self, path: str | os.PathLike):
         self.path, self.fd = Path(path), None
 
-    def acquire(self) -> "SharedLock":
+    def acquire(self) -> SharedLock:
         if fcntl is not None:
             self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o666)
             fcntl.flock(self.fd, fcntl.LOCK_SH)

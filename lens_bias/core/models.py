@@ -154,7 +154,7 @@ def resolve_source(name_or_path: str | os.PathLike, *, progress: bool = True) ->
         return str(path), "directory"
     if name.lower().endswith(".gguf"):
         raise ModelLoadError(f"GGUF file {name!r} does not exist")
-    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
+    if name.startswith((".", "/", "~")) or (os.sep in name and name.count("/") > 1):
         raise ModelLoadError(f"model directory {name!r} does not exist")
     return name, "hub"
 
@@ -220,7 +220,7 @@ def _check_hub(source: str) -> None:
         from transformers import AutoConfig
 
         AutoConfig.from_pretrained(source, local_files_only=_is_offline())
-    except Exception as e:  # transformers raises OSError/ValueError/HTTP errors
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError/ValueError/HTTP errors
         raise ModelLoadError(
             f"could not load model {source!r}: it is not a shipped model ({', '.join(sorted(SHIPPED_MODELS))}), "
             f"not a model known by name ({', '.join(sorted(MODELS))}), not an existing local directory or .gguf "
@@ -254,7 +254,7 @@ def _boot(source: str, kind: str, dev, dt, tokenizer, placement: dict) -> Transf
         raise
     except (OSError, ValueError, KeyError, NotImplementedError, RuntimeError, EOFError) as e:
         raise ModelLoadError(f"could not load model {source!r} ({kind}): {type(e).__name__}: {_first_line(e)}") from None
-    except Exception as e:  # noqa: BLE001 - safetensors, pickle and JSON readers raise their own types
+    except Exception as e:  # safetensors, pickle and JSON readers raise their own types
         if type(e).__name__ not in ("SafetensorError", "UnpicklingError", "JSONDecodeError", "HeaderTooLarge"):
             raise
         raise ModelLoadError(f"could not load model {source!r}: {_weights_file(source)} is corrupt or truncated "

@@ -77,7 +77,7 @@ class NASResult(ComponentScores):
 
     @classmethod
     def of(cls, nas: Tensor, per_prompt: Tensor, att_neg: Tensor, att_pos: Tensor,
-           metadata: list[dict] | None = None) -> "NASResult":
+           metadata: list[dict] | None = None) -> NASResult:
         return cls(nas, ("layer", "head"), "head", "nas", per_prompt=per_prompt, att_neg=att_neg, att_pos=att_pos,
                    metadata=list(metadata or []))
 

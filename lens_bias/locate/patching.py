@@ -550,7 +550,7 @@ def activation_patching(
 
 
 #: per model, the fallbacks it has been warned about (each is said once per model)
-_WARNED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_WARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class FastPathWarning(UserWarning):

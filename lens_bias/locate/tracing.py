@@ -170,7 +170,7 @@ def causal_trace(
     if not abs(first.corrupted) < abs(first.clean):
         warnings.warn(f"the {corruption} corruption does not move the bias toward zero (m(clean) {first.clean:+.3f}, "
                       f"m(corrupted) {first.corrupted:+.3f}): the indirect effects are not ROME's; use "
-                      "corruption='counterfactual' with neutral twins, or more noise")
+                      "corruption='counterfactual' with neutral twins, or more noise", stacklevel=2)
     return out
 
 

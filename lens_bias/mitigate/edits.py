@@ -105,7 +105,7 @@ def load_edit(path: str | os.PathLike) -> WeightEdit:
     try:
         with safe_open(str(path), framework="pt") as f:
             header = json.loads((f.metadata() or {})["lens_bias_edit"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safetensors safe_open has keys(), no __iter__
     except (KeyError, ValueError, OSError, SafetensorError) as e:
         raise LensBiasError(f"{path} is not a lens_bias edit file ({type(e).__name__}: {e})") from None
     changes = {}
@@ -156,7 +156,7 @@ class Mitigation:
     report: dict = field(default_factory=dict)
 
     @classmethod
-    def of(cls, original, edited, method: str, **report) -> "Mitigation":
+    def of(cls, original, edited, method: str, **report) -> Mitigation:
         """The Mitigation of `edited` against `original` (the edit computed from their weights)."""
         meta = {"method": method, **{k: v for k, v in report.items() if isinstance(v, (int, float, str, list, tuple))}}
         return cls(edited, weight_edit(original, edited, meta=json.loads(json.dumps(meta, default=str))),

@@ -71,7 +71,7 @@ def export_model(model: HookedModel, out_dir: str | os.PathLike, *, tokenizer=No
     try:
         try:
             fresh.save_pretrained(tmp)
-        except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError for a full disk
+        except Exception as e:  # safetensors raises SafetensorError for a full disk
             named = writing_error(e, tmp / "model.safetensors")
             if named is None:
                 raise

@@ -335,7 +335,7 @@ def _run(model, spec: LocateMethod, data, out_dir: Path, *, args: dict, key: str
         total, rows, computed = all_reduce(dist, total, rows, computed, device_of(model))
     elif missing:
         warnings.warn(f"{len(missing)} of {n_chunks} chunks are not finished yet (e.g. chunk {missing[0]}); "
-                      "the job that finishes the last one combines them")
+                      "the job that finishes the last one combines them", stacklevel=2)
         return None
     for k in sorted({k for r in rows.values() for k in r}):
         total.rows[k] = torch.cat([rows[i][k] for i in sorted(rows)])

@@ -107,7 +107,7 @@ def _quiet_datasets():
     return datasets
 
 
-def read_dataset(path: str | os.PathLike) -> "datasets.Dataset":  # noqa: F821
+def read_dataset(path: str | os.PathLike) -> datasets.Dataset:  # noqa: F821
     """A JSONL, JSON-list or CSV file as a `datasets.Dataset` (Arrow, memory-mapped)."""
     path = Path(path)
     text = read_text_file(path)
@@ -133,7 +133,7 @@ def _looks_like_hub_name(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).suffix
 
 
-def hub_dataset(name: str, split: str | None = None) -> "datasets.Dataset":  # noqa: F821
+def hub_dataset(name: str, split: str | None = None) -> datasets.Dataset:  # noqa: F821
     """A data set from the Hugging Face hub ('owner/name' or 'owner/name:split'), when the network or
     the local cache has it; a clear DataError otherwise."""
     datasets = _quiet_datasets()
@@ -173,7 +173,7 @@ def located(path: str | os.PathLike, error: Exception) -> Exception:
     return type(error)(f"{where}: {message}")
 
 
-def load_records(source: Source) -> tuple["datasets.Dataset | list[dict]", Any]:  # noqa: F821
+def load_records(source: Source) -> tuple[datasets.Dataset | list[dict], Any]:  # noqa: F821
     """(records, where) from a path, a datasets.Dataset or a list of dicts; `where(i)` names record i
     for error messages ('file:line', or 'item i')."""
     try:

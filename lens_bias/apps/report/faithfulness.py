@@ -170,7 +170,7 @@ class Faithfulness:
                     plan.append((unit_type, "random", k, rng.sample(all_units, k), s, all_units, k == ks[-1]))
         # distinct measurements: methods often pick the same units
         nec_keys, suf_keys, cap_keys = {}, {}, {}
-        for unit_type, method, k, units, s, all_units, last in plan:
+        for unit_type, _method, _k, units, s, all_units, last in plan:
             heads, neurons = expand(unit_type, units, self.n_heads, self.d_mlp)
             hn = (tuple(sorted(heads)), tuple(sorted(neurons)))
             for ablation in self.ablations:

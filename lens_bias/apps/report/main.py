@@ -80,7 +80,7 @@ class _Stages:
             try:
                 rec = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - an unreadable stage is recomputed
-                warnings.warn(f"{path} is unreadable ({type(e).__name__}); computing the stage again")
+                warnings.warn(f"{path} is unreadable ({type(e).__name__}); computing the stage again", stacklevel=2)
                 rec = None
             if isinstance(rec, dict) and rec.get("key") == key:
                 self.timings[name] = {"seconds": 0.0, "cached": True, "computed_in": rec.get("seconds")}

@@ -190,7 +190,7 @@ def mc_grad_x_act(model, items: list, instructions: list[str]) -> dict[str, Tens
     P(biased) − P(other non-unknown option): [layer, head] (Σ over d_head) and [layer, neuron]."""
     L = model.cfg.n_layers
     names = [hook_name(s, l) for s in ("head", "neuron") for l in range(L)]
-    total = {n: 0.0 for n in names}
+    total = dict.fromkeys(names, 0.0)
     for ins in instructions:
         acts, probs, _ = mc_forward(model, items, ins, grad=True)
         terms = []

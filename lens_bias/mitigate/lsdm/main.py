@@ -121,7 +121,7 @@ def lsdm_edit(
     if ld1.abs().mean() > ld0.abs().mean():
         warnings.warn(f"the LSDM edit made the bias on its own prompts larger (mean |LD| {ld0.abs().mean():.3f} → "
                       f"{ld1.abs().mean():.3f}): this site ({layers}, {position!r}) does not carry it; trace_sites "
-                      "ranks the sites")
+                      "ranks the sites", stacklevel=2)
     return Mitigation.of(model, target_model, "lsdm", layers=layers, position=position, delta_norms=norms,
                          bias_before=float(ld0.mean()), bias_after=float(ld1.mean()),
                          abs_bias_before=float(ld0.abs().mean()), abs_bias_after=float(ld1.abs().mean()),
