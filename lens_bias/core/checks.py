@@ -17,19 +17,22 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import Tensor
 
 from .errors import LensBiasError, ModelLoadError
 
+if TYPE_CHECKING:
+    from .models import HookedModel
+
 
 class NonFiniteError(LensBiasError):
     """NaN or inf in a model's weights or in a result computed from them."""
 
 
-def first_nonfinite_parameter(model) -> tuple[str, int, int, tuple[int, ...]] | None:
+def first_nonfinite_parameter(model: HookedModel | torch.nn.Module) -> tuple[str, int, int, tuple[int, ...]] | None:
     """(name, number of non-finite entries, numel, index of the first) of the first parameter holding
     NaN/inf, or None when every weight is finite. (Buffers are not weights: some models keep -inf
     masks in them. Parameters offloaded to disk are on the meta device and are not read here: the
@@ -49,7 +52,7 @@ def first_nonfinite_parameter(model) -> tuple[str, int, int, tuple[int, ...]] | 
     return None
 
 
-def nonfinite_cause(model) -> str:
+def nonfinite_cause(model: HookedModel | torch.nn.Module) -> str:
     """Why a result from `model` is not finite: its first non-finite weight, float16 overflow, or the input."""
     hit = first_nonfinite_parameter(model)
     if hit is not None:
@@ -70,7 +73,7 @@ def _dtype_of(model) -> torch.dtype | None:
         return None
 
 
-def check_weights_finite(model, what: str = "model") -> None:
+def check_weights_finite(model: HookedModel | torch.nn.Module, what: str = "model") -> None:
     """A NonFiniteError naming the first parameter that holds NaN or inf (one pass over the weights)."""
     hit = first_nonfinite_parameter(model)
     if hit is not None:
@@ -184,7 +187,7 @@ def _layer_hint(config, keys, model_keys, missing: bool) -> str:
     return f" — config.json's {name} is {n}, is that the number of layers the weights have?"
 
 
-def check_loading_info(source: str, model, info: dict) -> None:
+def check_loading_info(source: str, model: HookedModel | torch.nn.Module, info: dict) -> None:
     """A ModelLoadError naming the weights transformers' loading report (`output_loading_info=True`)
     found missing (they would be random), unexpected (ignored) or of another shape than the config's."""
     arch = type(model).__name__
@@ -262,7 +265,7 @@ def checked_loader(source: str) -> CheckedLoader:
     return CheckedLoader(source)
 
 
-def check_tokenizer(model, source: str) -> None:
+def check_tokenizer(model: HookedModel, source: str) -> None:
     """A ModelLoadError when the model's tokenizer is missing or empty (a folder without tokenizer
     files loads as a 1-token tokenizer), or holds more tokens than the embedding has rows."""
     tok = getattr(model, "tokenizer", None)

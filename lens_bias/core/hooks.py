@@ -21,12 +21,15 @@ forward at a hook so nothing after it is computed.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator, Literal, get_args
+from typing import TYPE_CHECKING, Iterable, Iterator, Literal, get_args
 
 import torch
 from torch import Tensor
 
 from .errors import LensBiasError
+
+if TYPE_CHECKING:
+    from .models import HookedModel
 
 Site = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_value", "head", "neuron", "pattern",
                "embed"]
@@ -79,12 +82,12 @@ def check_sites(sites: Iterable[str], allowed: Iterable[str], what: str) -> list
     return sites
 
 
-def last_resid(model) -> str:
+def last_resid(model: HookedModel) -> str:
     """The hook of the final residual stream (the last block's resid_post)."""
     return hook_name("resid_post", model.cfg.n_layers - 1)
 
 
-def device_of(model) -> torch.device:
+def device_of(model: HookedModel | torch.nn.Module) -> torch.device:
     """The device inputs go to: that of the model's first parameter which holds data (under a device_map
     with disk offload, offloaded parameters sit on the meta device; Accelerate moves inputs on between
     modules)."""
@@ -96,7 +99,7 @@ def device_of(model) -> torch.device:
     return first if first is not None else torch.device("cpu")
 
 
-def check_hook_names(model, names: Iterable[str]) -> None:
+def check_hook_names(model: HookedModel, names: Iterable[str]) -> None:
     """A LensBiasError naming every hook that the model does not have."""
     hook_dict = getattr(model, "hook_dict", None)
     if hook_dict is None:
@@ -115,7 +118,7 @@ class Stop(Exception):
 
 
 @contextlib.contextmanager
-def trace(model, keep: Iterable[str] = (), *, stop_at: str | None = None, fwd_hooks: Iterable = (),
+def trace(model: HookedModel, keep: Iterable[str] = (), *, stop_at: str | None = None, fwd_hooks: Iterable = (),
           detach: bool = False) -> Iterator[dict[str, Tensor]]:
     """Within the block, forwards of `model` record the activations at `keep` (and `stop_at`) into
     the yielded dict; with `stop_at` the forward ends right after that hook (nothing later is
@@ -144,7 +147,7 @@ def trace(model, keep: Iterable[str] = (), *, stop_at: str | None = None, fwd_ho
             pass
 
 
-def run_until(model, tokens: Tensor, stop_at: str | None = None, *, attention_mask: Tensor | None = None,
+def run_until(model: HookedModel, tokens: Tensor, stop_at: str | None = None, *, attention_mask: Tensor | None = None,
               fwd_hooks: Iterable = (), keep: Iterable[str] = (), detach: bool = False) -> dict[str, Tensor]:
     """One forward that stops after `stop_at` (default: the final residual stream), returning the
     activations at `stop_at` and `keep`."""

@@ -100,14 +100,14 @@ def metric_from_answers(a: Float[Tensor, "rows n_answers"], metric: MetricName,
     return d if metric == "logit_diff" else d.exp()
 
 
-def logit_soft_cap(model) -> float | None:
+def logit_soft_cap(model: HookedModel) -> float | None:
     """The model's final-logit soft cap c (Gemma 2: logits ← c·tanh(logits/c)), None when it has none."""
     config = getattr(getattr(model, "original_model", model), "config", None)
     cap = getattr(config, "final_logit_softcapping", None)
     return float(cap) if cap else None
 
 
-def soft_cap(model, logits: Tensor) -> Tensor:
+def soft_cap(model: HookedModel, logits: Tensor) -> Tensor:
     """Logits after the model's final soft cap (unchanged for models without one). Element-wise, so it
     applies to any subset of the vocabulary's logits, e.g. the answer columns alone."""
     cap = logit_soft_cap(model)

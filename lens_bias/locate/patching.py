@@ -557,7 +557,7 @@ class FastPathWarning(UserWarning):
     """A fast path does not fit the model: lens_bias uses the plain hooked computation instead."""
 
 
-def warn_fallback(model, kind: str, message: str) -> None:
+def warn_fallback(model: HookedModel, kind: str, message: str) -> None:
     """Warn, once per model and kind of fallback, that a fast path fell back (naming the architecture)."""
     seen = _WARNED.setdefault(model, set())
     if kind in seen:

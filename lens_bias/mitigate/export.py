@@ -32,7 +32,7 @@ from ..core.models import HookedModel
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES[f].model for f in DECODER_FAMILIES)
 
 
-def check_exportable(model) -> str:
+def check_exportable(model: HookedModel) -> str:
     """The model's architecture; a clear error when its export round trip is not supported, or when
     the bridge computes with other q/k/v weights than the fused ones it would export (GPT-NeoX)."""
     arch = architecture(model)

@@ -24,6 +24,7 @@ import torch
 
 from ..core.errors import DataError, LensBiasError
 from ..core.files import SharedLock, atomic_write, file_lock, held_elsewhere
+from ..core.models import HookedModel
 from ..core.prompts import PromptSet
 
 MANIFEST = "manifest.json"
@@ -139,7 +140,7 @@ def load_chunk(path: Path, key: str, entry: dict | None = None, index: int | Non
     return rec
 
 
-def model_fingerprint(model) -> str:
+def model_fingerprint(model: HookedModel) -> str:
     """sha256 of every parameter's name, shape, dtype and (sum, L1, L2) — any weight edit changes it."""
     h = hashlib.sha256()
     with torch.no_grad():

@@ -337,7 +337,7 @@ def _planted(model, task: ReportTask, scores: dict) -> list[dict]:
     return out
 
 
-def bias_significance(model, task: ReportTask) -> float:
+def bias_significance(model: HookedModel, task: ReportTask) -> float:
     """t statistic of the test split's bias over its groups — professions (or occupations) for pairs, each
     the mean over its prompts of LD minus its twin's; for yes/no the class-balanced offset of the questions'
     means over its standard error; NaN for multiple choice. Prompts of one group share their

@@ -54,7 +54,7 @@ def _with_layers(out: dict[str, Tensor], L: int) -> dict[str, Tensor]:
 
 
 # ---- pairs ------------------------------------------------------------------------------
-def run_patching(model, task: ReportTask, orient: dict, opts: dict, progress: bool):
+def run_patching(model: HookedModel, task: ReportTask, orient: dict, opts: dict, progress: bool):
     ps = task.locate
     kw = {"progress": progress}
     head = activation_patching(model, ps, "head", per_position=False, **kw).effect
@@ -65,7 +65,7 @@ def run_patching(model, task: ReportTask, orient: dict, opts: dict, progress: bo
     return _flip(out, orient["sign"]), {"rule": "layer: attn_out / mlp_out patched at all positions at once"}
 
 
-def run_attribution(model, task: ReportTask, orient: dict, opts: dict, progress: bool):
+def run_attribution(model: HookedModel, task: ReportTask, orient: dict, opts: dict, progress: bool):
     res = attribution_patching(model, task.locate, ["head", "neuron", *SITE_PARTS], at="clean")
     out = {"head": res["head"].effect, "neuron": res["neuron"].effect,
            "site": torch.stack([res[s].effect for s in SITE_PARTS], -1)}
@@ -79,7 +79,7 @@ def _same_length_rows(ps: PromptSet) -> PromptSet:
     return ps[[i for i, n in enumerate(lengths) if n == best]]
 
 
-def run_tracing(model, task: ReportTask, orient: dict, opts: dict, progress: bool):
+def run_tracing(model: HookedModel, task: ReportTask, orient: dict, opts: dict, progress: bool):
     ps = task.locate
     if ps.subject_spans is None:
         return None, {"skipped": "the prompts have no subject spans"}
@@ -105,11 +105,11 @@ def run_tracing(model, task: ReportTask, orient: dict, opts: dict, progress: boo
     return {"site": site, "layer": layer}, meta
 
 
-def _baseline_sites(model, ps: PromptSet, fn: Callable) -> dict[str, Tensor]:
+def _baseline_sites(model: HookedModel, ps: PromptSet, fn: Callable) -> dict[str, Tensor]:
     return {s: fn(model, ps, s).values for s in ("head", "neuron")}
 
 
-def run_grad_x_act(model, task: ReportTask, orient: dict, opts: dict, progress: bool):
+def run_grad_x_act(model: HookedModel, task: ReportTask, orient: dict, opts: dict, progress: bool):
     if task.kind == "multiple_choice":
         out = mc_grad_x_act(model, task.locate, task.instructions[:1])
         out = _with_layers(out, model.cfg.n_layers)
@@ -118,12 +118,12 @@ def run_grad_x_act(model, task: ReportTask, orient: dict, opts: dict, progress: 
     return _flip(out, orient["sign"] * orient["metric_sign"]), {}
 
 
-def run_weight_norm(model, task: ReportTask, orient: dict, opts: dict, progress: bool):
+def run_weight_norm(model: HookedModel, task: ReportTask, orient: dict, opts: dict, progress: bool):
     out = {s: weight_norm(model, s).values for s in ("head", "neuron")}
     return _with_layers(out, model.cfg.n_layers), {}
 
 
-def run_mean_activation(model, task: ReportTask, orient: dict, opts: dict, progress: bool):
+def run_mean_activation(model: HookedModel, task: ReportTask, orient: dict, opts: dict, progress: bool):
     if task.kind == "multiple_choice":
         out = mc_mean_activation(model, task.locate, task.instructions[0])
     else:
@@ -131,7 +131,7 @@ def run_mean_activation(model, task: ReportTask, orient: dict, opts: dict, progr
     return _with_layers(out, model.cfg.n_layers), {}
 
 
-def run_random(model, task: ReportTask, orient: dict, opts: dict, progress: bool):
+def run_random(model: HookedModel, task: ReportTask, orient: dict, opts: dict, progress: bool):
     cfg = model.cfg
     g = torch.Generator().manual_seed(int(opts.get("seed", 0)) + 7919)
     out = {"head": torch.rand(cfg.n_layers, cfg.n_heads, generator=g),
@@ -143,19 +143,19 @@ def run_random(model, task: ReportTask, orient: dict, opts: dict, progress: bool
 
 
 # ---- yes/no -----------------------------------------------------------------------------
-def run_nas(model, task: ReportTask, orient: dict, opts: dict, progress: bool):
+def run_nas(model: HookedModel, task: ReportTask, orient: dict, opts: dict, progress: bool):
     nas = negative_attention_scores(model, task.locate, progress=progress)
     return {"head": nas.nas, "layer": layer_from_heads_and_neurons(nas.nas, None, model.cfg.n_layers)}, \
         {"rule": "layer: sum over heads (attn)"}
 
 
-def run_candidate_attention(model, task: ReportTask, orient: dict, opts: dict, progress: bool):
+def run_candidate_attention(model: HookedModel, task: ReportTask, orient: dict, opts: dict, progress: bool):
     att = candidate_attention(model, task.locate, "neg")
     return {"head": att, "layer": layer_from_heads_and_neurons(att, None, model.cfg.n_layers)}, {}
 
 
 # ---- multiple choice --------------------------------------------------------------------
-def run_crispr(model, task: ReportTask, orient: dict, opts: dict, progress: bool):
+def run_crispr(model: HookedModel, task: ReportTask, orient: dict, opts: dict, progress: bool):
     kw = {"instructions": task.instructions, "progress": progress, "batch_size": 8}
     neuron = crispr_scores(model, task.locate, unit="neuron", **kw).values
     head = crispr_scores(model, task.locate, unit="head", **kw).values
@@ -163,7 +163,7 @@ def run_crispr(model, task: ReportTask, orient: dict, opts: dict, progress: bool
         {"instructions": len(task.instructions), "rule": "layer: sum of heads / neurons"}
 
 
-def mc_forward(model, items: list, instruction: str, grad: bool):
+def mc_forward(model: HookedModel, items: list, instruction: str, grad: bool):
     """One forward over every (item, option) sequence keeping hook_z and hook_post of every layer;
     returns (activations by hook, option probabilities [n, k], spans, sequence lengths)."""
     prompts = [format_mc_prompt(instruction, it["context"], it["question"], item_options(it)) for it in items]
@@ -185,7 +185,7 @@ def mc_forward(model, items: list, instruction: str, grad: bool):
     return acts, lp.view(len(items), k).softmax(-1), seqs
 
 
-def mc_grad_x_act(model, items: list, instructions: list[str]) -> dict[str, Tensor]:
+def mc_grad_x_act(model: HookedModel, items: list, instructions: list[str]) -> dict[str, Tensor]:
     """Σ_pos ∂m/∂a · a of the report's multiple-choice bias metric m = mean over ambiguous items of
     P(biased) − P(other non-unknown option): [layer, head] (Σ over d_head) and [layer, neuron]."""
     L = model.cfg.n_layers
@@ -213,7 +213,7 @@ def mc_grad_x_act(model, items: list, instructions: list[str]) -> dict[str, Tens
             for site in ("head", "neuron")}
 
 
-def mc_mean_activation(model, items: list, instruction: str) -> dict[str, Tensor]:
+def mc_mean_activation(model: HookedModel, items: list, instruction: str) -> dict[str, Tensor]:
     """baselines.mean_activation's formula on the multiple-choice sequences: mean over sequences and
     real positions of ‖z_h‖ (head) or |h_i| (neuron)."""
     from ...core.prompts import pad

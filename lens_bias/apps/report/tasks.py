@@ -92,7 +92,7 @@ class ReportTask:
     def has_twins(self) -> bool:
         return self.kind == "pairs"
 
-    def reference(self, model) -> PromptSet | torch.Tensor:
+    def reference(self, model: HookedModel) -> PromptSet | torch.Tensor:
         """The reference set of mean/resample ablation: the counterfactual twins of the test prompts (pairs);
         otherwise the neutral text, packed into rows as wide as the longest test prompt (so resampling
         reaches every position) — the bias is what a unit does beyond what it does on unrelated text."""
@@ -103,7 +103,7 @@ class ReportTask:
                                 "neutral=... or use ablations=('zero',)")
         return packed_lines(model, self.reference_text, self.max_width(model))
 
-    def max_width(self, model) -> int:
+    def max_width(self, model: HookedModel) -> int:
         """The longest test prompt in tokens (multiple choice: prompt + longest option)."""
         if isinstance(self.test, PromptSet):
             return int(self.test.tokens.shape[1])
@@ -120,7 +120,7 @@ class ReportTask:
 # ---------------------------------------------------------------------------------------
 # Resolving a task spec
 # ---------------------------------------------------------------------------------------
-def organism_card(model) -> dict | None:
+def organism_card(model: HookedModel) -> dict | None:
     """The model's organism card when it is a lens_bias model organism, else None."""
     try:
         card = load_card(model)
@@ -405,7 +405,7 @@ def _neutral(model, neutral) -> list[str]:
 # ---------------------------------------------------------------------------------------
 # Evaluating the bias metric and capability under hooks
 # ---------------------------------------------------------------------------------------
-def packed_lines(model, lines: list[str], width: int) -> torch.Tensor:
+def packed_lines(model: HookedModel, lines: list[str], width: int) -> torch.Tensor:
     """Token ids [rows, width]: the lines' tokens run on, each row BOS (when the tokenizer has one) + text."""
     tok = tokenizer_of(model)
     stream = [t for ids in encode_lines(tok, lines, bos=False) for t in ids]
