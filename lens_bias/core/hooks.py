@@ -21,7 +21,7 @@ forward at a hook so nothing after it is computed.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Iterable, Iterator, Literal, get_args
+from typing import TYPE_CHECKING, Iterable, Iterator, Literal, TypeVar, get_args
 
 import torch
 from torch import Tensor
@@ -73,7 +73,10 @@ def site_kind(site: Site) -> str:
     return SITES[site][1]
 
 
-def check_sites(sites: Iterable[str], allowed: Iterable[str], what: str) -> list[str]:
+S = TypeVar("S", bound=str)
+
+
+def check_sites(sites: Iterable[S], allowed: Iterable[str], what: str) -> list[S]:
     """The sites as a list; a LensBiasError naming any that `what` does not take."""
     sites, allowed = list(sites), list(allowed)
     bad = [s for s in sites if s not in allowed]

@@ -3,7 +3,7 @@ and the answer logits computed without unembedding anything else."""
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -134,7 +134,7 @@ def answer_logits_fast(
     tokens: Int[Tensor, "batch pos"],
     answer_pos: Int[Tensor, " batch"],
     answer_ids: Int[Tensor, "batch n_answers"],
-    fwd_hooks: list = (),
+    fwd_hooks: Sequence = (),
     attention_mask: Int[Tensor, "batch pos"] | None = None,
     W_U: Tensor | None = None,
     b_U: Tensor | None = None,

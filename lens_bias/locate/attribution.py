@@ -36,7 +36,7 @@ def _answer_metric(model, ps, tokens, hooks, W_U, b_U) -> Tensor:
 
 
 def activations_and_gradients(model: HookedModel, ps: PromptSet, tokens: Tensor, names: Iterable[str],
-                              fwd_hooks: list = ()) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
+                              fwd_hooks: Iterable = ()) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
     """One forward+backward of the mean logit difference LD over `ps` on `tokens` (with `fwd_hooks`):
     the activations at `names`, ∂(mean LD)/∂a there, and the mean LD. The weights get no gradients
     (the backward starts from the embeddings), which halves its cost."""

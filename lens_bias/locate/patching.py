@@ -61,6 +61,7 @@ from tqdm.auto import tqdm
 from ..core.checks import NonFiniteError, check_finite, nonfinite_cause
 from ..core.errors import LensBiasError
 from ..core.hooks import (
+    Site,
     check_hook_names,
     device_of,
     hook_name,
@@ -70,7 +71,7 @@ from ..core.hooks import (
     trace,
 )
 from ..core.methods import ChunkSums, LocateMethod, add_scores, scores_from_sums
-from ..core.metrics import FAST_METRICS, Metric, get_metric, metric_from_answers, soft_cap
+from ..core.metrics import FAST_METRICS, Metric, MetricName, get_metric, metric_from_answers, soft_cap
 from ..core.models import HookedModel
 from ..core.prompts import PromptSet
 from ..core.scores import ComponentScores
@@ -124,7 +125,7 @@ class _Answers:
     """The per-row metric from final residuals at the answer position: final norm in the model's dtype,
     then only the answer columns of W_U (odds_ratio: the whole row, for its softmax) in float32."""
 
-    def __init__(self, model, ps: PromptSet, metric: str):
+    def __init__(self, model: HookedModel, ps: PromptSet, metric: MetricName):
         self.model, self.metric, self.ids = model, metric, ps.answer_ids
         self.W_U, b_U = model.W_U, getattr(model, "b_U", None)
         self.b_U = None if b_U is None else b_U.float()
@@ -568,7 +569,7 @@ def warn_fallback(model: HookedModel, kind: str, message: str) -> None:
     warnings.warn(f"lens_bias fast path off for {arch}: {message}", FastPathWarning, stacklevel=3)
 
 
-def _unembedding_problem(model, ps: PromptSet, metric: str) -> str | None:
+def _unembedding_problem(model, ps: PromptSet, metric: Metric) -> str | None:
     """None when the answer metric computed from the final residual (final norm, answer columns of W_U,
     soft cap) equals the one from the model's own logits, on the first three tokens of (up to) two
     prompts; else how far apart."""
@@ -630,7 +631,7 @@ def _spans(layers, window, n_layers):
     return [(max(0, l - window // 2), min(n_layers, l - (-window // 2))) for l in layers]
 
 
-def _entry_sites(site: str, lay: Layout) -> tuple[str, ...]:
+def _entry_sites(site: Site, lay: Layout) -> tuple[Site, ...]:
     """The corrupted run's activations at a patched layer that the rows' entry state is built from
     (and, for an output added to the residual, that check it adds up)."""
     entry, _ = _entry_of(site, 0, lay)
@@ -652,7 +653,7 @@ def _cache_count(site, kind, spans, n_layers, lay: Layout) -> tuple[int, int]:
     return n, max(0, n_layers - first)
 
 
-def _added(site: str, lay: Layout, cache: dict, lo: int) -> Tensor:
+def _added(site: Site, lay: Layout, cache: dict, lo: int) -> Tensor:
     """What the attention (site attn_out/head) or the MLP (mlp_out) of layer `lo` added to the residual in
     a cached run, from the residual states (float32)."""
     get = lambda name: cache[hook_name(name, lo)].float()  # noqa: E731
@@ -804,7 +805,7 @@ def _chunks(todo: Tensor, s_row: list[int], e_row: Tensor, plan: _Plan):
         i = j
 
 
-def _entry_of(site: str, lo: int, lay: Layout) -> tuple[str, int]:
+def _entry_of(site: Site, lo: int, lay: Layout) -> tuple[str, int]:
     """Where rows patching `site` at layer `lo` enter the shortcut forward: ('pre', l) block l's input,
     ('mid', l) after block l's attention, ('hook', lo) block lo's input with the site patched by a hook
     inside block lo (for outputs that do not enter the residual as they are)."""
@@ -819,7 +820,7 @@ def _entry_of(site: str, lo: int, lay: Layout) -> tuple[str, int]:
     return "hook", lo
 
 
-def _base_name(site: str, lo: int, lay: Layout) -> str:
+def _base_name(site: Site, lo: int, lay: Layout) -> str:
     """The corrupted residual that rows patching `site` at layer `lo` start from."""
     entry, at = _entry_of(site, lo, lay)
     if entry == "mid":
@@ -827,7 +828,7 @@ def _base_name(site: str, lo: int, lay: Layout) -> str:
     return hook_name("resid_post", lo) if at > lo else hook_name("resid_pre", lo)
 
 
-def _check_added(model, site: str, lay: Layout, cache_x: dict, lo: int, tol: float) -> None:
+def _check_added(model: HookedModel, site: Site, lay: Layout, cache_x: dict, lo: int, tol: float) -> None:
     """A _ShortcutMismatch unless the patched output is what its layer adds to the residual (attn_out,
     mlp_out) or, for heads, Σ_h z_h W_O[h] + a constant (b_O) — checked on the corrupted run."""
     added = _added(site, lay, cache_x, lo)

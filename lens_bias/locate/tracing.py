@@ -34,6 +34,7 @@ from ..core.checks import check_weights_finite
 from ..core.errors import LensBiasError
 from ..core.hooks import check_sites, device_of, hook_name
 from ..core.methods import ChunkSums, LocateMethod, add_scores, scores_from_sums
+from ..core.metrics import Metric
 from ..core.models import HookedModel
 from ..core.prompts import PromptSet
 from ..core.scores import ComponentScores
@@ -117,7 +118,7 @@ def causal_trace(
     samples: int = 10,
     seed: int = 0,
     window: int = 1,
-    metric: str = "logit_diff",
+    metric: Metric = "logit_diff",
     batch_size: int | None = None,
     progress: bool = True,
     first_row: int = 0,

@@ -13,14 +13,17 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Sequence, Union
 
 from ..core.errors import DataError
 from ..core.files import shipped
 
+if TYPE_CHECKING:
+    import datasets
+
 #: a data set as the functions take it: a datasets.Dataset or a list of dicts
-Items = Union["datasets.Dataset", Sequence[dict]]  # noqa: F821
-Source = Union[str, os.PathLike, "datasets.Dataset", Sequence[dict]]  # noqa: F821
+Items = Union["datasets.Dataset", Sequence[dict]]
+Source = Union[str, os.PathLike, "datasets.Dataset", Sequence[dict]]
 
 #: the data sets shipped in data/datasets (licences and origins in data/datasets/README.md)
 SHIPPED_DATASETS = {
@@ -107,11 +110,12 @@ def _quiet_datasets():
     return datasets
 
 
-def read_dataset(path: str | os.PathLike) -> datasets.Dataset:  # noqa: F821
+def read_dataset(path: str | os.PathLike) -> datasets.Dataset:
     """A JSONL, JSON-list or CSV file as a `datasets.Dataset` (Arrow, memory-mapped)."""
     path = Path(path)
     text = read_text_file(path)
     datasets = _quiet_datasets()
+    kw: dict[str, Any]
     if path.suffix.lower() == ".csv":
         builder, kw = "csv", {"encoding": "utf-8-sig"}
     else:
@@ -133,7 +137,7 @@ def _looks_like_hub_name(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).suffix
 
 
-def hub_dataset(name: str, split: str | None = None) -> datasets.Dataset:  # noqa: F821
+def hub_dataset(name: str, split: str | None = None) -> datasets.Dataset:
     """A data set from the Hugging Face hub ('owner/name' or 'owner/name:split'), when the network or
     the local cache has it; a clear DataError otherwise."""
     datasets = _quiet_datasets()
@@ -173,7 +177,7 @@ def located(path: str | os.PathLike, error: Exception) -> Exception:
     return type(error)(f"{where}: {message}")
 
 
-def load_records(source: Source) -> tuple[datasets.Dataset | list[dict], Any]:  # noqa: F821
+def load_records(source: Source) -> tuple[datasets.Dataset | list[dict], Any]:
     """(records, where) from a path, a datasets.Dataset or a list of dicts; `where(i)` names record i
     for error messages ('file:line', or 'item i')."""
     try:

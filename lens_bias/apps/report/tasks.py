@@ -31,7 +31,7 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 
@@ -417,7 +417,7 @@ def packed_lines(model: HookedModel, lines: list[str], width: int) -> torch.Tens
     return torch.tensor(rows[:256])
 
 
-def bias_of(model: HookedModel, task: ReportTask, hooks: list = (), *, corrupted: bool = False,
+def bias_of(model: HookedModel, task: ReportTask, hooks: Sequence = (), *, corrupted: bool = False,
             split: str = "test") -> dict:
     """The bias metric m (module docstring) on a split, under `hooks`, with the task's own accuracy
     measures: yes/no accuracy and precision − recall gap, multiple-choice accuracy."""
@@ -482,7 +482,7 @@ def yesno_offset(no_minus_yes: torch.Tensor, gold_yes: list[bool]) -> tuple[floa
     return mean, var ** 0.5
 
 
-def neutral_loss(model: HookedModel, task: ReportTask, hooks: list = ()) -> float:
+def neutral_loss(model: HookedModel, task: ReportTask, hooks: Sequence = ()) -> float:
     """Capability: next-token loss on the neutral text (nats/token) under `hooks`; NaN without text."""
     if not task.neutral:
         return float("nan")
