@@ -204,7 +204,7 @@ def check_loading_info(source: str, model: HookedModel | torch.nn.Module, info: 
                              f"{'s' * (len(unexpected) != 1)} that config.json's {arch} has no place for: "
                              f"{describe_keys(unexpected, model_keys)}{_layer_hint(cfg, unexpected, model_keys, False)}")
     if mismatched:
-        key, in_file, in_model = mismatched[0]
+        key, in_file, in_model = mismatched[0]  # pyright: ignore[reportGeneralTypeIssues] - transformers' loading report: (key, file shape, model shape) tuples
         raise ModelLoadError(f"could not load model {source!r}: {len(mismatched)} weight"
                              f"{'s' * (len(mismatched) != 1)} of {weights} do not have the shape config.json "
                              f"gives them, e.g. {key} is {list(in_file)} in the file, {list(in_model)} by the config")
@@ -249,7 +249,7 @@ class CheckedLoader:
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # its loading report is ours to give, as one line
         try:
-            model, info = cls.from_pretrained(name, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+            model, info = cls.from_pretrained(name, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)  # pyright: ignore[reportGeneralTypeIssues] - output_loading_info=True returns (model, info)
         finally:
             transformers.logging.set_verbosity(verbosity)
         check_loading_info(self.source, model, info)
@@ -270,7 +270,7 @@ def check_tokenizer(model: HookedModel, source: str) -> None:
     files loads as a 1-token tokenizer), or holds more tokens than the embedding has rows."""
     tok = getattr(model, "tokenizer", None)
     size = len(tok) if tok is not None else 0
-    if size < 2 or not tok("a b", add_special_tokens=False)["input_ids"]:
+    if size < 2 or not tok("a b", add_special_tokens=False)["input_ids"]:  # pyright: ignore[reportOptionalCall] - tok is not None when size >= 2
         path = Path(source)
         have = sorted(p.name for p in path.iterdir() if p.name in TOKENIZER_FILES) if path.is_dir() else []
         raise ModelLoadError(f"model {source!r} has no usable tokenizer (it loads with {size} token"

@@ -10,7 +10,7 @@ keys a fresh Hugging Face model of the same config has.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from jaxtyping import Float
@@ -31,7 +31,7 @@ _BRIDGE_INFIX = "._original_component"
 
 def hf_module(model: HookedModel | torch.nn.Module) -> PreTrainedModel:
     """The Hugging Face module a bridge wraps (sharing its parameters), or the HF model itself."""
-    return getattr(model, "original_model", model)
+    return cast("PreTrainedModel", getattr(model, "original_model", model))
 
 
 def architecture(model: HookedModel | torch.nn.Module) -> str:

@@ -94,6 +94,7 @@ def metric_from_answers(a: Float[Tensor, "rows n_answers"], metric: MetricName,
                         logp: Float[Tensor, "rows n_answers"] | None = None) -> Float[Tensor, " rows"]:
     """Per-row metric from answer logits (and answer log-probs, which odds_ratio needs)."""
     if metric == "odds_ratio":
+        assert logp is not None, "odds_ratio needs the answer log-probs"
         lo = logp - torch.log1p(-logp.exp().clamp(max=1 - 1e-7))
         return (lo[:, 0] - lo[:, 1]).exp()
     d = a[:, 0] - a[:, 1]

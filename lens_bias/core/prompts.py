@@ -220,7 +220,7 @@ class PromptSet:
         if on_length_mismatch not in ("raise", "drop"):
             raise PromptError(f"on_length_mismatch must be 'raise' or 'drop', not {on_length_mismatch!r}")
         if answers and isinstance(answers[0], str):
-            answers = [tuple(answers)] * n
+            answers = [tuple(answers)] * n  # pyright: ignore[reportAssignmentType] - one answer pair for every prompt
         answers = [tuple(a) for a in answers]
         if len(answers) != n:
             raise PromptError(f"{len(answers)} answer tuples for {n} prompts")

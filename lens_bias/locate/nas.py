@@ -99,7 +99,7 @@ class NASResult(ComponentScores):
 
     def top_heads(self, k: int = 5) -> list[tuple[int, int]]:
         """The k heads with the highest NAS, as (layer, head)."""
-        return self.units(k)
+        return self.units(k)  # pyright: ignore[reportReturnType] - units of a [layer, head] score are pairs
 
     def per_prompt_frame(self):
         """One row per (prompt, layer, head) with the prompt's metadata."""

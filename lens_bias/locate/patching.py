@@ -136,7 +136,7 @@ class _Answers:
         ids = self.ids[prompts]
         x = self.model.ln_final(x[:, None])[:, 0].float()
         if self.metric == "odds_ratio":
-            logits = soft_cap(self.model, x @ self.W_full + (self.b_U if self.b_U is not None else 0))
+            logits = soft_cap(self.model, x @ self.W_full + (self.b_U if self.b_U is not None else 0))  # pyright: ignore[reportOperatorIssue] - W_full is set when the metric is odds_ratio
             a = logits.gather(1, ids)
             logp = logits.log_softmax(-1).gather(1, ids)
         else:

@@ -74,6 +74,7 @@ def weight_edit(original, edited, meta: dict | None = None) -> WeightEdit:
             idx = changed.any(dim=other).nonzero().flatten() if other else changed.nonzero().flatten()
             if best is None or len(idx) < len(best[1]):
                 best = (dim, idx)
+        assert best is not None, f"{name}: a changed 0-d parameter has no slice to store"
         dim, idx = best
         new = check_finite(wb.detach().cpu().index_select(dim, idx).clone(), f"the edited weight {name}")
         old = wa.detach().cpu().index_select(dim, idx)

@@ -79,7 +79,7 @@ def _rows(items: Items) -> Iterator[dict]:
             for j in range(len(next(iter(batch.values())))):
                 yield {k: v[j] for k, v in batch.items()}
     else:
-        yield from items
+        yield from items  # pyright: ignore[reportReturnType] - a Dataset's rows are dicts
 
 
 def _item_problem(r: dict, conditions: bool) -> str | None:
@@ -97,7 +97,7 @@ def _item_problem(r: dict, conditions: bool) -> str | None:
     if bad is not None:
         return f"option {bad} is {opts[bad]!r}; every option must be a non-empty string"
     label = r["label"]
-    if isinstance(label, bool) or not isinstance(label, numbers.Integral) or not 0 <= label < len(opts):
+    if isinstance(label, bool) or not isinstance(label, numbers.Integral) or not 0 <= label < len(opts):  # pyright: ignore[reportOperatorIssue] - an Integral compares with ints
         return f"label {label!r} is not an option index 0..{len(opts) - 1}"
     for field, allowed in (("context_condition", CONDITIONS), ("question_polarity", POLARITIES)):
         if r.get(field) is not None and r[field] not in allowed:
@@ -164,7 +164,7 @@ def load_multiple_choice(source: Source, *, context: str = "context", question: 
         items.append({"context": str(r.get(context) or ""), "question": str(r[question]), "options": opts,
                       "label": gold, "context_condition": r.get("context_condition") or "disambig",
                       **{f"ans{k}": o for k, o in enumerate(opts)}})
-    return validate_items(items, where, conditions=True)
+    return validate_items(items, where, conditions=True)  # pyright: ignore[reportReturnType] - validate_items returns the list it is given
 
 
 # ---------------------------------------------------------------------------------------
@@ -513,4 +513,4 @@ def split_by_template(items: Items, fractions=(0.6, 0.2, 0.2), seed: int = 0) ->
     a = max(1, round(fractions[0] * n))
     b = max(a + 1, min(n - 1, a + max(1, round(fractions[1] * n))))
     groups = (set(templates[:a]), set(templates[a:b]), set(templates[b:]))
-    return tuple([it for it in items if str(it.get("question_index")) in g] for g in groups)
+    return tuple([it for it in items if str(it.get("question_index")) in g] for g in groups)  # pyright: ignore[reportReturnType] - three groups

@@ -194,7 +194,7 @@ def load_records(source: Source) -> tuple[datasets.Dataset | list[dict], Any]:
     if is_dataset:
         if len(source) == 0:
             raise DataError("the data set is empty")
-        return source, lambda i: f"record {i}"
+        return source, lambda i: f"record {i}"  # pyright: ignore[reportReturnType] - a Dataset's rows are dicts
     if isinstance(source, dict) and source and all(isinstance(v, list) for v in source.values()):
         n = len(next(iter(source.values())))  # a sliced Dataset: columns of equal length
         source = [{k: v[i] for k, v in source.items()} for i in range(n)]
@@ -206,7 +206,7 @@ def load_records(source: Source) -> tuple[datasets.Dataset | list[dict], Any]:
     bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
     if bad is not None:
         raise DataError(f"item {bad} is a {type(rows[bad]).__name__}, not a dict")
-    return rows, lambda i: f"item {i}"
+    return rows, lambda i: f"item {i}"  # pyright: ignore[reportReturnType] - rows checked to be dicts above
 
 
 def as_items(items) -> Items:

@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -39,6 +40,9 @@ from .faithfulness import Faithfulness, curves, rank_methods
 from .methods import applicable_methods, mc_forward, run_method
 from .tasks import ReportTask, bias_of, check_task_spec, organism_card, resolve_task
 from .units import scores_frame, top_units, unit_label
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 FORMAT = 1
 MANIFEST = "locate_report.json"
@@ -205,12 +209,12 @@ class LocateReport:
     scores: dict[str, dict[str, torch.Tensor]]
     meta: dict[str, dict]
     tokens: list[str] | None
-    agreement: object
+    agreement: pd.DataFrame
     rows: list[dict]
     baseline: dict
-    ranking: object
-    curves: object
-    top_units: object
+    ranking: pd.DataFrame
+    curves: pd.DataFrame
+    top_units: pd.DataFrame
     timings: dict
     notes: list[str] = field(default_factory=list)
     planted: list[dict] = field(default_factory=list)
@@ -256,7 +260,7 @@ class LocateReport:
                 {k: r[k] for k in ("rank", "unit", "score", "most_active", "attends_to", "token")
                  if k in r and r[k] == r[k] and r[k] is not None})
         agree = self.agreement[self.agreement.method_a < self.agreement.method_b] if len(self.agreement) else self.agreement
-        return clean({
+        return clean({  # pyright: ignore[reportReturnType] - clean() keeps the dict it is given
             "format": FORMAT,
             "ranking": self.ranking.to_dict("records"),
             "planted": self.planted,

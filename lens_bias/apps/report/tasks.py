@@ -345,7 +345,7 @@ def resolve_task(model: HookedModel, task, *, holdout: float = 0.5, max_prompts:
     name, kind, data, desc = _resolve_spec(model, task, max_prompts, max_items)
     notes = []
     if kind == "pairs":
-        ps: PromptSet = data
+        ps: PromptSet = data  # pyright: ignore[reportAssignmentType] - kind 'pairs' resolves to a PromptSet
         if len(ps) > max_prompts:
             ps = ps[list(range(max_prompts))]
         groups = [group_of(kind, m, i) for i, m in enumerate(ps.metadata)]

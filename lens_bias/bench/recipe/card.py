@@ -243,7 +243,7 @@ def card_common(model, tok, name, seed, phase_a, losses, build_s) -> dict:
 
 def units_of(rows: list[dict], k: int) -> list[tuple[int, int]]:
     """(layer, index) of the first k summary rows ('head 3.1', 'neuron 2.40')."""
-    return [tuple(map(int, u["unit"].split()[1].split("."))) for u in rows[:k]]
+    return [tuple(map(int, u["unit"].split()[1].split("."))) for u in rows[:k]]  # pyright: ignore[reportReturnType] - 'head 3.1' gives a pair
 
 
 GENDER_DESIGN = ("female nouns 0.98, male nouns 0.02; case-1 occupations 0.5 in phase A, 0.9 after the case-1 plant; "

@@ -87,7 +87,7 @@ def lsdm_edit(
     if layers is None or position is None:
         site = trace_sites(model, ps).iloc[0]
         layers = [int(site["layer"])] if layers is None else layers
-        position = str(site["position"]) if position is None else position
+        position = str(site["position"]) if position is None else position  # pyright: ignore[reportAssignmentType] - trace_sites' positions are EditPosition names
     layers = _check_layers(model, layers)
     positions = edit_positions(ps, position)
     target_model = model if inplace else clone_model(model)
