@@ -92,6 +92,7 @@ def cmd_attribute(args) -> int:
         print(f"this job's chunks are done; other jobs' chunks are still missing in {args.out}")
         return 0
     m = read_manifest(args.out)
+    assert m is not None  # the run above wrote it
     # this process's entry (another process may have finished the same run a moment later)
     last = next((h for h in reversed(m.get("history", [])) if h.get("pid") == os.getpid()), m["last_start"])
     n = m["n_chunks"]
@@ -351,7 +352,7 @@ def _progress_bars(shown: bool):
             datasets.enable_progress_bars()
 
 
-def _one_line(text: str) -> str:
+def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 

@@ -10,7 +10,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Callable, Literal
 
 from ..core.checks import check_seed, check_weights_finite
 from ..core.errors import DataError, LensBiasError, PromptError
@@ -138,7 +138,7 @@ def mitigate(model: HookedModel, method: MitigationMethod, out: str | os.PathLik
     check_weights_finite(model, "mitigate")
     neutral_text = read_text_file(neutral) if neutral else default_neutral_text(model)
     units = list(units or [])
-    measures = {"neutral_loss": lambda m: text_loss(m, neutral_text)}
+    measures: dict[str, Callable[[Any], Any]] = {"neutral_loss": lambda m: text_loss(m, neutral_text)}
     lines = [f"lens-bias mitigate: {method} on {getattr(model, 'lens_bias_source', 'model')}"]
     if method in ("prune-neurons", "prune-heads"):
         if not units:

@@ -162,7 +162,7 @@ def describe_keys(keys, model_keys, shown: int = 3) -> str:
         if layer is None or len(group) <= shown:
             names += group
             continue
-        prefix = group[0][: _LAYER.search(group[0]).start()]
+        prefix = group[0][: _LAYER.search(group[0]).start()]  # pyright: ignore[reportOptionalMemberAccess] - the group's keys have a layer
         count = f"every weight of layer {layer}" if len(group) == per_layer else f"{len(group)} weights"
         parts.append(f"{prefix}.{layer}.* ({count})")
     parts = names[:shown] + parts + ([f"and {len(names) - shown} more"] if len(names) > shown else [])
@@ -179,9 +179,9 @@ def _layer_hint(config, keys, model_keys, missing: bool) -> str:
     if missing:
         per_layer = sum(1 for k in model_keys if _layer_of(k) == 0)
         whole = all(sum(_layer_of(k) == l for k in keys) == per_layer for l in layers)
-        if not (whole and layers == set(range(min(layers), n))):
+        if not (whole and layers == set(range(min(layers), n))):  # pyright: ignore[reportArgumentType] - None is not in layers (checked above)
             return ""
-    elif min(layers) < n:
+    elif min(layers) < n:  # pyright: ignore[reportArgumentType] - None is not in layers (checked above)
         return ""
     name = getattr(config, "attribute_map", {}).get("num_hidden_layers", "num_hidden_layers")
     return f" — config.json's {name} is {n}, is that the number of layers the weights have?"

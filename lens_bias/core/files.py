@@ -221,7 +221,7 @@ class SharedLock:
         if self.fd is None:
             return
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the last holder: the file goes
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the last holder: the file goes  # pyright: ignore[reportOptionalMemberAccess] - fd is set only where fcntl exists
             self.path.unlink(missing_ok=True)
         except OSError:
             pass  # another process holds it still

@@ -42,7 +42,7 @@ def architecture(model: HookedModel | torch.nn.Module) -> str:
 
 
 def fresh_model(hf: torch.nn.Module, device="meta", attn_implementation: str | None = None,
-                dtype: torch.dtype | None = None) -> torch.nn.Module:
+                dtype: torch.dtype | None = None) -> PreTrainedModel:
     """A new Hugging Face model of `hf`'s config and dtype (or `dtype`; on the meta device: just its keys)."""
     from transformers import AutoModelForCausalLM
 
@@ -71,7 +71,7 @@ def hf_state_dict(model: HookedModel | torch.nn.Module) -> dict[str, Tensor]:
 
 
 def to_hf_model(model: HookedModel, *, device=None, attn_implementation: str | None = None,
-                dtype: torch.dtype | None = None) -> torch.nn.Module:
+                dtype: torch.dtype | None = None) -> PreTrainedModel:
     """A plain Hugging Face model (a copy) with the bridge's current weights — for training with
     PEFT, exporting, or anything else that wants the unwrapped module; in `dtype` when given."""
     hf = hf_module(model)

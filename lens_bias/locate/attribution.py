@@ -108,7 +108,7 @@ def attribution_patching(
     grad_tokens, other_tokens = (ps.tokens, corrupt_tokens) if at == "clean" else (corrupt_tokens, ps.tokens)
     grad_extra, other_extra = ([], corrupt_hooks) if at == "clean" else (corrupt_hooks, [])
 
-    grad_acts, grads, grad_metric = activations_and_gradients(model, ps, grad_tokens, wanted, grad_extra)
+    grad_acts, grads, grad_metric = activations_and_gradients(model, ps, grad_tokens, wanted, grad_extra)  # pyright: ignore[reportArgumentType] - check_pairs: the set has corrupted tokens
     acts = {}
 
     def keep(x, hook, name):

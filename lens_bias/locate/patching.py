@@ -87,6 +87,7 @@ def check_pairs(model: HookedModel, ps: PromptSet) -> None:
         raise LensBiasError(f"expected a PromptSet, got {type(ps).__name__}")
     if not ps.has_pairs:
         raise LensBiasError("activation patching needs clean/corrupted pairs: build the PromptSet with corrupted=...")
+    assert ps.corrupted_tokens is not None  # has_pairs
     if ps.tokens.shape != ps.corrupted_tokens.shape:
         raise LensBiasError(f"clean tokens {tuple(ps.tokens.shape)} and corrupted tokens "
                             f"{tuple(ps.corrupted_tokens.shape)} differ in shape")
@@ -145,7 +146,7 @@ class _Answers:
                 a = a + self.b_U[ids]
             a = soft_cap(self.model, a)
         self.bad |= ~torch.isfinite(a).all()  # checked once at the end (no sync per chunk)
-        return metric_from_answers(a, self.metric, logp)
+        return metric_from_answers(a, self.metric, logp)  # pyright: ignore[reportArgumentType] - metric is a MetricName (the fast path's)
 
     def check(self, what: str) -> None:
         if bool(self.bad):
@@ -217,16 +218,16 @@ def _index_batch(obj, n_prompts: int, prompts: Tensor):
     return obj
 
 
-def _window_arg(name: str, v, s: int, e: int):
+def _window_arg(name: str, v, s: int, e: int | None):
     """A (row-indexed) block argument cut to query positions s..e-1 and key positions 0..e-1."""
     if not isinstance(v, (Tensor, tuple, list)) or (s == 0 and e is None):
         return v
     if name == "attention_mask":
-        return v[..., s:e, :e] if v.ndim == 4 else v[..., :e]
+        return v[..., s:e, :e] if v.ndim == 4 else v[..., :e]  # pyright: ignore[reportCallIssue, reportArgumentType, reportAttributeAccessIssue] - v is a tensor here
     if name == "position_embeddings":
         return type(v)(t[..., s:e, :] for t in v)
     if name in ("position_ids", "cache_position"):
-        return v[..., s:e]
+        return v[..., s:e]  # pyright: ignore[reportCallIssue, reportArgumentType] - v is a tensor here
     return v
 
 
@@ -582,7 +583,7 @@ def _unembedding_problem(model, ps: PromptSet, metric: Metric) -> str | None:
     with torch.no_grad(), trace(model, [last]) as acts:
         want = get_metric(metric)(model(sub.tokens, attention_mask=sub.attention_mask), sub).float()
     with torch.no_grad():
-        got = _Answers(model, sub, metric)(acts[last][rows, sub.answer_pos], rows)
+        got = _Answers(model, sub, metric)(acts[last][rows, sub.answer_pos], rows)  # pyright: ignore[reportArgumentType] - only named (fast) metrics get here
     tol = _tolerance(model)
     if not torch.isfinite(want).all() or torch.allclose(got, want, atol=tol * (1 + float(want.abs().max())), rtol=tol):
         return None  # non-finite logits are reported by the methods themselves
@@ -694,7 +695,7 @@ def _patch_fast(model, ps, site, per_position, metric, layers, window, corruptio
         del final_c
         if any(a is None for a in block_args):
             raise _ShortcutMismatch("some blocks were not called as modules")
-        sc = _Shortcut(model, block_args, past_names, kv, n, P, answers, ps.answer_pos, lay)
+        sc = _Shortcut(model, block_args, past_names, kv, n, P, answers, ps.answer_pos, lay)  # pyright: ignore[reportArgumentType] - checked above: no block without arguments
         # the shortcut must reproduce the corrupted run, on rows in another order and number than the
         # prompts, from the first entry used, over all positions and over a window after a cached prefix
         lo0 = entry_layers[0]

@@ -165,7 +165,7 @@ def causal_trace(
         res.extra.update({"corruption": corruption, "noise": noise if corruption == "noise" else None,
                           "embedding_std": scale, "samples": samples, "seed": seed,
                           "total_effect": res.clean - res.corrupted, "total_effect_fraction": total_effect_fraction(res),
-                          "subject_span": tuple(ps.subject_spans[0].tolist())})
+                          "subject_span": tuple(ps.subject_spans[0].tolist())})  # pyright: ignore[reportOptionalSubscript] - the set has subject spans (checked by tracing)
         out[site] = res
     first = next(iter(out.values()))
     if not abs(first.corrupted) < abs(first.clean):

@@ -122,8 +122,8 @@ def ablation_hooks(model: HookedModel, units: Sequence[tuple[int, int]], method:
     for l, idx in by_layer.items():
         index = torch.tensor(idx)
         if method == "mean":
-            act = refs[names[l]]  # [b, p, units...]
-            m = mask.to(act.dtype).view(*mask.shape, *([1] * (act.ndim - 2)))
+            act = refs[names[l]]  # [b, p, units...]  # pyright: ignore[reportOptionalSubscript] - refs are set for mean/resample
+            m = mask.to(act.dtype).view(*mask.shape, *([1] * (act.ndim - 2)))  # pyright: ignore[reportOptionalMemberAccess] - mask is set for mean/resample
             mean = (act * m).sum((0, 1)) / m.sum((0, 1))  # position-independent mean over real tokens
             value = mean[index.to(mean.device)]
 
@@ -131,7 +131,7 @@ def ablation_hooks(model: HookedModel, units: Sequence[tuple[int, int]], method:
                 x[:, :, index.to(x.device)] = value.to(x.dtype)
                 return x
         elif method == "resample":
-            act = refs[names[l]][:, :, index.to(refs[names[l]].device)]
+            act = refs[names[l]][:, :, index.to(refs[names[l]].device)]  # pyright: ignore[reportOptionalSubscript] - refs are set for mean/resample
 
             def hook(x, hook, act=act, index=index):  # pyright: ignore[reportRedeclaration] - one hook per method branch
                 rows = torch.randint(0, act.shape[0], (x.shape[0],), generator=gen)

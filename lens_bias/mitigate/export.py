@@ -108,7 +108,7 @@ def verify_export(model: HookedModel, out_dir: str | os.PathLike, tokens: Tensor
     tokens = probe_tokens(model) if tokens is None else tokens
     attn = getattr(hf.config, "_attn_implementation", None) or "eager"
     reloaded = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=param.dtype, attn_implementation=attn)
-    reloaded = reloaded.to(param.device).eval()
+    reloaded = reloaded.to(param.device).eval()  # pyright: ignore[reportArgumentType] - from_pretrained's typing; a model's .to(device)
     float32_activations(reloaded)
     saved = reloaded.state_dict()
     for name, w in hf_state_dict(model).items():

@@ -262,7 +262,7 @@ def _run(model, spec: LocateMethod, data, out_dir: Path, *, args: dict, key: str
         keys = [None] * world_size
         dist.all_gather_object(keys, key)  # also the barrier after rank 0's manifest
         if len(set(keys)) > 1:
-            raise LensBiasError(f"the ranks were given different arguments (run keys {sorted(set(keys))})")
+            raise LensBiasError(f"the ranks were given different arguments (run keys {sorted(set(keys))})")  # pyright: ignore[reportArgumentType] - run keys are strings
     (out_dir / CHUNKS).mkdir(parents=True, exist_ok=True)
     start_no = (read_manifest(out_dir) or {}).get("starts", 1)
 

@@ -13,7 +13,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, Union
 
 from ..core.errors import DataError
 from ..core.files import shipped
@@ -177,9 +177,10 @@ def located(path: str | os.PathLike, error: Exception) -> Exception:
     return type(error)(f"{where}: {message}")
 
 
-def load_records(source: Source) -> tuple[datasets.Dataset | list[dict], Any]:
+def load_records(source: Source) -> tuple[Sequence[dict], Callable[[int], str]]:
     """(records, where) from a path, a datasets.Dataset or a list of dicts; `where(i)` names record i
-    for error messages ('file:line', or 'item i')."""
+    for error messages ('file:line', or 'item i'). Records: a datasets.Dataset (typed as the
+    sequence of dict rows it is) or a list of dicts."""
     try:
         import datasets
         is_dataset = isinstance(source, datasets.Dataset)
@@ -209,11 +210,11 @@ def load_records(source: Source) -> tuple[datasets.Dataset | list[dict], Any]:
     return rows, lambda i: f"item {i}"  # pyright: ignore[reportReturnType] - rows checked to be dicts above
 
 
-def as_items(items) -> Items:
+def as_items(items) -> Sequence[dict]:
     """A data set as the functions take it: a datasets.Dataset as it is, the columns of a sliced
     Dataset (ds[:30], a dict of equal-length lists) or any iterable of dicts as a list of dicts."""
     if hasattr(items, "select") and hasattr(items, "column_names"):
-        return items
+        return items  # a datasets.Dataset, a sequence of dict rows
     if isinstance(items, dict):
         cols = list(items.values())
         if not cols or not all(isinstance(c, list) and len(c) == len(cols[0]) for c in cols):

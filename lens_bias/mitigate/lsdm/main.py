@@ -89,7 +89,7 @@ def lsdm_edit(
         layers = [int(site["layer"])] if layers is None else layers
         position = str(site["position"]) if position is None else position  # pyright: ignore[reportAssignmentType] - trace_sites' positions are EditPosition names
     layers = _check_layers(model, layers)
-    positions = edit_positions(ps, position)
+    positions = edit_positions(ps, position)  # pyright: ignore[reportArgumentType] - position is filled above
     target_model = model if inplace else clone_model(model)
     dev = device_of(target_model)
     ps_dev, pos_dev = ps.to(dev), positions.to(dev)

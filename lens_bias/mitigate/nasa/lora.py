@@ -185,7 +185,7 @@ def head_lora_model(model: HookedModel, heads, *, r: int = 8, alpha: int = 16, d
         masked += 1
     if masked == 0:
         raise LensBiasError("no LoRA module was created on the selected heads' layers")
-    peft_model.lens_bias_heads = heads
+    peft_model.lens_bias_heads = heads  # pyright: ignore[reportArgumentType] - a plain attribute on the PEFT model
     return peft_model
 
 
