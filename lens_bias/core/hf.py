@@ -78,7 +78,7 @@ def to_hf_model(model: HookedModel, *, device=None, attn_implementation: str | N
     fresh = fresh_model(hf, device="cpu", attn_implementation=attn_implementation, dtype=dtype)
     fresh.load_state_dict({k: v.detach().to("cpu") for k, v in hf_state_dict(model).items()}, strict=True)
     float32_activations(fresh)
-    return fresh.to(device or device_of(hf)).eval()
+    return fresh.to(device or device_of(hf)).eval()  # pyright: ignore[reportArgumentType] - PreTrainedModel.to's typing; a device is fine
 
 
 def clone_model(model: TransformerBridge) -> TransformerBridge:

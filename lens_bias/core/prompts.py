@@ -365,7 +365,7 @@ class PromptSet:
             raise PromptError("this prompt set has no corrupted prompts to swap with")
         return replace(
             self,
-            prompts=list(self.corrupted_prompts),
+            prompts=list(self.corrupted_prompts),  # pyright: ignore[reportArgumentType] - has_pairs: the corrupted prompts exist
             tokens=self.corrupted_tokens,
             corrupted_prompts=list(self.prompts),
             corrupted_tokens=self.tokens,

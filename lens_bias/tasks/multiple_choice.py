@@ -75,9 +75,9 @@ def _rows(items: Items) -> Iterator[dict]:
     """The items one dict at a time; a datasets.Dataset is read in batches of columns (indexing it
     row by row is about 50 times slower)."""
     if hasattr(items, "iter") and hasattr(items, "column_names"):
-        for batch in items.iter(batch_size=1024):
-            for j in range(len(next(iter(batch.values())))):
-                yield {k: v[j] for k, v in batch.items()}
+        for batch in items.iter(batch_size=1024):  # pyright: ignore[reportAttributeAccessIssue] - a datasets.Dataset (hasattr above)
+            for j in range(len(next(iter(batch.values())))):  # pyright: ignore[reportAttributeAccessIssue] - a Dataset batch is a dict of columns
+                yield {k: v[j] for k, v in batch.items()}  # pyright: ignore[reportAttributeAccessIssue] - a Dataset batch is a dict of columns
     else:
         yield from items  # pyright: ignore[reportReturnType] - a Dataset's rows are dicts
 
@@ -156,7 +156,7 @@ def load_multiple_choice(source: Source, *, context: str = "context", question: 
         opts = r[options].split("|") if isinstance(r[options], str) else list(r[options])
         raw = r.get(label)
         try:
-            gold = int(raw) if not isinstance(raw, bool) and float(raw).is_integer() else None
+            gold = int(raw) if not isinstance(raw, bool) and float(raw).is_integer() else None  # pyright: ignore[reportArgumentType] - float(None) raises TypeError, caught below
         except (TypeError, ValueError):
             gold = None
         if gold is None:

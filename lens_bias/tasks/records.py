@@ -189,9 +189,9 @@ def load_records(source: Source) -> tuple[Sequence[dict], Callable[[int], str]]:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if isinstance(source, str) and not path.exists() and _looks_like_hub_name(source):
-            return hub_dataset(source), lambda i: f"{source} record {i}"
+            return hub_dataset(source), lambda i: f"{source} record {i}"  # pyright: ignore[reportReturnType] - a Dataset is a sequence of dict rows
         ds = read_dataset(path)
-        return ds, lambda i: line_of(path, i)
+        return ds, lambda i: line_of(path, i)  # pyright: ignore[reportReturnType] - a Dataset is a sequence of dict rows
     if is_dataset:
         if len(source) == 0:
             raise DataError("the data set is empty")
@@ -231,7 +231,7 @@ def take(items: Items, lo: int, hi: int) -> list[dict]:
     """Items lo..hi as a list of dicts (a Dataset is read only for that range)."""
     items = as_items(items)
     if hasattr(items, "select"):
-        return [dict(r) for r in items.select(range(lo, min(hi, len(items))))]
+        return [dict(r) for r in items.select(range(lo, min(hi, len(items))))]  # pyright: ignore[reportAttributeAccessIssue] - a datasets.Dataset (hasattr above)
     return [dict(r) for r in items[lo:hi]]
 
 

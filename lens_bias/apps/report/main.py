@@ -34,6 +34,7 @@ from ...core.hooks import device_of, hook_name, run_until
 from ...core.models import HookedModel, load_model
 from ...core.prompts import PromptSet, tokenizer_of
 from ...locate.patching import position_labels
+from ...mitigate.ablation import AblationMethod
 from ...runs.store import data_fingerprint, model_fingerprint
 from .agreement import agreement_table
 from .faithfulness import Faithfulness, curves, rank_methods
@@ -183,6 +184,7 @@ def compute_contexts(model: HookedModel, task: ReportTask, scores: dict, n_top: 
                     row["most_active"] = _context(tok, ids, p)
                     row["activation"] = float(v[r, p])
                     if unit_type == "head" and attend is not None:
+                        assert labels is not None  # set with attend
                         key_pos = int(attend[u[0], u[1]].argmax())
                         row["attends_to"] = f"{labels[key_pos].strip()} (pos {key_pos}, "  \
                                             f"{float(attend[u[0], u[1], key_pos]):.2f})"
@@ -351,7 +353,7 @@ def bias_significance(model: HookedModel, task: ReportTask) -> float:
 
     if task.kind == "multiple_choice":
         return float("nan")
-    ps = task.test.to(device_of(model))
+    ps = task.test.to(device_of(model))  # pyright: ignore[reportAttributeAccessIssue] - pairs and yes/no tasks hold a PromptSet
     with torch.no_grad():
         a = answer_logits_fast(model, ps.tokens, ps.answer_pos, ps.answer_ids, [], ps.attention_mask).float()
         d = a[:, 0] - a[:, 1]
@@ -362,7 +364,7 @@ def bias_significance(model: HookedModel, task: ReportTask) -> float:
             q = torch.tensor([sum(v) / len(v) for _, v in per.values()], dtype=torch.float64)
             mean, se = yesno_offset(q, [gold for gold, _ in per.values()])
             return mean / se if se > 0 else float("nan")
-        c = answer_logits_fast(model, ps.corrupted_tokens, ps.answer_pos, ps.answer_ids, [], ps.attention_mask)
+        c = answer_logits_fast(model, ps.corrupted_tokens, ps.answer_pos, ps.answer_ids, [], ps.attention_mask)  # pyright: ignore[reportArgumentType] - twinned tasks have corrupted tokens
         d = (d - (c[:, 0] - c[:, 1]).float()).cpu()
     groups: dict = {}
     for i, m in enumerate(ps.metadata):
@@ -380,7 +382,7 @@ def locate_report(
     *,
     methods: Iterable[str] | None = None,
     k_values: Sequence[int] = (1, 2, 4, 8),
-    ablations: Sequence[str] = ("zero", "mean", "resample"),
+    ablations: Sequence[AblationMethod] = ("zero", "mean", "resample"),
     seeds: int = 5,
     holdout: float = 0.5,
     max_prompts: int = 64,

@@ -97,7 +97,7 @@ class ReportTask:
         otherwise the neutral text, packed into rows as wide as the longest test prompt (so resampling
         reaches every position) — the bias is what a unit does beyond what it does on unrelated text."""
         if self.kind == "pairs":
-            return self.test.swapped()
+            return self.test.swapped()  # pyright: ignore[reportAttributeAccessIssue] - pairs and yes/no tasks hold a PromptSet
         if not self.reference_text:
             raise LensBiasError("mean and resample ablation of a task without twins need neutral text: pass "
                                 "neutral=... or use ablations=('zero',)")
@@ -123,7 +123,7 @@ class ReportTask:
 def organism_card(model: HookedModel) -> dict | None:
     """The model's organism card when it is a lens_bias model organism, else None."""
     try:
-        card = load_card(model)
+        card = load_card(model)  # pyright: ignore[reportArgumentType] - load_card takes a model too
     except Exception:  # noqa: BLE001 - any model that is not an organism
         return None
     return card if card.get("planted") else None
@@ -304,7 +304,7 @@ def _resolve_spec(model, task, max_prompts: int, max_items: int):
     prefix, sep, rest = spec.partition(":")
     if sep and prefix in KIND_FROM_PREFIX and len(prefix) > 1:
         kind = KIND_FROM_PREFIX[prefix]
-        return Path(rest).name, kind, _from_file(model, kind, Path(rest)), f"the {prefix} file {rest}"
+        return Path(rest).name, kind, _from_file(model, kind, Path(rest)), f"the {prefix} file {rest}"  # pyright: ignore[reportArgumentType] - kind is a TaskKind name (checked above)
     path = Path(spec)
     if path.suffix in (".jsonl", ".json", ".csv") or path.exists():
         if not path.is_file():
@@ -383,7 +383,7 @@ def resolve_task(model: HookedModel, task, *, holdout: float = 0.5, max_prompts:
                             "(BBQ items with answer_info and stereotyped_groups)")
     if holdout > 0 and len(locate) == len(test) and locate is test:
         notes.append("one group only: the methods and the ablations use the same prompts")
-    rt = ReportTask(name, kind, locate, test, description=desc, notes=notes)
+    rt = ReportTask(name, kind, locate, test, description=desc, notes=notes)  # pyright: ignore[reportArgumentType] - kind is a TaskKind name (checked above)
     lines = _neutral(model, neutral)
     rt.neutral = lines[:neutral_lines]  # capability: loss on these lines
     rt.reference_text = lines[neutral_lines:] or lines  # mean/resample reference (tasks without twins)
@@ -466,7 +466,7 @@ def answers_bias(task: ReportTask, a: torch.Tensor, metadata: list[dict] | None 
     if task.kind == "pairs":
         return {"bias": float((a[:, 0] - a[:, 1]).mean())}
     p_yes = a.softmax(-1)[:, 0]
-    gold = [m["label"] == "yes" for m in (metadata if metadata is not None else task.test.metadata)]
+    gold = [m["label"] == "yes" for m in (metadata if metadata is not None else task.test.metadata)]  # pyright: ignore[reportAttributeAccessIssue] - pairs and yes/no tasks hold a PromptSet
     d = decision_metrics((p_yes > 0.5).tolist(), gold)
     return {"bias": yesno_offset(a[:, 1] - a[:, 0], gold)[0], "accuracy": d["accuracy"], "pr_gap": d["pr_gap"]}
 
