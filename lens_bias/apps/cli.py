@@ -148,7 +148,7 @@ def cmd_locate(args) -> int:
         raise LensBiasError(f"--k must be whole numbers separated by commas, not {args.k!r}") from None
     methods = args.methods.split(",") if args.methods else None
     report = locate_report(args.model, args.task, args.out, methods=methods, k_values=k_values,
-                           ablations=args.ablations.split(","), seeds=args.seeds, holdout=args.holdout,  # pyright: ignore[reportArgumentType] - locate_report names any unknown ablation
+                           ablations=args.ablations.split(","), seeds=args.seeds, holdout=args.holdout,
                            max_prompts=args.max_prompts, max_items=args.max_items, neutral=args.neutral,
                            tracing_corruption=args.tracing, seed=args.seed, overwrite=args.overwrite,
                            progress=not args.quiet, device=args.device, dtype=args.dtype)
