@@ -107,7 +107,7 @@ def count_nonfinite(x: Any) -> tuple[int, int]:
     return bad, total
 
 
-def check_finite(x, what: str, model=None):
+def check_finite(x, what: str, model: HookedModel | torch.nn.Module | None = None):
     """`x` (a tensor, a number, or a dict/list/ComponentScores of them) unchanged; a NonFiniteError
     when it holds NaN or inf, naming `what` and — with `model` — the first non-finite weight, or
     float16 overflow when every weight is finite."""
