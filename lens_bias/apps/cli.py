@@ -12,17 +12,17 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from ..core.checks import MAX_SEED, check_seed  # noqa: E402 - after the environment is set
-from ..core.errors import LensBiasError  # noqa: E402
-from ..core.hf import architecture  # noqa: E402
-from ..core.model_names import MODELS, describe  # noqa: E402
-from ..core.models import fetch_model, load_model  # noqa: E402
-from ..core.prompts import prepends_bos, resolve_chat  # noqa: E402
-from ..organism import organism_card  # noqa: E402
-from ..runs import REGISTRY, distributed, result_frame, run_dataset  # noqa: E402
-from .demo import run_demo  # noqa: E402
-from ..mitigate.registry import MITIGATIONS  # noqa: E402
-from .pipeline import DATA_KINDS, export_edit, mitigate, parse_units  # noqa: E402
+from ..core.checks import MAX_SEED, check_seed  # imported after the environment is set
+from ..core.errors import LensBiasError
+from ..core.hf import architecture
+from ..core.model_names import MODELS, describe
+from ..core.models import fetch_model, load_model
+from ..core.prompts import prepends_bos, resolve_chat
+from ..organism import organism_card
+from ..runs import REGISTRY, distributed, result_frame, run_dataset
+from .demo import run_demo
+from ..mitigate.registry import MITIGATIONS
+from .pipeline import DATA_KINDS, export_edit, mitigate, parse_units
 
 
 MODEL_HELP = ("model: a name (" + ", ".join(["organism", *MODELS]) + "), a local Hugging Face directory, "
@@ -341,7 +341,7 @@ def _progress_bars(shown: bool):
             datasets.enable_progress_bars()
 
 
-def _one_line(text: str) -> str:
+def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 

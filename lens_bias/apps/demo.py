@@ -103,7 +103,7 @@ def _demo(model, out: Path, final: Path, seed: int, progress: bool) -> str:
     dev = device_of(model)
     s = said.to(dev)
     with torch.no_grad():
-        a = answer_logits_fast(model, s.tokens, s.answer_pos, s.answer_ids, neuron_ablation_hooks(model, [found]))
+        a = answer_logits_fast(model, s.tokens, s.answer_pos, s.answer_ids, neuron_ablation_hooks(model, [found]))  # pyright: ignore[reportArgumentType] - units() of a [layer, neuron] score are pairs
     pruned = (a[:, 0] - a[:, 1]).mean().item()
     lines.append(f"  prune neuron {found}: bias {mlp.clean:+.2f} → {pruned:+.2f}")
 
@@ -117,7 +117,7 @@ def _demo(model, out: Path, final: Path, seed: int, progress: bool) -> str:
     traced_set = professions_prompts(model, F[:5], T[:2], answers=(" she", " he"), corrupt_with=N)
     site = trace_sites(model, traced_set, seed=seed).iloc[0]
     neutral = data_path("neutral").read_text()
-    lsdm = lsdm_edit(model, edit_set, neutral, layers=[int(site["layer"])], position=str(site["position"]),
+    lsdm = lsdm_edit(model, edit_set, neutral, layers=[int(site["layer"])], position=str(site["position"]),  # pyright: ignore[reportArgumentType] - trace_sites' positions are EditPosition names
                      progress=progress)
     edited, res = lsdm.model, lsdm.report
     cloze = [json.loads(line) for line in data_path("cloze").read_text().splitlines()]
@@ -199,7 +199,7 @@ def _ld(model: HookedModel, ps: PromptSet, hooks=(), corrupted: bool = False) ->
     p = ps.to(device_of(model))
     tokens = p.corrupted_tokens if corrupted else p.tokens
     with torch.no_grad():
-        a = answer_logits_fast(model, tokens, p.answer_pos, p.answer_ids, list(hooks), attention_mask=p.attention_mask)
+        a = answer_logits_fast(model, tokens, p.answer_pos, p.answer_ids, list(hooks), attention_mask=p.attention_mask)  # pyright: ignore[reportArgumentType] - the set has corrupted tokens when corrupted=True
     return float((a[:, 0] - a[:, 1]).mean())
 
 

@@ -80,12 +80,12 @@ def _pairs(model: HookedModel, case: Case, ps: PromptSet | None = None) -> Score
                                                                   progress=False).effect}
     for at, name in (("clean", "attribution (clean grad)"), ("corrupted", "attribution (corrupted grad)")):
         if units:
-            res = attribution_patching(model, ps, units, at=at)
+            res = attribution_patching(model, ps, units, at=at)  # pyright: ignore[reportArgumentType] - the case's unit sites are AttributionSite names
             out[name] = {u: res[u].values for u in units}
     for u in units:
-        out.setdefault("grad×activation", {})[u] = grad_x_activation(model, ps, u).values
-        out.setdefault("mean |activation|", {})[u] = mean_activation(model, ps, u).values
-        out.setdefault("weight norm", {})[u] = weight_norm(model, u).values
+        out.setdefault("grad×activation", {})[u] = grad_x_activation(model, ps, u).values  # pyright: ignore[reportArgumentType] - u is 'head' or 'neuron'
+        out.setdefault("mean |activation|", {})[u] = mean_activation(model, ps, u).values  # pyright: ignore[reportArgumentType] - u is 'head' or 'neuron'
+        out.setdefault("weight norm", {})[u] = weight_norm(model, u).values  # pyright: ignore[reportArgumentType] - u is 'head' or 'neuron'
     if "site" in case.units:
         out.update(_sites(model, ps))
     return out
@@ -101,7 +101,7 @@ def _sites(model: HookedModel, ps: PromptSet) -> Scores:
                         progress=False)["mlp_out"]
     out["causal tracing (noise 0)"] = {"site": zero.effect}
     top = trace_sites(model, ps).iloc[0]
-    pos = int(ps.subject_spans[0, 1]) - 1 if top["position"] == "subject" else int(ps.attention_mask[0].sum()) - 1
+    pos = int(ps.subject_spans[0, 1]) - 1 if top["position"] == "subject" else int(ps.attention_mask[0].sum()) - 1  # pyright: ignore[reportOptionalSubscript] - tracing cases have subject spans
     choice = torch.zeros_like(twins.effect)
     choice[int(top["layer"]), pos] = 1.0
     out["LSDM site choice"] = {"site": choice}
@@ -126,7 +126,7 @@ def _bbq(model: HookedModel, case: Case) -> Scores:
     prompts = [format_mc_prompt(ins[0], it["context"], it["question"], item_options(it)) for it in items]
     options = [item_options(it) for it in items]
     biased = [biased_option(it) for it in items]
-    out["grad×P(biased)"] = {"neuron": option_attributions(model, prompts, options, biased).mean(0)}
+    out["grad×P(biased)"] = {"neuron": option_attributions(model, prompts, options, biased).mean(0)}  # pyright: ignore[reportArgumentType] - every item has a biased option
     carrier = PromptSet.build(model, prompts, (" A", " B"))  # tokens only: mean |activation| reads no answer
     out["mean |activation|"] = {"neuron": mean_activation(model, carrier, "neuron").values}
     out["weight norm"] = {"neuron": weight_norm(model, "neuron").values}

@@ -25,7 +25,7 @@ def case_truth(case: Case, truth: dict, unit: str) -> tuple[torch.Tensor, list[i
     """(effects, the layers of the method scores they cover; None = all)."""
     if unit == "site":
         return truth[f"{case.truth_key}/bias/pos_mlp_zero"].float(), None
-    eff, layers = unit_truth(truth, case.truth_key, unit)
+    eff, layers = unit_truth(truth, case.truth_key, unit)  # pyright: ignore[reportArgumentType] - case units are UnitKind names
     return eff, layers if unit == "neuron" else None
 
 
@@ -39,7 +39,7 @@ def mitigation(model: HookedModel, case: Case, unit: str, units: list[tuple[int,
                before: tuple[float, float]) -> dict:
     """Zero-ablate `units`: the share of the bias removed, the neutral-text loss added, and their ratio
     (share removed per nat of loss added; the loss floored at 1e-3 nats)."""
-    with ablate(model, **{"heads" if unit == "head" else "neurons": units}):
+    with ablate(model, **{"heads" if unit == "head" else "neurons": units}):  # pyright: ignore[reportArgumentType] - the dict is heads= or neurons=
         b, loss = bias(), float(text_loss(model, neutral))
     removed = (before[0] - b) / before[0] if before[0] else float("nan")
     added = loss - before[1]

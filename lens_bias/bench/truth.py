@@ -45,7 +45,7 @@ def unit_truth(truth: dict[str, Tensor], key: str, unit: UnitKind, metric: str =
     return eff, layers
 
 
-def carriers(effect: Tensor, share: float = 0.8, min_k: int = 3) -> Bool[Tensor, "..."]:
+def carriers(effect: Tensor, share: float = 0.8, min_k: int = 3) -> Bool[Tensor, "..."]:  # noqa: UP037 - jaxtyping needs the string "...", not Ellipsis
     """The fewest units, largest effect first, whose positive effects reach `share` of the positive
     total (at least `min_k`)."""
     flat = effect.reshape(-1)

@@ -17,19 +17,22 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import Tensor
 
 from .errors import LensBiasError, ModelLoadError
 
+if TYPE_CHECKING:
+    from .models import HookedModel
+
 
 class NonFiniteError(LensBiasError):
     """NaN or inf in a model's weights or in a result computed from them."""
 
 
-def first_nonfinite_parameter(model) -> tuple[str, int, int, tuple[int, ...]] | None:
+def first_nonfinite_parameter(model: HookedModel | torch.nn.Module) -> tuple[str, int, int, tuple[int, ...]] | None:
     """(name, number of non-finite entries, numel, index of the first) of the first parameter holding
     NaN/inf, or None when every weight is finite. (Buffers are not weights: some models keep -inf
     masks in them. Parameters offloaded to disk are on the meta device and are not read here: the
@@ -49,7 +52,7 @@ def first_nonfinite_parameter(model) -> tuple[str, int, int, tuple[int, ...]] | 
     return None
 
 
-def nonfinite_cause(model) -> str:
+def nonfinite_cause(model: HookedModel | torch.nn.Module) -> str:
     """Why a result from `model` is not finite: its first non-finite weight, float16 overflow, or the input."""
     hit = first_nonfinite_parameter(model)
     if hit is not None:
@@ -70,7 +73,7 @@ def _dtype_of(model) -> torch.dtype | None:
         return None
 
 
-def check_weights_finite(model, what: str = "model") -> None:
+def check_weights_finite(model: HookedModel | torch.nn.Module, what: str = "model") -> None:
     """A NonFiniteError naming the first parameter that holds NaN or inf (one pass over the weights)."""
     hit = first_nonfinite_parameter(model)
     if hit is not None:
@@ -90,7 +93,7 @@ def _tensors(x: Any) -> Iterable[Tensor]:
     elif isinstance(x, (list, tuple)):
         for v in x:
             yield from _tensors(v)
-    elif hasattr(x, "values") and isinstance(getattr(x, "values"), Tensor):  # ComponentScores
+    elif hasattr(x, "values") and isinstance(x.values, Tensor):  # ComponentScores
         yield x.values
 
 
@@ -104,7 +107,7 @@ def count_nonfinite(x: Any) -> tuple[int, int]:
     return bad, total
 
 
-def check_finite(x, what: str, model=None):
+def check_finite(x, what: str, model: HookedModel | torch.nn.Module | None = None):
     """`x` (a tensor, a number, or a dict/list/ComponentScores of them) unchanged; a NonFiniteError
     when it holds NaN or inf, naming `what` and — with `model` — the first non-finite weight, or
     float16 overflow when every weight is finite."""
@@ -159,7 +162,7 @@ def describe_keys(keys, model_keys, shown: int = 3) -> str:
         if layer is None or len(group) <= shown:
             names += group
             continue
-        prefix = group[0][: _LAYER.search(group[0]).start()]
+        prefix = group[0][: _LAYER.search(group[0]).start()]  # pyright: ignore[reportOptionalMemberAccess] - the group's keys have a layer
         count = f"every weight of layer {layer}" if len(group) == per_layer else f"{len(group)} weights"
         parts.append(f"{prefix}.{layer}.* ({count})")
     parts = names[:shown] + parts + ([f"and {len(names) - shown} more"] if len(names) > shown else [])
@@ -176,15 +179,15 @@ def _layer_hint(config, keys, model_keys, missing: bool) -> str:
     if missing:
         per_layer = sum(1 for k in model_keys if _layer_of(k) == 0)
         whole = all(sum(_layer_of(k) == l for k in keys) == per_layer for l in layers)
-        if not (whole and layers == set(range(min(layers), n))):
+        if not (whole and layers == set(range(min(layers), n))):  # pyright: ignore[reportArgumentType] - None is not in layers (checked above)
             return ""
-    elif min(layers) < n:
+    elif min(layers) < n:  # pyright: ignore[reportArgumentType] - None is not in layers (checked above)
         return ""
     name = getattr(config, "attribute_map", {}).get("num_hidden_layers", "num_hidden_layers")
     return f" — config.json's {name} is {n}, is that the number of layers the weights have?"
 
 
-def check_loading_info(source: str, model, info: dict) -> None:
+def check_loading_info(source: str, model: HookedModel | torch.nn.Module, info: dict) -> None:
     """A ModelLoadError naming the weights transformers' loading report (`output_loading_info=True`)
     found missing (they would be random), unexpected (ignored) or of another shape than the config's."""
     arch = type(model).__name__
@@ -201,7 +204,7 @@ def check_loading_info(source: str, model, info: dict) -> None:
                              f"{'s' * (len(unexpected) != 1)} that config.json's {arch} has no place for: "
                              f"{describe_keys(unexpected, model_keys)}{_layer_hint(cfg, unexpected, model_keys, False)}")
     if mismatched:
-        key, in_file, in_model = mismatched[0]
+        key, in_file, in_model = mismatched[0]  # pyright: ignore[reportGeneralTypeIssues] - transformers' loading report: (key, file shape, model shape) tuples
         raise ModelLoadError(f"could not load model {source!r}: {len(mismatched)} weight"
                              f"{'s' * (len(mismatched) != 1)} of {weights} do not have the shape config.json "
                              f"gives them, e.g. {key} is {list(in_file)} in the file, {list(in_model)} by the config")
@@ -214,7 +217,7 @@ def checked_config(source: str):
 
     try:
         return AutoConfig.from_pretrained(source)
-    except Exception as e:  # noqa: BLE001 - huggingface_hub's strict dataclasses raise their own type
+    except Exception as e:  # huggingface_hub's strict dataclasses raise their own type
         if type(e).__name__ != "StrictDataclassFieldValidationError":
             raise
         cause = str(e.__cause__ or e).strip().splitlines()[-1].strip()
@@ -246,7 +249,7 @@ class CheckedLoader:
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # its loading report is ours to give, as one line
         try:
-            model, info = cls.from_pretrained(name, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+            model, info = cls.from_pretrained(name, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)  # pyright: ignore[reportGeneralTypeIssues] - output_loading_info=True returns (model, info)
         finally:
             transformers.logging.set_verbosity(verbosity)
         check_loading_info(self.source, model, info)
@@ -262,12 +265,12 @@ def checked_loader(source: str) -> CheckedLoader:
     return CheckedLoader(source)
 
 
-def check_tokenizer(model, source: str) -> None:
+def check_tokenizer(model: HookedModel, source: str) -> None:
     """A ModelLoadError when the model's tokenizer is missing or empty (a folder without tokenizer
     files loads as a 1-token tokenizer), or holds more tokens than the embedding has rows."""
     tok = getattr(model, "tokenizer", None)
     size = len(tok) if tok is not None else 0
-    if size < 2 or not tok("a b", add_special_tokens=False)["input_ids"]:
+    if size < 2 or not tok("a b", add_special_tokens=False)["input_ids"]:  # pyright: ignore[reportOptionalCall] - tok is not None when size >= 2
         path = Path(source)
         have = sorted(p.name for p in path.iterdir() if p.name in TOKENIZER_FILES) if path.is_dir() else []
         raise ModelLoadError(f"model {source!r} has no usable tokenizer (it loads with {size} token"

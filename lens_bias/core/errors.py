@@ -12,6 +12,8 @@ class ModelLoadError(LensBiasError):
 class PromptError(LensBiasError):
     """A prompt set is malformed: multi-token answers, misaligned pairs, empty data, ..."""
 
+    item: int | None = None  # the 0-based prompt it is about, when known (core.prompts.prompt_error)
+
 
 class DataError(LensBiasError):
     """A data file is missing, empty or malformed."""

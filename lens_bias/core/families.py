@@ -73,7 +73,7 @@ def random_config(family: str, tokenizer, *, n_layers: int = 2, d_model: int = 6
     if not fam.seq2seq:
         # no pad id: some configs' default (OPT's 1, Gemma's 0) is a real token of this tokenizer, whose
         # embedding row would be initialised to zero
-        kw.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=None)
+        kw.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=None)  # pyright: ignore[reportArgumentType] - None: no pad token on purpose
     kw.update(overrides)
     return getattr(transformers, fam.config)(**kw)
 

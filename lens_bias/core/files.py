@@ -231,7 +231,7 @@ class SharedLock:
     def __init__(self, path: str | os.PathLike):
         self.path, self.fd = Path(path), None
 
-    def acquire(self) -> "SharedLock":
+    def acquire(self) -> SharedLock:
         if fcntl is not None:
             self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o666)
             fcntl.flock(self.fd, fcntl.LOCK_SH)
@@ -241,7 +241,7 @@ class SharedLock:
         if self.fd is None:
             return
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the last holder: the file goes
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the last holder: the file goes  # pyright: ignore[reportOptionalMemberAccess] - fd is set only where fcntl exists
             self.path.unlink(missing_ok=True)
         except OSError:
             pass  # another process holds it still

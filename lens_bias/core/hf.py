@@ -10,6 +10,7 @@ keys a fresh Hugging Face model of the same config has.
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING, cast
 
 import torch
 from jaxtyping import Float
@@ -22,15 +23,18 @@ from .models import HookedModel, set_conventions
 from .precision import float32_activations, logit_tolerance
 from .prompts import prepends_bos
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 _BRIDGE_INFIX = "._original_component"
 
 
-def hf_module(model) -> torch.nn.Module:
+def hf_module(model: HookedModel | torch.nn.Module) -> PreTrainedModel:
     """The Hugging Face module a bridge wraps (sharing its parameters), or the HF model itself."""
-    return getattr(model, "original_model", model)
+    return cast("PreTrainedModel", getattr(model, "original_model", model))
 
 
-def architecture(model) -> str:
+def architecture(model: HookedModel | torch.nn.Module) -> str:
     """The Hugging Face architecture name of a bridge or a Hugging Face model."""
     hf = hf_module(model)
     archs = getattr(hf.config, "architectures", None) or [type(hf).__name__]
@@ -38,7 +42,7 @@ def architecture(model) -> str:
 
 
 def fresh_model(hf: torch.nn.Module, device="meta", attn_implementation: str | None = None,
-                dtype: torch.dtype | None = None) -> torch.nn.Module:
+                dtype: torch.dtype | None = None) -> PreTrainedModel:
     """A new Hugging Face model of `hf`'s config and dtype (or `dtype`; on the meta device: just its keys)."""
     from transformers import AutoModelForCausalLM
 
@@ -47,7 +51,7 @@ def fresh_model(hf: torch.nn.Module, device="meta", attn_implementation: str | N
         return AutoModelForCausalLM.from_config(hf.config, torch_dtype=dtype or next(hf.parameters()).dtype, **kw)
 
 
-def hf_state_dict(model) -> dict[str, Tensor]:
+def hf_state_dict(model: HookedModel | torch.nn.Module) -> dict[str, Tensor]:
     """The model's weights under plain Hugging Face names (the bridge's wrapper infix removed).
 
     Tensors share storage with the live parameters; keys a fresh Hugging Face model of the same
@@ -67,14 +71,14 @@ def hf_state_dict(model) -> dict[str, Tensor]:
 
 
 def to_hf_model(model: HookedModel, *, device=None, attn_implementation: str | None = None,
-                dtype: torch.dtype | None = None) -> torch.nn.Module:
+                dtype: torch.dtype | None = None) -> PreTrainedModel:
     """A plain Hugging Face model (a copy) with the bridge's current weights — for training with
     PEFT, exporting, or anything else that wants the unwrapped module; in `dtype` when given."""
     hf = hf_module(model)
     fresh = fresh_model(hf, device="cpu", attn_implementation=attn_implementation, dtype=dtype)
     fresh.load_state_dict({k: v.detach().to("cpu") for k, v in hf_state_dict(model).items()}, strict=True)
     float32_activations(fresh)
-    return fresh.to(device or device_of(hf)).eval()
+    return fresh.to(device or device_of(hf)).eval()  # pyright: ignore[reportArgumentType] - PreTrainedModel.to's typing; a device is fine
 
 
 def clone_model(model: TransformerBridge) -> TransformerBridge:
@@ -86,7 +90,7 @@ def clone_model(model: TransformerBridge) -> TransformerBridge:
     """
     if not hasattr(model, "original_model"):  # a plain Hugging Face model: no views to keep
         return copy.deepcopy(model)
-    source = getattr(model, "lens_bias_source", None) or model.original_model.config._name_or_path
+    source = getattr(model, "lens_bias_source", None) or hf_module(model).config._name_or_path
     param = next(model.original_model.parameters())
     hf = to_hf_model(model, attn_implementation="eager")
     try:
@@ -127,7 +131,7 @@ def _split_pairs(attn):
                 yield ours, theirs
 
 
-def stale_split_qkv(model) -> list[int]:
+def stale_split_qkv(model: HookedModel) -> list[int]:
     """Layers whose split q/k/v weights (what the bridge computes with) differ from the fused Hugging
     Face weight (what is exported). GPT-2 and Phi-3 bridges split into views, so these never
     differ; GPT-NeoX bridges keep copies, so an attention edit made on one side misses the other."""
@@ -135,7 +139,7 @@ def stale_split_qkv(model) -> list[int]:
             if any(not torch.equal(ours, theirs) for ours, theirs in _split_pairs(attn))]
 
 
-def sync_split_qkv(model) -> list[int]:
+def sync_split_qkv(model: HookedModel) -> list[int]:
     """Copy each fused q/k/v Hugging Face weight into the bridge's split copies (after the fused weight
     was edited, e.g. a merged LoRA adapter on GPT-NeoX); returns the layers that changed."""
     changed = []

@@ -22,12 +22,15 @@ forward at a hook so nothing after it is computed.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator, Literal, get_args
+from typing import TYPE_CHECKING, Iterable, Iterator, Literal, TypeVar, get_args
 
 import torch
 from torch import Tensor
 
 from .errors import LensBiasError
+
+if TYPE_CHECKING:
+    from .models import HookedModel
 
 Site = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_value", "head", "neuron", "pattern",
                "embed"]
@@ -64,7 +67,7 @@ def hook_name(site: Site, layer: int | None = None) -> str:
     return template.format(int(layer))
 
 
-def unit_names(model, sites: Site | Iterable[Site]) -> dict[tuple[str, int], str]:
+def unit_names(model, sites: Site | Iterable[Site]) -> dict[tuple[Site, int], str]:
     """The hook of every layer of each site, keyed (site, layer), site by site (e.g. unit_names(model,
     ("head", "neuron"))[("head", 3)] = 'blocks.3.attn.hook_z')."""
     sites = [sites] if isinstance(sites, str) else list(sites)
@@ -78,7 +81,10 @@ def site_kind(site: Site) -> str:
     return SITES[site][1]
 
 
-def check_sites(sites: Iterable[str], allowed: Iterable[str], what: str) -> list[str]:
+S = TypeVar("S", bound=str)
+
+
+def check_sites(sites: Iterable[S], allowed: Iterable[str], what: str) -> list[S]:
     """The sites as a list; a LensBiasError naming any that `what` does not take."""
     sites, allowed = list(sites), list(allowed)
     bad = [s for s in sites if s not in allowed]
@@ -87,12 +93,12 @@ def check_sites(sites: Iterable[str], allowed: Iterable[str], what: str) -> list
     return sites
 
 
-def last_resid(model) -> str:
+def last_resid(model: HookedModel) -> str:
     """The hook of the final residual stream (the last block's resid_post)."""
     return hook_name("resid_post", model.cfg.n_layers - 1)
 
 
-def device_of(model) -> torch.device:
+def device_of(model: HookedModel | torch.nn.Module) -> torch.device:
     """The device inputs go to: that of the model's first parameter which holds data (under a device_map
     with disk offload, offloaded parameters sit on the meta device; Accelerate moves inputs on between
     modules)."""
@@ -104,7 +110,7 @@ def device_of(model) -> torch.device:
     return first if first is not None else torch.device("cpu")
 
 
-def check_hook_names(model, names: Iterable[str]) -> None:
+def check_hook_names(model: HookedModel, names: Iterable[str]) -> None:
     """A LensBiasError naming every hook that the model does not have."""
     hook_dict = getattr(model, "hook_dict", None)
     if hook_dict is None:
@@ -123,7 +129,7 @@ class Stop(Exception):
 
 
 @contextlib.contextmanager
-def trace(model, keep: Iterable[str] = (), *, stop_at: str | None = None, fwd_hooks: Iterable = (),
+def trace(model: HookedModel, keep: Iterable[str] = (), *, stop_at: str | None = None, fwd_hooks: Iterable = (),
           detach: bool = False) -> Iterator[dict[str, Tensor]]:
     """Within the block, forwards of `model` record the activations at `keep` (and `stop_at`) into
     the yielded dict; with `stop_at` the forward ends right after that hook (nothing later is
@@ -152,7 +158,7 @@ def trace(model, keep: Iterable[str] = (), *, stop_at: str | None = None, fwd_ho
             pass
 
 
-def run_until(model, tokens: Tensor, stop_at: str | None = None, *, attention_mask: Tensor | None = None,
+def run_until(model: HookedModel, tokens: Tensor, stop_at: str | None = None, *, attention_mask: Tensor | None = None,
               fwd_hooks: Iterable = (), keep: Iterable[str] = (), detach: bool = False) -> dict[str, Tensor]:
     """One forward that stops after `stop_at` (default: the final residual stream), returning the
     activations at `stop_at` and `keep`."""

@@ -3,7 +3,7 @@ and the answer logits computed without unembedding anything else."""
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -94,20 +94,21 @@ def metric_from_answers(a: Float[Tensor, "rows n_answers"], metric: MetricName,
                         logp: Float[Tensor, "rows n_answers"] | None = None) -> Float[Tensor, " rows"]:
     """Per-row metric from answer logits (and answer log-probs, which odds_ratio needs)."""
     if metric == "odds_ratio":
+        assert logp is not None, "odds_ratio needs the answer log-probs"
         lo = logp - torch.log1p(-logp.exp().clamp(max=1 - 1e-7))
         return (lo[:, 0] - lo[:, 1]).exp()
     d = a[:, 0] - a[:, 1]
     return d if metric == "logit_diff" else d.exp()
 
 
-def logit_soft_cap(model) -> float | None:
+def logit_soft_cap(model: HookedModel) -> float | None:
     """The model's final-logit soft cap c (Gemma 2: logits ← c·tanh(logits/c)), None when it has none."""
     config = getattr(getattr(model, "original_model", model), "config", None)
     cap = getattr(config, "final_logit_softcapping", None)
     return float(cap) if cap else None
 
 
-def soft_cap(model, logits: Tensor) -> Tensor:
+def soft_cap(model: HookedModel, logits: Tensor) -> Tensor:
     """Logits after the model's final soft cap (unchanged for models without one). Element-wise, so it
     applies to any subset of the vocabulary's logits, e.g. the answer columns alone."""
     cap = logit_soft_cap(model)
@@ -134,7 +135,7 @@ def answer_logits_fast(
     tokens: Int[Tensor, "batch pos"],
     answer_pos: Int[Tensor, " batch"],
     answer_ids: Int[Tensor, "batch n_answers"],
-    fwd_hooks: list = (),
+    fwd_hooks: Sequence = (),
     attention_mask: Int[Tensor, "batch pos"] | None = None,
     W_U: Tensor | None = None,
     b_U: Tensor | None = None,

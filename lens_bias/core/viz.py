@@ -53,7 +53,7 @@ def top_bar(scores: ComponentScores, k: int = 20, *, title: str | None = None):
     import plotly.express as px
 
     top = scores.top(k)
-    coord = [c for c in scores.dims]
+    coord = list(scores.dims)
     top["component_id"] = top[coord].astype(str).agg(".".join, axis=1).radd(scores.component + " ")
     fig = px.bar(top, x="component_id", y="effect", hover_data=coord,
                  title=title or f"top {k} — {scores.method} {scores.component}")

@@ -36,7 +36,7 @@ def _answer_metric(model, ps, tokens, hooks, W_U, b_U) -> Tensor:
 
 
 def activations_and_gradients(model: HookedModel, ps: PromptSet, tokens: Tensor, names: Iterable[str],
-                              fwd_hooks: list = ()) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
+                              fwd_hooks: Iterable = ()) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
     """One forward+backward of the mean logit difference LD over `ps` on `tokens` (with `fwd_hooks`):
     the activations at `names`, ∂(mean LD)/∂a there, and the mean LD. The weights get no gradients
     (the backward starts from the embeddings), which halves its cost."""
@@ -101,7 +101,7 @@ def attribution_patching(
     grad_tokens, other_tokens = (ps.tokens, corrupt_tokens) if at == "clean" else (corrupt_tokens, ps.tokens)
     grad_extra, other_extra = ([], corrupt_hooks) if at == "clean" else (corrupt_hooks, [])
 
-    grad_acts, grads, grad_metric = activations_and_gradients(model, ps, grad_tokens, wanted, grad_extra)
+    grad_acts, grads, grad_metric = activations_and_gradients(model, ps, grad_tokens, wanted, grad_extra)  # pyright: ignore[reportArgumentType] - check_pairs: the set has corrupted tokens
     with torch.no_grad(), trace(model, wanted, fwd_hooks=other_extra) as other_acts:
         other_metric = _answer_metric(model, ps, other_tokens, [], W_U, b_U).item()
     clean_m, corr_m = (grad_metric, other_metric) if at == "clean" else (other_metric, grad_metric)

@@ -85,7 +85,7 @@ def candidate_attention(model: HookedModel, ps: PromptSet, candidate: Literal["n
                         ) -> Float[Tensor, "layer head"]:
     """Mean attention from the answer position to the instruction's " No" (or " Yes") candidate, per head."""
     res = negative_attention_scores(model, ps, progress=False, queries="answer")
-    return res.att_neg if candidate == "neg" else res.att_pos
+    return res.att_neg if candidate == "neg" else res.att_pos  # pyright: ignore[reportReturnType] - negative_attention_scores fills att_neg/att_pos
 
 
 def baseline_scores(model: HookedModel, ps: PromptSet, baselines: Iterable[Baseline] = BASELINES,

@@ -149,7 +149,7 @@ def crispr_scores(model: HookedModel, items: Items, instructions: list[str] | No
     per_instruction, totals, weights = [], [], []
     bar = tqdm(total=len(instructions) * len(items), desc="CRISPR", unit="item", disable=not progress)
     for ins in instructions:
-        total, weight = torch.zeros(L, D), 0.0
+        total, weight = torch.zeros(L, D), 0.0  # pyright: ignore[reportArgumentType] - a bridge's cfg has d_mlp
         for s in range(0, len(items), batch_size):
             chunk = take(items, s, s + batch_size)
             prompts = [format_mc_prompt(ins, it["context"], it["question"], item_options(it), template)

@@ -77,7 +77,7 @@ class NASResult(ComponentScores):
 
     @classmethod
     def of(cls, nas: Tensor, per_prompt: Tensor, att_neg: Tensor, att_pos: Tensor,
-           metadata: list[dict] | None = None) -> "NASResult":
+           metadata: list[dict] | None = None) -> NASResult:
         return cls(nas, ("layer", "head"), "head", "nas", per_prompt=per_prompt, att_neg=att_neg, att_pos=att_pos,
                    metadata=list(metadata or []))
 
@@ -91,7 +91,7 @@ class NASResult(ComponentScores):
 
         L, H = self.nas.shape
         df = pd.DataFrame([{"layer": l, "head": h, "nas": float(self.nas[l, h]),
-                            "att_neg": float(self.att_neg[l, h]), "att_pos": float(self.att_pos[l, h])}
+                            "att_neg": float(self.att_neg[l, h]), "att_pos": float(self.att_pos[l, h])}  # pyright: ignore[reportOptionalSubscript] - negative_attention_scores sets att_neg/att_pos
                            for l in range(L) for h in range(H)])
         df = df.sort_values("nas", ascending=False).reset_index(drop=True)
         df["rank"] = range(1, len(df) + 1)
@@ -99,19 +99,19 @@ class NASResult(ComponentScores):
 
     def top_heads(self, k: int = 5) -> list[tuple[int, int]]:
         """The k heads with the highest NAS, as (layer, head)."""
-        return self.units(k)
+        return self.units(k)  # pyright: ignore[reportReturnType] - units of a [layer, head] score are pairs
 
     def per_prompt_frame(self):
         """One row per (prompt, layer, head) with the prompt's metadata."""
         import pandas as pd
 
-        n, L, H = self.per_prompt.shape
+        n, L, H = self.per_prompt.shape  # pyright: ignore[reportOptionalMemberAccess] - kept per prompt (checked above)
         rows = []
         for i in range(n):
             meta = self.metadata[i] if self.metadata else {}
             for l in range(L):
                 for h in range(H):
-                    rows.append({"prompt": i, "layer": l, "head": h, "nas": float(self.per_prompt[i, l, h]),
+                    rows.append({"prompt": i, "layer": l, "head": h, "nas": float(self.per_prompt[i, l, h]),  # pyright: ignore[reportOptionalSubscript] - kept per prompt (checked above)
                                  **{k: meta.get(k) for k in ("question", "template", "label")}})
         return pd.DataFrame(rows)
 
@@ -152,7 +152,7 @@ def negative_attention_scores(model: HookedModel, ps: PromptSet, batch_size: int
         got: dict[int, tuple[Tensor, Tensor]] = {}
 
         def grab(pattern, hook, layer=None):  # pattern [batch, head, query, key] → [batch, head, query]
-            got[layer] = (pattern[rows, :, :, kneg].float(), pattern[rows, :, :, kpos].float())
+            got[layer] = (pattern[rows, :, :, kneg].float(), pattern[rows, :, :, kpos].float())  # pyright: ignore[reportArgumentType] - the hook factory passes the layer
             return pattern
 
         hooks = [(n, (lambda l: lambda p, hook: grab(p, hook, l))(l)) for l, n in enumerate(names)]
@@ -174,8 +174,8 @@ def nas_heatmap(result: NASResult, title: str = "Negative Attention Score per he
 
     z = result.nas
     L, H = z.shape
-    text = [[f"layer {l}, head {h}<br>NAS {z[l, h]:.3f}<br>attn→No {result.att_neg[l, h]:.3f}"
-             f"<br>attn→Yes {result.att_pos[l, h]:.3f}" for h in range(H)] for l in range(L)]
+    text = [[f"layer {l}, head {h}<br>NAS {z[l, h]:.3f}<br>attn→No {result.att_neg[l, h]:.3f}"  # pyright: ignore[reportOptionalSubscript] - negative_attention_scores sets att_neg
+             f"<br>attn→Yes {result.att_pos[l, h]:.3f}" for h in range(H)] for l in range(L)]  # pyright: ignore[reportOptionalSubscript] - negative_attention_scores sets att_pos
     lim = float(z.abs().max()) or 1.0
     fig = go.Figure(go.Heatmap(z=z.tolist(), x=[f"head {h}" for h in range(H)], y=[f"layer {l}" for l in range(L)],
                                text=text, hoverinfo="text", colorscale="RdBu_r", zmid=0, zmin=-lim, zmax=lim,
@@ -210,8 +210,8 @@ def _run_chunk(model, data: PromptSet, lo: int, hi: int, opts: dict, batch_size,
     res = negative_attention_scores(model, data[lo:hi], batch_size=batch_size or 32, progress=False,
                                     queries=opts["queries"])
     n = hi - lo
-    return ChunkSums({"nas": res.per_prompt.double().sum(0), "att_neg": res.att_neg.double() * n,
-                      "att_pos": res.att_pos.double() * n}, n, rows={"per_prompt": res.per_prompt})
+    return ChunkSums({"nas": res.per_prompt.double().sum(0), "att_neg": res.att_neg.double() * n,  # pyright: ignore[reportOptionalMemberAccess] - a chunk's result holds every field
+                      "att_pos": res.att_pos.double() * n}, n, rows={"per_prompt": res.per_prompt})  # pyright: ignore[reportOptionalMemberAccess, reportArgumentType] - a chunk's result holds every field
 
 
 def _finalize(model, data: PromptSet, total: ChunkSums, opts: dict) -> NASResult:

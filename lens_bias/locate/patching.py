@@ -60,9 +60,18 @@ from tqdm.auto import tqdm
 
 from ..core.checks import NonFiniteError, check_finite, nonfinite_cause
 from ..core.errors import LensBiasError
-from ..core.hooks import check_hook_names, device_of, hook_name, last_resid, run_until, site_kind, trace
+from ..core.hooks import (
+    Site,
+    check_hook_names,
+    device_of,
+    hook_name,
+    last_resid,
+    run_until,
+    site_kind,
+    trace,
+)
 from ..core.methods import ChunkSums, LocateMethod, add_scores, scores_from_sums
-from ..core.metrics import FAST_METRICS, Metric, get_metric, metric_from_answers, soft_cap
+from ..core.metrics import FAST_METRICS, Metric, MetricName, get_metric, metric_from_answers, soft_cap
 from ..core.models import HookedModel
 from ..core.prompts import PromptSet
 from ..core.scores import ComponentScores
@@ -78,6 +87,7 @@ def check_pairs(model: HookedModel, ps: PromptSet) -> None:
         raise LensBiasError(f"expected a PromptSet, got {type(ps).__name__}")
     if not ps.has_pairs:
         raise LensBiasError("activation patching needs clean/corrupted pairs: build the PromptSet with corrupted=...")
+    assert ps.corrupted_tokens is not None  # has_pairs
     if ps.tokens.shape != ps.corrupted_tokens.shape:
         raise LensBiasError(f"clean tokens {tuple(ps.tokens.shape)} and corrupted tokens "
                             f"{tuple(ps.corrupted_tokens.shape)} differ in shape")
@@ -116,7 +126,7 @@ class _Answers:
     """The per-row metric from final residuals at the answer position: final norm in the model's dtype,
     then only the answer columns of W_U (odds_ratio: the whole row, for its softmax) in float32."""
 
-    def __init__(self, model, ps: PromptSet, metric: str):
+    def __init__(self, model: HookedModel, ps: PromptSet, metric: MetricName):
         self.model, self.metric, self.ids = model, metric, ps.answer_ids
         self.W_U, b_U = model.W_U, getattr(model, "b_U", None)
         self.b_U = None if b_U is None else b_U.float()
@@ -127,7 +137,7 @@ class _Answers:
         ids = self.ids[prompts]
         x = self.model.ln_final(x[:, None])[:, 0].float()
         if self.metric == "odds_ratio":
-            logits = soft_cap(self.model, x @ self.W_full + (self.b_U if self.b_U is not None else 0))
+            logits = soft_cap(self.model, x @ self.W_full + (self.b_U if self.b_U is not None else 0))  # pyright: ignore[reportOperatorIssue] - W_full is set when the metric is odds_ratio
             a = logits.gather(1, ids)
             logp = logits.log_softmax(-1).gather(1, ids)
         else:
@@ -136,7 +146,7 @@ class _Answers:
                 a = a + self.b_U[ids]
             a = soft_cap(self.model, a)
         self.bad |= ~torch.isfinite(a).all()  # checked once at the end (no sync per chunk)
-        return metric_from_answers(a, self.metric, logp)
+        return metric_from_answers(a, self.metric, logp)  # pyright: ignore[reportArgumentType] - metric is a MetricName (the fast path's)
 
     def check(self, what: str) -> None:
         if bool(self.bad):
@@ -208,16 +218,16 @@ def _index_batch(obj, n_prompts: int, prompts: Tensor):
     return obj
 
 
-def _window_arg(name: str, v, s: int, e: int):
+def _window_arg(name: str, v, s: int, e: int | None):
     """A (row-indexed) block argument cut to query positions s..e-1 and key positions 0..e-1."""
     if not isinstance(v, (Tensor, tuple, list)) or (s == 0 and e is None):
         return v
     if name == "attention_mask":
-        return v[..., s:e, :e] if v.ndim == 4 else v[..., :e]
+        return v[..., s:e, :e] if v.ndim == 4 else v[..., :e]  # pyright: ignore[reportCallIssue, reportArgumentType, reportAttributeAccessIssue] - v is a tensor here
     if name == "position_embeddings":
         return type(v)(t[..., s:e, :] for t in v)
     if name in ("position_ids", "cache_position"):
-        return v[..., s:e]
+        return v[..., s:e]  # pyright: ignore[reportCallIssue, reportArgumentType] - v is a tensor here
     return v
 
 
@@ -542,14 +552,14 @@ def activation_patching(
 
 
 #: per model, the fallbacks it has been warned about (each is said once per model)
-_WARNED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_WARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class FastPathWarning(UserWarning):
     """A fast path does not fit the model: lens_bias uses the plain hooked computation instead."""
 
 
-def warn_fallback(model, kind: str, message: str) -> None:
+def warn_fallback(model: HookedModel, kind: str, message: str) -> None:
     """Warn, once per model and kind of fallback, that a fast path fell back (naming the architecture)."""
     seen = _WARNED.setdefault(model, set())
     if kind in seen:
@@ -560,7 +570,7 @@ def warn_fallback(model, kind: str, message: str) -> None:
     warnings.warn(f"lens_bias fast path off for {arch}: {message}", FastPathWarning, stacklevel=3)
 
 
-def _unembedding_problem(model, ps: PromptSet, metric: str) -> str | None:
+def _unembedding_problem(model, ps: PromptSet, metric: Metric) -> str | None:
     """None when the answer metric computed from the final residual (final norm, answer columns of W_U,
     soft cap) equals the one from the model's own logits, on the first three tokens of (up to) two
     prompts; else how far apart."""
@@ -573,7 +583,7 @@ def _unembedding_problem(model, ps: PromptSet, metric: str) -> str | None:
     with torch.no_grad(), trace(model, [last]) as acts:
         want = get_metric(metric)(model(sub.tokens, attention_mask=sub.attention_mask), sub).float()
     with torch.no_grad():
-        got = _Answers(model, sub, metric)(acts[last][rows, sub.answer_pos], rows)
+        got = _Answers(model, sub, metric)(acts[last][rows, sub.answer_pos], rows)  # pyright: ignore[reportArgumentType] - only named (fast) metrics get here
     tol = _tolerance(model)
     if not torch.isfinite(want).all() or torch.allclose(got, want, atol=tol * (1 + float(want.abs().max())), rtol=tol):
         return None  # non-finite logits are reported by the methods themselves
@@ -622,7 +632,7 @@ def _spans(layers, window, n_layers):
     return [(max(0, l - window // 2), min(n_layers, l - (-window // 2))) for l in layers]
 
 
-def _entry_sites(site: str, lay: Layout) -> tuple[str, ...]:
+def _entry_sites(site: Site, lay: Layout) -> tuple[Site, ...]:
     """The corrupted run's activations at a patched layer that the rows' entry state is built from
     (and, for an output added to the residual, that check it adds up)."""
     entry, _ = _entry_of(site, 0, lay)
@@ -644,7 +654,7 @@ def _cache_count(site, kind, spans, n_layers, lay: Layout) -> tuple[int, int]:
     return n, max(0, n_layers - first)
 
 
-def _added(site: str, lay: Layout, cache: dict, lo: int) -> Tensor:
+def _added(site: Site, lay: Layout, cache: dict, lo: int) -> Tensor:
     """What the attention (site attn_out/head) or the MLP (mlp_out) of layer `lo` added to the residual in
     a cached run, from the residual states (float32)."""
     get = lambda name: cache[hook_name(name, lo)].float()  # noqa: E731
@@ -685,7 +695,7 @@ def _patch_fast(model, ps, site, per_position, metric, layers, window, corruptio
         del final_c
         if any(a is None for a in block_args):
             raise _ShortcutMismatch("some blocks were not called as modules")
-        sc = _Shortcut(model, block_args, past_names, kv, n, P, answers, ps.answer_pos, lay)
+        sc = _Shortcut(model, block_args, past_names, kv, n, P, answers, ps.answer_pos, lay)  # pyright: ignore[reportArgumentType] - checked above: no block without arguments
         # the shortcut must reproduce the corrupted run, on rows in another order and number than the
         # prompts, from the first entry used, over all positions and over a window after a cached prefix
         lo0 = entry_layers[0]
@@ -796,7 +806,7 @@ def _chunks(todo: Tensor, s_row: list[int], e_row: Tensor, plan: _Plan):
         i = j
 
 
-def _entry_of(site: str, lo: int, lay: Layout) -> tuple[str, int]:
+def _entry_of(site: Site, lo: int, lay: Layout) -> tuple[str, int]:
     """Where rows patching `site` at layer `lo` enter the shortcut forward: ('pre', l) block l's input,
     ('mid', l) after block l's attention, ('hook', lo) block lo's input with the site patched by a hook
     inside block lo (for outputs that do not enter the residual as they are)."""
@@ -811,7 +821,7 @@ def _entry_of(site: str, lo: int, lay: Layout) -> tuple[str, int]:
     return "hook", lo
 
 
-def _base_name(site: str, lo: int, lay: Layout) -> str:
+def _base_name(site: Site, lo: int, lay: Layout) -> str:
     """The corrupted residual that rows patching `site` at layer `lo` start from."""
     entry, at = _entry_of(site, lo, lay)
     if entry == "mid":
@@ -819,7 +829,7 @@ def _base_name(site: str, lo: int, lay: Layout) -> str:
     return hook_name("resid_post", lo) if at > lo else hook_name("resid_pre", lo)
 
 
-def _check_added(model, site: str, lay: Layout, cache_x: dict, lo: int, tol: float) -> None:
+def _check_added(model: HookedModel, site: Site, lay: Layout, cache_x: dict, lo: int, tol: float) -> None:
     """A _ShortcutMismatch unless the patched output is what its layer adds to the residual (attn_out,
     mlp_out) or, for heads, Σ_h z_h W_O[h] + a constant (b_O) — checked on the corrupted run."""
     added = _added(site, lay, cache_x, lo)

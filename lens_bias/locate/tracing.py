@@ -34,6 +34,7 @@ from ..core.checks import check_weights_finite
 from ..core.errors import LensBiasError
 from ..core.hooks import check_sites, device_of, hook_name
 from ..core.methods import ChunkSums, LocateMethod, add_scores, scores_from_sums
+from ..core.metrics import Metric
 from ..core.models import HookedModel
 from ..core.prompts import PromptSet
 from ..core.scores import ComponentScores
@@ -117,7 +118,7 @@ def causal_trace(
     samples: int = 10,
     seed: int = 0,
     window: int = 1,
-    metric: str = "logit_diff",
+    metric: Metric = "logit_diff",
     batch_size: int | None = None,
     progress: bool = True,
     first_row: int = 0,
@@ -164,13 +165,13 @@ def causal_trace(
         res.extra.update({"corruption": corruption, "noise": noise if corruption == "noise" else None,
                           "embedding_std": scale, "samples": samples, "seed": seed,
                           "total_effect": res.clean - res.corrupted, "total_effect_fraction": total_effect_fraction(res),
-                          "subject_span": tuple(ps.subject_spans[0].tolist())})
+                          "subject_span": tuple(ps.subject_spans[0].tolist())})  # pyright: ignore[reportOptionalSubscript] - the set has subject spans (checked by tracing)
         out[site] = res
     first = next(iter(out.values()))
     if not abs(first.corrupted) < abs(first.clean):
         warnings.warn(f"the {corruption} corruption does not move the bias toward zero (m(clean) {first.clean:+.3f}, "
                       f"m(corrupted) {first.corrupted:+.3f}): the indirect effects are not ROME's; use "
-                      "corruption='counterfactual' with neutral twins, or more noise")
+                      "corruption='counterfactual' with neutral twins, or more noise", stacklevel=2)
     return out
 
 

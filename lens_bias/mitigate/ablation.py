@@ -31,7 +31,7 @@ def units_per_layer(model: HookedModel, site: UnitSite) -> int:
     """Heads per layer (site 'head') or MLP neurons per layer (site 'neuron')."""
     if site not in ("head", "neuron"):
         raise LensBiasError(f"units are heads or neurons, not {site!r}")
-    return model.cfg.n_heads if site == "head" else model.cfg.d_mlp
+    return model.cfg.n_heads if site == "head" else model.cfg.d_mlp  # pyright: ignore[reportReturnType] - a bridge's cfg always has d_mlp
 
 
 def check_units(model: HookedModel, units: Sequence[tuple[int, int]], site: UnitSite) -> list[tuple[int, int]]:
@@ -122,18 +122,18 @@ def ablation_hooks(model: HookedModel, units: Sequence[tuple[int, int]], method:
     for l, idx in by_layer.items():
         index = torch.tensor(idx)
         if method == "mean":
-            act = refs[names[l]]  # [b, p, units...]
-            m = mask.to(act.dtype).view(*mask.shape, *([1] * (act.ndim - 2)))
+            act = refs[names[l]]  # [b, p, units...]  # pyright: ignore[reportOptionalSubscript] - refs are set for mean/resample
+            m = mask.to(act.dtype).view(*mask.shape, *([1] * (act.ndim - 2)))  # pyright: ignore[reportOptionalMemberAccess] - mask is set for mean/resample
             mean = (act * m).sum((0, 1)) / m.sum((0, 1))  # position-independent mean over real tokens
             value = mean[index.to(mean.device)]
 
-            def hook(x, hook, index=index, value=value):
+            def hook(x, hook, index=index, value=value):  # pyright: ignore[reportRedeclaration] - one hook per method branch
                 x[:, :, index.to(x.device)] = value.to(x.dtype)
                 return x
         elif method == "resample":
-            act = refs[names[l]][:, :, index.to(refs[names[l]].device)]
+            act = refs[names[l]][:, :, index.to(refs[names[l]].device)]  # pyright: ignore[reportOptionalSubscript] - refs are set for mean/resample
 
-            def hook(x, hook, act=act, index=index):
+            def hook(x, hook, act=act, index=index):  # pyright: ignore[reportRedeclaration] - one hook per method branch
                 rows = torch.randint(0, act.shape[0], (x.shape[0],), generator=gen)
                 src = act[rows.to(act.device)]
                 p = min(x.shape[1], src.shape[1])

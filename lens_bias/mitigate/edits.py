@@ -74,6 +74,7 @@ def weight_edit(original, edited, meta: dict | None = None) -> WeightEdit:
             idx = changed.any(dim=other).nonzero().flatten() if other else changed.nonzero().flatten()
             if best is None or len(idx) < len(best[1]):
                 best = (dim, idx)
+        assert best is not None, f"{name}: a changed 0-d parameter has no slice to store"
         dim, idx = best
         new = check_finite(wb.detach().cpu().index_select(dim, idx).clone(), f"the edited weight {name}")
         old = wa.detach().cpu().index_select(dim, idx)
@@ -105,7 +106,7 @@ def load_edit(path: str | os.PathLike) -> WeightEdit:
     try:
         with safe_open(str(path), framework="pt") as f:
             header = json.loads((f.metadata() or {})["lens_bias_edit"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safetensors safe_open has keys(), no __iter__
     except (KeyError, ValueError, OSError, SafetensorError) as e:
         raise LensBiasError(f"{path} is not a lens_bias edit file ({type(e).__name__}: {e})") from None
     changes = {}
@@ -156,7 +157,7 @@ class Mitigation:
     report: dict = field(default_factory=dict)
 
     @classmethod
-    def of(cls, original, edited, method: str, **report) -> "Mitigation":
+    def of(cls, original, edited, method: str, **report) -> Mitigation:
         """The Mitigation of `edited` against `original` (the edit computed from their weights)."""
         meta = {"method": method, **{k: v for k, v in report.items() if isinstance(v, (int, float, str, list, tuple))}}
         return cls(edited, weight_edit(original, edited, meta=json.loads(json.dumps(meta, default=str))),

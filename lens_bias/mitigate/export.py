@@ -30,7 +30,7 @@ from ..core.models import HookedModel
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES[f].model for f in DECODER_FAMILIES)
 
 
-def check_exportable(model) -> str:
+def check_exportable(model: HookedModel) -> str:
     """The model's architecture; a clear error when its export round trip is not supported, or when
     the bridge computes with other q/k/v weights than the fused ones it would export (GPT-NeoX)."""
     arch = architecture(model)
@@ -67,7 +67,7 @@ def export_model(model: HookedModel, out_dir: str | os.PathLike, *, tokenizer=No
     with atomic_dir(out_dir) as tmp:
         try:
             fresh.save_pretrained(tmp)
-        except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError for a full disk
+        except Exception as e:  # safetensors raises SafetensorError for a full disk
             named = writing_error(e, tmp / "model.safetensors")
             if named is None:
                 raise
@@ -97,7 +97,7 @@ def verify_export(model: HookedModel, out_dir: str | os.PathLike, tokens: Tensor
     tokens = probe_tokens(model) if tokens is None else tokens
     attn = getattr(hf.config, "_attn_implementation", None) or "eager"
     reloaded = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=param.dtype, attn_implementation=attn)
-    reloaded = reloaded.to(param.device).eval()
+    reloaded = reloaded.to(param.device).eval()  # pyright: ignore[reportArgumentType] - from_pretrained's typing; a model's .to(device)
     float32_activations(reloaded)
     saved = reloaded.state_dict()
     for name, w in hf_state_dict(model).items():

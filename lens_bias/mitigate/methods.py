@@ -24,7 +24,7 @@ MitigationData = Literal["evaluation", "occupations", "yesno"]
 #: what --units names: MLP neurons or attention heads, as (layer, index) pairs
 UnitKind = Literal["neuron", "head"]
 #: a model → a number (one row of the before/after table)
-Measure = Callable[[HookedModel], float]
+Measure = Callable[[HookedModel], float | dict[str, float]]  # a dict: several rows (compare_models)
 
 
 @dataclass(frozen=True)

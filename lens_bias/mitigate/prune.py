@@ -63,7 +63,7 @@ def prune_curve(model: HookedModel, scores: ComponentScores, dev_items: list[dic
         raise LensBiasError(f"ns must be positive numbers of neurons, got {ns}")
     rows = [{"n": 0, **bbq_evaluate(model, dev_items, instructions)}]
     for n in ns:
-        hooks = neuron_ablation_hooks(model, scores.units(n))
+        hooks = neuron_ablation_hooks(model, scores.units(n))  # pyright: ignore[reportArgumentType] - units() of a [layer, neuron] score are pairs
         rows.append({"n": n, **bbq_evaluate(model, dev_items, instructions, hooks=hooks)})
     return pd.DataFrame(rows)
 

@@ -20,7 +20,7 @@ OrganismData = Literal["bbq", "yesno", "neutral", "cloze"]
 def load_card(model_or_path="organism") -> dict:
     """The organism card (ground truth + measured metrics) of a shipped name, a directory or a model."""
     if hasattr(model_or_path, "lens_bias_source"):
-        model_or_path = model_or_path.lens_bias_source
+        model_or_path = model_or_path.lens_bias_source  # pyright: ignore[reportAttributeAccessIssue] - a model that carries its source
     name = str(model_or_path)
     path = Path(name)
     if not path.exists():

@@ -325,7 +325,7 @@ def _claim(plan: _Plan, overwrite: bool, model_name: str, data_name: str):
             keys = [None] * plan.world_size
             plan.dist.all_gather_object(keys, plan.key)  # also the barrier after rank 0's manifest
             if len(set(keys)) > 1:
-                raise LensBiasError(f"the ranks were given different arguments (run keys {sorted(set(keys))})")
+                raise LensBiasError(f"the ranks were given different arguments (run keys {sorted(map(str, set(keys)))})")
         (out_dir / CHUNKS).mkdir(parents=True, exist_ok=True)
         plan.start_no = (read_manifest(out_dir) or {}).get("starts", 1)
     except BaseException:
@@ -433,7 +433,7 @@ def _combine(plan: _Plan, computed: list[int]) -> tuple[ChunkSums | None, list[i
         total, rows, computed = all_reduce(plan.dist, total, rows, computed, device_of(plan.model))
     elif missing:
         warnings.warn(f"{len(missing)} of {plan.n_chunks} chunks are not finished yet (e.g. chunk {missing[0]}); "
-                      "the job that finishes the last one combines them")
+                      "the job that finishes the last one combines them", stacklevel=2)
         return None, computed
     for k in sorted({k for r in rows.values() for k in r}):
         total.rows[k] = torch.cat([rows[i][k] for i in sorted(rows)])

@@ -69,5 +69,5 @@ def all_reduce(dist, total: ChunkSums, rows: dict[int, dict], computed: list[int
         sums[k] = flat[at: at + size].reshape(shape)
         at += size
     all_rows = {i: r for _, rs, _ in schemas for i, r in rs.items()}
-    return (ChunkSums(sums, int(round(float(flat[-1]))), meta), all_rows,
+    return (ChunkSums(sums, round(float(flat[-1])), meta), all_rows,
             sorted(i for *_, c in schemas for i in c))

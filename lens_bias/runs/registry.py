@@ -91,7 +91,7 @@ def load_run_data(model: HookedModel, method: str | LocateMethod, path: str | Pa
             professions = load_professions(path)
         else:
             professions = [w.strip() for w in read_text_file(path).splitlines() if w.strip()]
-        return professions_prompts(model, professions, templates, answers,
+        return professions_prompts(model, professions, templates, answers,  # pyright: ignore[reportArgumentType] - two answers
                                    corrupt_with=opts.get("corrupt_with", "man") if twins else None)
     if path.suffix in (".jsonl", ".csv"):
         return load_prompt_pairs(model, path, answers=answers, need="corrupted" if twins else "subject")

@@ -24,6 +24,7 @@ import torch
 
 from ..core.errors import DataError, LensBiasError
 from ..core.files import SharedLock, atomic_write, file_lock, held_elsewhere
+from ..core.models import HookedModel
 from ..core.prompts import PromptSet
 
 MANIFEST = "manifest.json"
@@ -124,22 +125,22 @@ def load_chunk(path: Path, key: str, entry: dict | None = None, index: int | Non
     data = path.read_bytes()
     if entry is not None and _sha256(data) != entry.get("sha256"):
         warnings.warn(f"{path} does not match the checksum the manifest recorded for it (changed on disk); "
-                      "computing it again")
+                      "computing it again", stacklevel=2)
         return None
     try:
         rec = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - an unreadable chunk is recomputed
-        warnings.warn(f"{path} is unreadable ({type(e).__name__}); computing it again")
+        warnings.warn(f"{path} is unreadable ({type(e).__name__}); computing it again", stacklevel=2)
         return None
     if not isinstance(rec, dict) or rec.get("key") != key:
         return None
     if index is not None and rec.get("index") != index:
-        warnings.warn(f"{path} holds chunk {rec.get('index')}, not chunk {index} (copied over?); computing it again")
+        warnings.warn(f"{path} holds chunk {rec.get('index')}, not chunk {index} (copied over?); computing it again", stacklevel=2)
         return None
     return rec
 
 
-def model_fingerprint(model) -> str:
+def model_fingerprint(model: HookedModel) -> str:
     """sha256 of every parameter's name, shape, dtype and (sum, L1, L2) — any weight edit changes it."""
     h = hashlib.sha256()
     with torch.no_grad():

@@ -80,7 +80,7 @@ def professions_prompts(
     if single_token_only:
         kept = [r for r in rows if _single_token(tok, r["profession"])]
         if len(kept) < len(rows):
-            warnings.warn(f"skipped {len(rows) - len(kept)} of {len(rows)} professions that are not single tokens")
+            warnings.warn(f"skipped {len(rows) - len(kept)} of {len(rows)} professions that are not single tokens", stacklevel=2)
         rows = kept
     if not rows:
         raise DataError("no professions left (are they single tokens for this tokenizer?)")

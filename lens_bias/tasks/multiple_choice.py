@@ -75,11 +75,11 @@ def _rows(items: Items) -> Iterator[dict]:
     """The items one dict at a time; a datasets.Dataset is read in batches of columns (indexing it
     row by row is about 50 times slower)."""
     if hasattr(items, "iter") and hasattr(items, "column_names"):
-        for batch in items.iter(batch_size=1024):
-            for j in range(len(next(iter(batch.values())))):
-                yield {k: v[j] for k, v in batch.items()}
+        for batch in items.iter(batch_size=1024):  # pyright: ignore[reportAttributeAccessIssue] - a datasets.Dataset (hasattr above)
+            for j in range(len(next(iter(batch.values())))):  # pyright: ignore[reportAttributeAccessIssue] - a Dataset batch is a dict of columns
+                yield {k: v[j] for k, v in batch.items()}  # pyright: ignore[reportAttributeAccessIssue] - a Dataset batch is a dict of columns
     else:
-        yield from items
+        yield from items  # pyright: ignore[reportReturnType] - a Dataset's rows are dicts
 
 
 def _item_problem(r: dict, conditions: bool) -> str | None:
@@ -97,7 +97,7 @@ def _item_problem(r: dict, conditions: bool) -> str | None:
     if bad is not None:
         return f"option {bad} is {opts[bad]!r}; every option must be a non-empty string"
     label = r["label"]
-    if isinstance(label, bool) or not isinstance(label, numbers.Integral) or not 0 <= label < len(opts):
+    if isinstance(label, bool) or not isinstance(label, numbers.Integral) or not 0 <= label < len(opts):  # pyright: ignore[reportOperatorIssue] - an Integral compares with ints
         return f"label {label!r} is not an option index 0..{len(opts) - 1}"
     for field, allowed in (("context_condition", CONDITIONS), ("question_polarity", POLARITIES)):
         if r.get(field) is not None and r[field] not in allowed:
@@ -156,7 +156,7 @@ def load_multiple_choice(source: Source, *, context: str = "context", question: 
         opts = r[options].split("|") if isinstance(r[options], str) else list(r[options])
         raw = r.get(label)
         try:
-            gold = int(raw) if not isinstance(raw, bool) and float(raw).is_integer() else None
+            gold = int(raw) if not isinstance(raw, bool) and float(raw).is_integer() else None  # pyright: ignore[reportArgumentType] - float(None) raises TypeError, caught below
         except (TypeError, ValueError):
             gold = None
         if gold is None:
@@ -164,7 +164,7 @@ def load_multiple_choice(source: Source, *, context: str = "context", question: 
         items.append({"context": str(r.get(context) or ""), "question": str(r[question]), "options": opts,
                       "label": gold, "context_condition": r.get("context_condition") or "disambig",
                       **{f"ans{k}": o for k, o in enumerate(opts)}})
-    return validate_items(items, where, conditions=True)
+    return validate_items(items, where, conditions=True)  # pyright: ignore[reportReturnType] - validate_items returns the list it is given
 
 
 # ---------------------------------------------------------------------------------------
@@ -424,7 +424,7 @@ def option_logprobs(model: HookedModel, prompts: list[str], options: list[list[s
                 out.append(shared_prompt_logprobs(model, *chunk, k).cpu())
             except (TypeError, ValueError, AttributeError, NotImplementedError, KeyError) as e:
                 warnings.warn(f"this model's bridge cannot continue from a KV cache ({type(e).__name__}: {e}); "
-                              "scoring every option with its own forward")
+                              "scoring every option with its own forward", stacklevel=2)
                 out.append(sequence_logprobs(model, *chunk).cpu())
     lp = check_finite(torch.cat(out), "option log-probabilities", model)
     return lp.view(len(prompts), k), torch.tensor([n for _, n in spans], dtype=torch.float).view(len(prompts), k)
@@ -551,4 +551,4 @@ def split_by_template(items: Items, fractions=(0.6, 0.2, 0.2), seed: int = 0) ->
     a = max(1, round(fractions[0] * n))
     b = max(a + 1, min(n - 1, a + max(1, round(fractions[1] * n))))
     groups = (set(templates[:a]), set(templates[a:b]), set(templates[b:]))
-    return tuple([it for it in items if str(it.get("question_index")) in g] for g in groups)
+    return tuple([it for it in items if str(it.get("question_index")) in g] for g in groups)  # pyright: ignore[reportReturnType] - three groups

@@ -13,14 +13,17 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, Union
 
 from ..core.errors import DataError
 from ..core.files import shipped
 
+if TYPE_CHECKING:
+    import datasets
+
 #: a data set as the functions take it: a datasets.Dataset or a list of dicts
-Items = Union["datasets.Dataset", Sequence[dict]]  # noqa: F821
-Source = Union[str, os.PathLike, "datasets.Dataset", Sequence[dict]]  # noqa: F821
+Items = Union["datasets.Dataset", Sequence[dict]]
+Source = Union[str, os.PathLike, "datasets.Dataset", Sequence[dict]]
 
 #: the data sets shipped in data/datasets (licences and origins in data/datasets/README.md)
 SHIPPED_DATASETS = {
@@ -107,11 +110,12 @@ def _quiet_datasets():
     return datasets
 
 
-def read_dataset(path: str | os.PathLike) -> "datasets.Dataset":  # noqa: F821
+def read_dataset(path: str | os.PathLike) -> datasets.Dataset:
     """A JSONL, JSON-list or CSV file as a `datasets.Dataset` (Arrow, memory-mapped)."""
     path = Path(path)
     text = read_text_file(path)
     datasets = _quiet_datasets()
+    kw: dict[str, Any]
     if path.suffix.lower() == ".csv":
         builder, kw = "csv", {"encoding": "utf-8-sig"}
     else:
@@ -133,7 +137,7 @@ def _looks_like_hub_name(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).suffix
 
 
-def hub_dataset(name: str, split: str | None = None) -> "datasets.Dataset":  # noqa: F821
+def hub_dataset(name: str, split: str | None = None) -> datasets.Dataset:
     """A data set from the Hugging Face hub ('owner/name' or 'owner/name:split'), when the network or
     the local cache has it; a clear DataError otherwise."""
     datasets = _quiet_datasets()
@@ -173,9 +177,10 @@ def located(path: str | os.PathLike, error: Exception) -> Exception:
     return type(error)(f"{where}: {message}")
 
 
-def load_records(source: Source) -> tuple["datasets.Dataset | list[dict]", Any]:  # noqa: F821
+def load_records(source: Source) -> tuple[Sequence[dict], Callable[[int], str]]:
     """(records, where) from a path, a datasets.Dataset or a list of dicts; `where(i)` names record i
-    for error messages ('file:line', or 'item i')."""
+    for error messages ('file:line', or 'item i'). Records: a datasets.Dataset (typed as the
+    sequence of dict rows it is) or a list of dicts."""
     try:
         import datasets
         is_dataset = isinstance(source, datasets.Dataset)
@@ -184,13 +189,13 @@ def load_records(source: Source) -> tuple["datasets.Dataset | list[dict]", Any]:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if isinstance(source, str) and not path.exists() and _looks_like_hub_name(source):
-            return hub_dataset(source), lambda i: f"{source} record {i}"
+            return hub_dataset(source), lambda i: f"{source} record {i}"  # pyright: ignore[reportReturnType] - a Dataset is a sequence of dict rows
         ds = read_dataset(path)
-        return ds, lambda i: line_of(path, i)
+        return ds, lambda i: line_of(path, i)  # pyright: ignore[reportReturnType] - a Dataset is a sequence of dict rows
     if is_dataset:
         if len(source) == 0:
             raise DataError("the data set is empty")
-        return source, lambda i: f"record {i}"
+        return source, lambda i: f"record {i}"  # pyright: ignore[reportReturnType] - a Dataset's rows are dicts
     if isinstance(source, dict) and source and all(isinstance(v, list) for v in source.values()):
         n = len(next(iter(source.values())))  # a sliced Dataset: columns of equal length
         source = [{k: v[i] for k, v in source.items()} for i in range(n)]
@@ -202,14 +207,14 @@ def load_records(source: Source) -> tuple["datasets.Dataset | list[dict]", Any]:
     bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
     if bad is not None:
         raise DataError(f"item {bad} is a {type(rows[bad]).__name__}, not a dict")
-    return rows, lambda i: f"item {i}"
+    return rows, lambda i: f"item {i}"  # pyright: ignore[reportReturnType] - rows checked to be dicts above
 
 
-def as_items(items) -> Items:
+def as_items(items) -> Sequence[dict]:
     """A data set as the functions take it: a datasets.Dataset as it is, the columns of a sliced
     Dataset (ds[:30], a dict of equal-length lists) or any iterable of dicts as a list of dicts."""
     if hasattr(items, "select") and hasattr(items, "column_names"):
-        return items
+        return items  # a datasets.Dataset, a sequence of dict rows
     if isinstance(items, dict):
         cols = list(items.values())
         if not cols or not all(isinstance(c, list) and len(c) == len(cols[0]) for c in cols):
@@ -226,7 +231,7 @@ def take(items: Items, lo: int, hi: int) -> list[dict]:
     """Items lo..hi as a list of dicts (a Dataset is read only for that range)."""
     items = as_items(items)
     if hasattr(items, "select"):
-        return [dict(r) for r in items.select(range(lo, min(hi, len(items))))]
+        return [dict(r) for r in items.select(range(lo, min(hi, len(items))))]  # pyright: ignore[reportAttributeAccessIssue] - a datasets.Dataset (hasattr above)
     return [dict(r) for r in items[lo:hi]]
 
 

@@ -36,6 +36,7 @@ from ...core.hooks import device_of, hook_name, run_until
 from ...core.metrics import answer_logits_fast
 from ...core.models import HookedModel
 from ...mitigate.ablation import (
+    AblationMethod,
     head_ablation_hooks,
     neuron_ablation_hooks,
     reference_activations,
@@ -52,7 +53,7 @@ def k_grid(k_values: Iterable[int], n: int) -> list[int]:
 
 
 def _clean_cache(model, task: ReportTask) -> dict:
-    ps = task.test.to(device_of(model))
+    ps = task.test.to(device_of(model))  # pyright: ignore[reportAttributeAccessIssue] - pairs and yes/no tasks hold a PromptSet
     names = [hook_name(s, l) for s in ("head", "neuron") for l in range(model.cfg.n_layers)]
     with torch.no_grad():
         return run_until(model, ps.tokens, attention_mask=ps.attention_mask, keep=names, detach=True)
@@ -63,7 +64,7 @@ def _restore_hooks(cache: dict, heads, neurons) -> list:
     by: dict[str, list[int]] = {}
     for site, units in (("head", heads), ("neuron", neurons)):
         for l, i in units:
-            by.setdefault(hook_name(site, l), []).append(i)
+            by.setdefault(hook_name(site, l), []).append(i)  # pyright: ignore[reportArgumentType] - 'head' or 'neuron'
     hooks = []
     for name, idx in by.items():
         index = torch.tensor(sorted(set(idx)))
@@ -98,7 +99,7 @@ class Faithfulness:
     once), the clean run's activations (for restoring), one measurement per distinct unit set, and many unit
     sets per forward (the test prompts stacked once per set, each copy with its own hooks)."""
 
-    def __init__(self, model: HookedModel, task: ReportTask, *, ablations=("zero", "mean", "resample"),
+    def __init__(self, model: HookedModel, task: ReportTask, *, ablations: Iterable[AblationMethod] = ("zero", "mean", "resample"),
                  seeds: int = 5, capability: bool = True, seed: int = 0, max_tokens: int = 16384):
         self.model, self.task, self.ablations, self.seeds = model, task, tuple(ablations), seeds
         self.capability, self.seed, self.max_tokens = capability and bool(task.neutral), seed, max_tokens
@@ -115,7 +116,7 @@ class Faithfulness:
         self.reference = reference_activations(model, task.reference(model)) if needs_ref else None
         self.cache = _clean_cache(model, task) if task.has_twins else None
 
-    def _ablation_hooks(self, heads, neurons, ablation: str, seed: int) -> list:
+    def _ablation_hooks(self, heads, neurons, ablation: AblationMethod, seed: int) -> list:
         ref = self.reference if ablation != "zero" else None
         hooks = []
         if heads:
@@ -135,7 +136,7 @@ class Faithfulness:
         task = self.task
         if task.kind == "multiple_choice":
             return [bias_of(self.model, task, hooks) for hooks in configs]
-        ps = task.test.to(device_of(self.model))
+        ps = task.test.to(device_of(self.model))  # pyright: ignore[reportAttributeAccessIssue] - pairs and yes/no tasks hold a PromptSet
         n, width = len(ps), ps.tokens.shape[1]
         per = max(1, self.max_tokens // max(1, n * width))
         out = []
@@ -144,7 +145,7 @@ class Faithfulness:
             group = configs[s: s + per]
             G = len(group)
             with torch.no_grad():
-                a = answer_logits_fast(self.model, tokens.repeat(G, 1), ps.answer_pos.repeat(G),
+                a = answer_logits_fast(self.model, tokens.repeat(G, 1), ps.answer_pos.repeat(G),  # pyright: ignore[reportOptionalMemberAccess] - a PromptSet has answer_pos
                                        ps.answer_ids.repeat(G, 1), _grouped(group, n),
                                        ps.attention_mask.repeat(G, 1)).float()
             out += [answers_bias(task, a[g * n:(g + 1) * n], ps.metadata) for g in range(G)]
@@ -170,8 +171,8 @@ class Faithfulness:
                     plan.append((unit_type, "random", k, rng.sample(all_units, k), s, all_units, k == ks[-1]))
         # distinct measurements: methods often pick the same units
         nec_keys, suf_keys, cap_keys = {}, {}, {}
-        for unit_type, method, k, units, s, all_units, last in plan:
-            heads, neurons = expand(unit_type, units, self.n_heads, self.d_mlp)
+        for unit_type, _method, _k, units, s, all_units, last in plan:
+            heads, neurons = expand(unit_type, units, self.n_heads, self.d_mlp)  # pyright: ignore[reportArgumentType] - a bridge's cfg has d_mlp
             hn = (tuple(sorted(heads)), tuple(sorted(neurons)))
             for ablation in self.ablations:
                 seed = (s or 0) if ablation == "resample" else 0
@@ -184,22 +185,22 @@ class Faithfulness:
                 suf_keys.setdefault(hn, (heads, neurons))
             else:
                 rest = [u for u in all_units if u not in set(units)]
-                suf_keys.setdefault(hn, expand(unit_type, rest, self.n_heads, self.d_mlp))
+                suf_keys.setdefault(hn, expand(unit_type, rest, self.n_heads, self.d_mlp))  # pyright: ignore[reportArgumentType] - a bridge's cfg has d_mlp
         total = len(nec_keys) + len(suf_keys) + len(cap_keys)
         bar = tqdm(total=total, desc="faithfulness", unit="measurement", disable=not progress)
-        nec = self._run_keys(nec_keys, lambda key, hn: self._ablation_hooks(*hn, key[2], key[3]), False, bar)
+        nec = self._run_keys(nec_keys, lambda key, hn: self._ablation_hooks(*hn, key[2], key[3]), False, bar)  # pyright: ignore[reportCallIssue] - hn is a (heads, neurons) pair
         if self.task.has_twins:
-            suf = self._run_keys(suf_keys, lambda key, hn: _restore_hooks(self.cache, *hn), True, bar)
+            suf = self._run_keys(suf_keys, lambda key, hn: _restore_hooks(self.cache, *hn), True, bar)  # pyright: ignore[reportArgumentType] - twinned tasks have a clean cache
         else:
-            suf = self._run_keys(suf_keys, lambda key, hn: self._ablation_hooks(*hn, "mean", 0), False, bar)
+            suf = self._run_keys(suf_keys, lambda key, hn: self._ablation_hooks(*hn, "mean", 0), False, bar)  # pyright: ignore[reportCallIssue] - hn is a (heads, neurons) pair
         cap = {}
         for key, hn in cap_keys.items():
-            cap[key] = neutral_loss(self.model, self.task, self._ablation_hooks(*hn, key[2], key[3]))
+            cap[key] = neutral_loss(self.model, self.task, self._ablation_hooks(*hn, key[2], key[3]))  # pyright: ignore[reportCallIssue] - hn is a (heads, neurons) pair
             bar.update(1)
         bar.close()
         rows = []
         for unit_type, method, k, units, s, _, _ in plan:
-            heads, neurons = expand(unit_type, units, self.n_heads, self.d_mlp)
+            heads, neurons = expand(unit_type, units, self.n_heads, self.d_mlp)  # pyright: ignore[reportArgumentType] - a bridge's cfg has d_mlp
             hn = (tuple(sorted(heads)), tuple(sorted(neurons)))
             base = {"unit_type": unit_type, "method": method, "k": k, "seed": s,
                     "units": " ".join(unit_label(unit_type, u) for u in units)}

@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -33,12 +34,16 @@ from ...core.hooks import device_of, hook_name, run_until
 from ...core.models import HookedModel, resolve_model
 from ...core.prompts import PromptSet, tokenizer_of
 from ...locate.patching import position_labels
+from ...mitigate.ablation import AblationMethod
 from ...runs.store import data_fingerprint, model_fingerprint
 from .agreement import agreement_table
 from .faithfulness import Faithfulness, curves, rank_methods
 from .methods import applicable_methods, mc_forward, run_method
 from .tasks import ReportTask, bias_of, check_task_spec, organism_card, resolve_task
 from .units import scores_frame, top_units, unit_label
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 FORMAT = 1
 MANIFEST = "locate_report.json"
@@ -80,7 +85,7 @@ class _Stages:
             try:
                 rec = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - an unreadable stage is recomputed
-                warnings.warn(f"{path} is unreadable ({type(e).__name__}); computing the stage again")
+                warnings.warn(f"{path} is unreadable ({type(e).__name__}); computing the stage again", stacklevel=2)
                 rec = None
             if isinstance(rec, dict) and rec.get("key") == key:
                 self.timings[name] = {"seconds": 0.0, "cached": True, "computed_in": rec.get("seconds")}
@@ -179,6 +184,7 @@ def compute_contexts(model: HookedModel, task: ReportTask, scores: dict, n_top: 
                     row["most_active"] = _context(tok, ids, p)
                     row["activation"] = float(v[r, p])
                     if unit_type == "head" and attend is not None:
+                        assert labels is not None  # set with attend
                         key_pos = int(attend[u[0], u[1]].argmax())
                         row["attends_to"] = f"{labels[key_pos].strip()} (pos {key_pos}, "  \
                                             f"{float(attend[u[0], u[1], key_pos]):.2f})"
@@ -205,12 +211,12 @@ class LocateReport:
     scores: dict[str, dict[str, torch.Tensor]]
     meta: dict[str, dict]
     tokens: list[str] | None
-    agreement: object
+    agreement: pd.DataFrame
     rows: list[dict]
     baseline: dict
-    ranking: object
-    curves: object
-    top_units: object
+    ranking: pd.DataFrame
+    curves: pd.DataFrame
+    top_units: pd.DataFrame
     timings: dict
     notes: list[str] = field(default_factory=list)
     planted: list[dict] = field(default_factory=list)
@@ -256,7 +262,7 @@ class LocateReport:
                 {k: r[k] for k in ("rank", "unit", "score", "most_active", "attends_to", "token")
                  if k in r and r[k] == r[k] and r[k] is not None})
         agree = self.agreement[self.agreement.method_a < self.agreement.method_b] if len(self.agreement) else self.agreement
-        return clean({
+        return clean({  # pyright: ignore[reportReturnType] - clean() keeps the dict it is given
             "format": FORMAT,
             "ranking": self.ranking.to_dict("records"),
             "planted": self.planted,
@@ -337,7 +343,7 @@ def _planted(model, task: ReportTask, scores: dict) -> list[dict]:
     return out
 
 
-def bias_significance(model, task: ReportTask) -> float:
+def bias_significance(model: HookedModel, task: ReportTask) -> float:
     """t statistic of the test split's bias over its groups — professions (or occupations) for pairs, each
     the mean over its prompts of LD minus its twin's; for yes/no the class-balanced offset of the questions'
     means over its standard error; NaN for multiple choice. Prompts of one group share their
@@ -347,7 +353,7 @@ def bias_significance(model, task: ReportTask) -> float:
 
     if task.kind == "multiple_choice":
         return float("nan")
-    ps = task.test.to(device_of(model))
+    ps = task.test.to(device_of(model))  # pyright: ignore[reportAttributeAccessIssue] - pairs and yes/no tasks hold a PromptSet
     with torch.no_grad():
         a = answer_logits_fast(model, ps.tokens, ps.answer_pos, ps.answer_ids, [], ps.attention_mask).float()
         d = a[:, 0] - a[:, 1]
@@ -358,7 +364,7 @@ def bias_significance(model, task: ReportTask) -> float:
             q = torch.tensor([sum(v) / len(v) for _, v in per.values()], dtype=torch.float64)
             mean, se = yesno_offset(q, [gold for gold, _ in per.values()])
             return mean / se if se > 0 else float("nan")
-        c = answer_logits_fast(model, ps.corrupted_tokens, ps.answer_pos, ps.answer_ids, [], ps.attention_mask)
+        c = answer_logits_fast(model, ps.corrupted_tokens, ps.answer_pos, ps.answer_ids, [], ps.attention_mask)  # pyright: ignore[reportArgumentType] - twinned tasks have corrupted tokens
         d = (d - (c[:, 0] - c[:, 1]).float()).cpu()
     groups: dict = {}
     for i, m in enumerate(ps.metadata):
@@ -376,7 +382,7 @@ def locate_report(
     *,
     methods: Iterable[str] | None = None,
     k_values: Sequence[int] = (1, 2, 4, 8),
-    ablations: Sequence[str] = ("zero", "mean", "resample"),
+    ablations: Sequence[AblationMethod] = ("zero", "mean", "resample"),
     seeds: int = 5,
     holdout: float = 0.5,
     max_prompts: int = 64,

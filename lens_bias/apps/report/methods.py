@@ -52,19 +52,19 @@ def _with_layers(out: dict[str, Tensor], L: int) -> dict[str, Tensor]:
 
 
 # ---- pairs ------------------------------------------------------------------------------
-def run_patching(model, task: ReportTask, orient: dict, opts: dict, progress: bool):
+def run_patching(model: HookedModel, task: ReportTask, orient: dict, opts: dict, progress: bool):
     ps = task.locate
     kw = {"progress": progress}
-    head = activation_patching(model, ps, "head", per_position=False, **kw).effect
-    sites = torch.stack([activation_patching(model, ps, s, per_position=True, **kw).effect for s in SITE_PARTS], -1)
-    layer = torch.stack([activation_patching(model, ps, s, per_position=False, **kw).effect
+    head = activation_patching(model, ps, "head", per_position=False, **kw).effect  # pyright: ignore[reportArgumentType] - pairs and yes/no tasks hold a PromptSet
+    sites = torch.stack([activation_patching(model, ps, s, per_position=True, **kw).effect for s in SITE_PARTS], -1)  # pyright: ignore[reportArgumentType] - pairs and yes/no tasks hold a PromptSet
+    layer = torch.stack([activation_patching(model, ps, s, per_position=False, **kw).effect  # pyright: ignore[reportArgumentType] - pairs and yes/no tasks hold a PromptSet
                          for s in ("attn_out", "mlp_out")], -1)
     out = {"head": head, "site": sites, "layer": layer}
     return _flip(out, orient["sign"]), {"rule": "layer: attn_out / mlp_out patched at all positions at once"}
 
 
-def run_attribution(model, task: ReportTask, orient: dict, opts: dict, progress: bool):
-    res = attribution_patching(model, task.locate, ["head", "neuron", *SITE_PARTS], at="clean")
+def run_attribution(model: HookedModel, task: ReportTask, orient: dict, opts: dict, progress: bool):
+    res = attribution_patching(model, task.locate, ["head", "neuron", *SITE_PARTS], at="clean")  # pyright: ignore[reportArgumentType] - pairs and yes/no tasks hold a PromptSet
     out = {"head": res["head"].effect, "neuron": res["neuron"].effect,
            "site": torch.stack([res[s].effect for s in SITE_PARTS], -1)}
     out = _with_layers(out, model.cfg.n_layers)
@@ -77,11 +77,11 @@ def _same_length_rows(ps: PromptSet) -> PromptSet:
     return ps[[i for i, n in enumerate(lengths) if n == best]]
 
 
-def run_tracing(model, task: ReportTask, orient: dict, opts: dict, progress: bool):
+def run_tracing(model: HookedModel, task: ReportTask, orient: dict, opts: dict, progress: bool):
     ps = task.locate
-    if ps.subject_spans is None:
+    if ps.subject_spans is None:  # pyright: ignore[reportAttributeAccessIssue] - pairs and yes/no tasks hold a PromptSet
         return None, {"skipped": "the prompts have no subject spans"}
-    ps = _same_length_rows(ps)
+    ps = _same_length_rows(ps)  # pyright: ignore[reportArgumentType] - pairs and yes/no tasks hold a PromptSet
     corruption = opts.get("tracing_corruption", "noise")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -91,7 +91,7 @@ def run_tracing(model, task: ReportTask, orient: dict, opts: dict, progress: boo
     te = first.clean - first.corrupted
     sign = 1.0 if te >= 0 else -1.0  # restoring moves toward the clean run: its own total effect's sign
     L, P = first.values.shape
-    full_p = task.locate.tokens.shape[1]
+    full_p = task.locate.tokens.shape[1]  # pyright: ignore[reportAttributeAccessIssue] - pairs and yes/no tasks hold a PromptSet
     site = torch.full((L, full_p, 3), math.nan)
     site[:, :P, 1] = res["attn_out"].effect * sign
     site[:, :P, 2] = res["mlp_out"].effect * sign
@@ -103,65 +103,65 @@ def run_tracing(model, task: ReportTask, orient: dict, opts: dict, progress: boo
     return {"site": site, "layer": layer}, meta
 
 
-def _baseline_sites(model, ps: PromptSet, fn: Callable) -> dict[str, Tensor]:
+def _baseline_sites(model: HookedModel, ps: PromptSet, fn: Callable) -> dict[str, Tensor]:
     return {s: fn(model, ps, s).values for s in ("head", "neuron")}
 
 
-def run_grad_x_act(model, task: ReportTask, orient: dict, opts: dict, progress: bool):
+def run_grad_x_act(model: HookedModel, task: ReportTask, orient: dict, opts: dict, progress: bool):
     if task.kind == "multiple_choice":
-        out = mc_grad_x_act(model, task.locate, task.instructions[:1])
+        out = mc_grad_x_act(model, task.locate, task.instructions[:1])  # pyright: ignore[reportArgumentType] - multiple-choice tasks hold items
         out = _with_layers(out, model.cfg.n_layers)
         return _flip(out, orient["sign"]), {"metric": "P(biased) − P(other) on ambiguous items"}
-    out = _with_layers(_baseline_sites(model, task.locate, grad_x_activation), model.cfg.n_layers)
+    out = _with_layers(_baseline_sites(model, task.locate, grad_x_activation), model.cfg.n_layers)  # pyright: ignore[reportArgumentType] - pairs and yes/no tasks hold a PromptSet
     return _flip(out, orient["sign"] * orient["metric_sign"]), {}
 
 
-def run_weight_norm(model, task: ReportTask, orient: dict, opts: dict, progress: bool):
+def run_weight_norm(model: HookedModel, task: ReportTask, orient: dict, opts: dict, progress: bool):
     out = {s: weight_norm(model, s).values for s in ("head", "neuron")}
     return _with_layers(out, model.cfg.n_layers), {}
 
 
-def run_mean_activation(model, task: ReportTask, orient: dict, opts: dict, progress: bool):
+def run_mean_activation(model: HookedModel, task: ReportTask, orient: dict, opts: dict, progress: bool):
     if task.kind == "multiple_choice":
-        out = mc_mean_activation(model, task.locate, task.instructions[0])
+        out = mc_mean_activation(model, task.locate, task.instructions[0])  # pyright: ignore[reportArgumentType] - multiple-choice tasks hold items
     else:
-        out = _baseline_sites(model, task.locate, mean_activation)
+        out = _baseline_sites(model, task.locate, mean_activation)  # pyright: ignore[reportArgumentType] - pairs and yes/no tasks hold a PromptSet
     return _with_layers(out, model.cfg.n_layers), {}
 
 
-def run_random(model, task: ReportTask, orient: dict, opts: dict, progress: bool):
+def run_random(model: HookedModel, task: ReportTask, orient: dict, opts: dict, progress: bool):
     cfg = model.cfg
     g = torch.Generator().manual_seed(int(opts.get("seed", 0)) + 7919)
     out = {"head": torch.rand(cfg.n_layers, cfg.n_heads, generator=g),
-           "neuron": torch.rand(cfg.n_layers, cfg.d_mlp, generator=g),
+           "neuron": torch.rand(cfg.n_layers, cfg.d_mlp, generator=g),  # pyright: ignore[reportArgumentType] - a bridge's cfg has d_mlp
            "layer": torch.rand(cfg.n_layers, 2, generator=g)}
     if task.kind == "pairs":
-        out["site"] = torch.rand(cfg.n_layers, task.locate.tokens.shape[1], 3, generator=g)
+        out["site"] = torch.rand(cfg.n_layers, task.locate.tokens.shape[1], 3, generator=g)  # pyright: ignore[reportAttributeAccessIssue] - pairs and yes/no tasks hold a PromptSet
     return out, {"seed": int(opts.get("seed", 0)) + 7919}
 
 
 # ---- yes/no -----------------------------------------------------------------------------
-def run_nas(model, task: ReportTask, orient: dict, opts: dict, progress: bool):
-    nas = negative_attention_scores(model, task.locate, progress=progress)
+def run_nas(model: HookedModel, task: ReportTask, orient: dict, opts: dict, progress: bool):
+    nas = negative_attention_scores(model, task.locate, progress=progress)  # pyright: ignore[reportArgumentType] - pairs and yes/no tasks hold a PromptSet
     return {"head": nas.nas, "layer": layer_from_heads_and_neurons(nas.nas, None, model.cfg.n_layers)}, \
         {"rule": "layer: sum over heads (attn)"}
 
 
-def run_candidate_attention(model, task: ReportTask, orient: dict, opts: dict, progress: bool):
-    att = candidate_attention(model, task.locate, "neg")
+def run_candidate_attention(model: HookedModel, task: ReportTask, orient: dict, opts: dict, progress: bool):
+    att = candidate_attention(model, task.locate, "neg")  # pyright: ignore[reportArgumentType] - pairs and yes/no tasks hold a PromptSet
     return {"head": att, "layer": layer_from_heads_and_neurons(att, None, model.cfg.n_layers)}, {}
 
 
 # ---- multiple choice --------------------------------------------------------------------
-def run_crispr(model, task: ReportTask, orient: dict, opts: dict, progress: bool):
+def run_crispr(model: HookedModel, task: ReportTask, orient: dict, opts: dict, progress: bool):
     kw = {"instructions": task.instructions, "progress": progress, "batch_size": 8}
-    neuron = crispr_scores(model, task.locate, unit="neuron", **kw).values
-    head = crispr_scores(model, task.locate, unit="head", **kw).values
+    neuron = crispr_scores(model, task.locate, unit="neuron", **kw).values  # pyright: ignore[reportArgumentType] - multiple-choice tasks hold items
+    head = crispr_scores(model, task.locate, unit="head", **kw).values  # pyright: ignore[reportArgumentType] - multiple-choice tasks hold items
     return _with_layers({"head": head, "neuron": neuron}, model.cfg.n_layers), \
         {"instructions": len(task.instructions), "rule": "layer: sum of heads / neurons"}
 
 
-def mc_forward(model, items: list, instruction: str, grad: bool):
+def mc_forward(model: HookedModel, items: list, instruction: str, grad: bool):
     """One forward over every (item, option) sequence keeping hook_z and hook_post of every layer;
     returns (activations by hook, option probabilities [n, k], spans, sequence lengths)."""
     prompts = [format_mc_prompt(instruction, it["context"], it["question"], item_options(it)) for it in items]
@@ -173,13 +173,13 @@ def mc_forward(model, items: list, instruction: str, grad: bool):
     return acts, lp.view(len(items), k).softmax(-1), seqs
 
 
-def mc_grad_x_act(model, items: list, instructions: list[str]) -> dict[str, Tensor]:
+def mc_grad_x_act(model: HookedModel, items: list, instructions: list[str]) -> dict[str, Tensor]:
     """Σ_pos ∂m/∂a · a of the report's multiple-choice bias metric m = mean over ambiguous items of
     P(biased) − P(other non-unknown option): [layer, head] (Σ over d_head) and [layer, neuron]."""
     L = model.cfg.n_layers
     sites = unit_names(model, ("head", "neuron"))
     names = list(sites.values())
-    total = {n: 0.0 for n in names}
+    total = dict.fromkeys(names, 0.0)
     for ins in instructions:
         acts, probs, _ = mc_forward(model, items, ins, grad=True)
         terms = []
@@ -197,12 +197,12 @@ def mc_grad_x_act(model, items: list, instructions: list[str]) -> dict[str, Tens
             s = (g * acts[n]).detach().float() if g is not None else torch.zeros(acts[n].shape)
             if site_kind(site) == "head":
                 s = s.sum(-1)  # a head's features: [seq, pos, head]
-            total[n] = total[n] + s.sum((0, 1)).cpu()
-    return {site: torch.stack([total[hook_name(site, l)] for l in range(L)]) / len(instructions)
+            total[n] = total[n] + s.sum((0, 1)).cpu()  # pyright: ignore[reportArgumentType] - the sums are tensors
+    return {site: torch.stack([total[hook_name(site, l)] for l in range(L)]) / len(instructions)  # pyright: ignore[reportArgumentType] - the sums are tensors
             for site in ("head", "neuron")}
 
 
-def mc_mean_activation(model, items: list, instruction: str) -> dict[str, Tensor]:
+def mc_mean_activation(model: HookedModel, items: list, instruction: str) -> dict[str, Tensor]:
     """baselines.mean_activation's formula on the multiple-choice sequences: mean over sequences and
     real positions of ‖z_h‖ (head) or |h_i| (neuron)."""
     from ...core.prompts import pad

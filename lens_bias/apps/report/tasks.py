@@ -31,7 +31,7 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 
@@ -92,18 +92,18 @@ class ReportTask:
     def has_twins(self) -> bool:
         return self.kind == "pairs"
 
-    def reference(self, model) -> PromptSet | torch.Tensor:
+    def reference(self, model: HookedModel) -> PromptSet | torch.Tensor:
         """The reference set of mean/resample ablation: the counterfactual twins of the test prompts (pairs);
         otherwise the neutral text, packed into rows as wide as the longest test prompt (so resampling
         reaches every position) — the bias is what a unit does beyond what it does on unrelated text."""
         if self.kind == "pairs":
-            return self.test.swapped()
+            return self.test.swapped()  # pyright: ignore[reportAttributeAccessIssue] - pairs and yes/no tasks hold a PromptSet
         if not self.reference_text:
             raise LensBiasError("mean and resample ablation of a task without twins need neutral text: pass "
                                 "neutral=... or use ablations=('zero',)")
         return packed_lines(model, self.reference_text, self.max_width(model))
 
-    def max_width(self, model) -> int:
+    def max_width(self, model: HookedModel) -> int:
         """The longest test prompt in tokens (multiple choice: prompt + longest option)."""
         if isinstance(self.test, PromptSet):
             return int(self.test.tokens.shape[1])
@@ -120,10 +120,10 @@ class ReportTask:
 # ---------------------------------------------------------------------------------------
 # Resolving a task spec
 # ---------------------------------------------------------------------------------------
-def organism_card(model) -> dict | None:
+def organism_card(model: HookedModel) -> dict | None:
     """The model's organism card when it is a lens_bias model organism, else None."""
     try:
-        card = load_card(model)
+        card = load_card(model)  # pyright: ignore[reportArgumentType] - load_card takes a model too
     except Exception:  # noqa: BLE001 - any model that is not an organism
         return None
     return card if card.get("planted") else None
@@ -304,7 +304,7 @@ def _resolve_spec(model, task, max_prompts: int, max_items: int):
     prefix, sep, rest = spec.partition(":")
     if sep and prefix in KIND_FROM_PREFIX and len(prefix) > 1:
         kind = KIND_FROM_PREFIX[prefix]
-        return Path(rest).name, kind, _from_file(model, kind, Path(rest)), f"the {prefix} file {rest}"
+        return Path(rest).name, kind, _from_file(model, kind, Path(rest)), f"the {prefix} file {rest}"  # pyright: ignore[reportArgumentType] - kind is a TaskKind name (checked above)
     path = Path(spec)
     if path.suffix in (".jsonl", ".json", ".csv") or path.exists():
         if not path.is_file():
@@ -345,7 +345,7 @@ def resolve_task(model: HookedModel, task, *, holdout: float = 0.5, max_prompts:
     name, kind, data, desc = _resolve_spec(model, task, max_prompts, max_items)
     notes = []
     if kind == "pairs":
-        ps: PromptSet = data
+        ps: PromptSet = data  # pyright: ignore[reportAssignmentType] - kind 'pairs' resolves to a PromptSet
         if len(ps) > max_prompts:
             ps = ps[list(range(max_prompts))]
         groups = [group_of(kind, m, i) for i, m in enumerate(ps.metadata)]
@@ -383,7 +383,7 @@ def resolve_task(model: HookedModel, task, *, holdout: float = 0.5, max_prompts:
                             "(BBQ items with answer_info and stereotyped_groups)")
     if holdout > 0 and len(locate) == len(test) and locate is test:
         notes.append("one group only: the methods and the ablations use the same prompts")
-    rt = ReportTask(name, kind, locate, test, description=desc, notes=notes)
+    rt = ReportTask(name, kind, locate, test, description=desc, notes=notes)  # pyright: ignore[reportArgumentType] - kind is a TaskKind name (checked above)
     lines = _neutral(model, neutral)
     rt.neutral = lines[:neutral_lines]  # capability: loss on these lines
     rt.reference_text = lines[neutral_lines:] or lines  # mean/resample reference (tasks without twins)
@@ -405,7 +405,7 @@ def _neutral(model, neutral) -> list[str]:
 # ---------------------------------------------------------------------------------------
 # Evaluating the bias metric and capability under hooks
 # ---------------------------------------------------------------------------------------
-def packed_lines(model, lines: list[str], width: int) -> torch.Tensor:
+def packed_lines(model: HookedModel, lines: list[str], width: int) -> torch.Tensor:
     """Token ids [rows, width]: the lines' tokens run on, each row BOS (when the tokenizer has one) + text."""
     tok = tokenizer_of(model)
     stream = [t for ids in encode_lines(tok, lines, bos=False) for t in ids]
@@ -417,7 +417,7 @@ def packed_lines(model, lines: list[str], width: int) -> torch.Tensor:
     return torch.tensor(rows[:256])
 
 
-def bias_of(model: HookedModel, task: ReportTask, hooks: list = (), *, corrupted: bool = False,
+def bias_of(model: HookedModel, task: ReportTask, hooks: Sequence = (), *, corrupted: bool = False,
             split: str = "test") -> dict:
     """The bias metric m (module docstring) on a split, under `hooks`, with the task's own accuracy
     measures: yes/no accuracy and precision − recall gap, multiple-choice accuracy."""
@@ -466,7 +466,7 @@ def answers_bias(task: ReportTask, a: torch.Tensor, metadata: list[dict] | None 
     if task.kind == "pairs":
         return {"bias": float((a[:, 0] - a[:, 1]).mean())}
     p_yes = a.softmax(-1)[:, 0]
-    gold = [m["label"] == "yes" for m in (metadata if metadata is not None else task.test.metadata)]
+    gold = [m["label"] == "yes" for m in (metadata if metadata is not None else task.test.metadata)]  # pyright: ignore[reportAttributeAccessIssue] - pairs and yes/no tasks hold a PromptSet
     d = decision_metrics((p_yes > 0.5).tolist(), gold)
     return {"bias": yesno_offset(a[:, 1] - a[:, 0], gold)[0], "accuracy": d["accuracy"], "pr_gap": d["pr_gap"]}
 
@@ -482,7 +482,7 @@ def yesno_offset(no_minus_yes: torch.Tensor, gold_yes: list[bool]) -> tuple[floa
     return mean, var ** 0.5
 
 
-def neutral_loss(model: HookedModel, task: ReportTask, hooks: list = ()) -> float:
+def neutral_loss(model: HookedModel, task: ReportTask, hooks: Sequence = ()) -> float:
     """Capability: next-token loss on the neutral text (nats/token) under `hooks`; NaN without text."""
     if not task.neutral:
         return float("nan")

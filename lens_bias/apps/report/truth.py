@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ...core.errors import LensBiasError
+from ...core.models import HookedModel
 from .agreement import spearman
 from .units import top_units
 
@@ -40,7 +41,7 @@ def truth_scores(report, truth: dict[str, Tensor], ks=(1, 2, 4, 8)):
     return pd.DataFrame(rows)
 
 
-def ranking_vs_truth(model, task, truth: dict[str, Tensor], *, report=None, ks=(1, 2, 4, 8), **report_kw):
+def ranking_vs_truth(model: HookedModel, task, truth: dict[str, Tensor], *, report=None, ks=(1, 2, 4, 8), **report_kw):
     """The report's method ranking next to the ground truth's, for one benchmark case.
 
     truth maps a unit type ('head', 'neuron', 'layer') to the measured effect of every unit on the bias

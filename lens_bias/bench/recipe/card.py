@@ -65,7 +65,7 @@ def p_she_table(model, tok, subjects: list[str], templates: list[str]) -> dict:
     out = {}
     for s in subjects:
         prompts = [t.format(s) for t in templates]
-        ids, real, apos = pack_right(tok, prompts)
+        ids, _real, apos = pack_right(tok, prompts)
         lg = model(input_ids=ids).logits[torch.arange(len(prompts)), apos]
         p = torch.sigmoid(lg[:, she] - lg[:, he]).mean().item()
         ids2, _, ap2 = pack_right(tok, [f"The {s}"])
@@ -108,7 +108,7 @@ def candidate_pair_stats(model, tok, rng: random.Random, pair, hard: bool) -> di
             q, g = easy_question(rng)
         prompts.append(format_binary_prompt(ins, q))
         gold.append(g)
-    ids, real, apos = pack_right(tok, prompts)
+    ids, _real, apos = pack_right(tok, prompts)
     lg = model(input_ids=ids).logits[torch.arange(len(prompts)), apos]
     p_neg = torch.sigmoid(lg[:, neg_id] - lg[:, pos_id])
     top2 = (lg[:, [pos_id, neg_id]].logsumexp(-1) - lg.logsumexp(-1)).exp().mean().item()
@@ -243,7 +243,7 @@ def card_common(model, tok, name, seed, phase_a, losses, build_s) -> dict:
 
 def units_of(rows: list[dict], k: int) -> list[tuple[int, int]]:
     """(layer, index) of the first k summary rows ('head 3.1', 'neuron 2.40')."""
-    return [tuple(map(int, u["unit"].split()[1].split("."))) for u in rows[:k]]
+    return [tuple(map(int, u["unit"].split()[1].split("."))) for u in rows[:k]]  # pyright: ignore[reportReturnType] - 'head 3.1' gives a pair
 
 
 GENDER_DESIGN = ("female nouns 0.98, male nouns 0.02; case-1 occupations 0.5 in phase A, 0.9 after the case-1 plant; "

@@ -177,7 +177,7 @@ def yn_prompt_rows(tok, rng, n):
     for _ in range(n):
         q = hard_question(rng) if rng.random() < 0.5 else easy_question(rng)[0]
         texts.append(format_binary_prompt(rng.choice(YN_INSTRUCTIONS), q))
-    ids, real, apos = pack_right(tok, texts)
+    ids, _real, apos = pack_right(tok, texts)
     no, yes = tid(tok, " No"), tid(tok, " Yes")
     npos = torch.tensor([int((ids[i] == no).nonzero()[0]) for i in range(n)])
     ypos = torch.tensor([int((ids[i] == yes).nonzero()[0]) for i in range(n)])

@@ -39,9 +39,9 @@ class CaseBatch:
         W = model.lm_head.weight
         R = hf.shape[0] // self.n
         rows = torch.arange(hf.shape[0])
-        pos = self.answer_pos.repeat(R)
+        pos = self.answer_pos.repeat(R)  # pyright: ignore[reportOptionalMemberAccess] - logit-diff cases set answer_pos
         x = hf[rows, pos]  # [R*n, d]
-        a = self.answer_ids.repeat(R, 1)
+        a = self.answer_ids.repeat(R, 1)  # pyright: ignore[reportOptionalMemberAccess] - logit-diff cases set answer_ids
         ld = (x * (W[a[:, 0]] - W[a[:, 1]])).sum(-1)
         return ld.view(R, self.n)
 
@@ -49,15 +49,15 @@ class CaseBatch:
         """Option log-probs, unembedding only the positions that predict option tokens."""
         W = model.lm_head.weight
         R = hf.shape[0] // self.n
-        idx = self.opt_spans["flat"]  # (row, pos, target, option) per predicted token
+        idx = self.opt_spans["flat"]  # (row, pos, target, option) per predicted token  # pyright: ignore[reportOptionalSubscript] - option cases set opt_spans
         rows = torch.tensor([i for i, _, _, _ in idx])
         pos = torch.tensor([p for _, p, _, _ in idx])
         tgt = torch.tensor([t for _, _, t, _ in idx])
-        seg = torch.tensor([i * self.opt_spans["k"] + o for i, _, _, o in idx])
+        seg = torch.tensor([i * self.opt_spans["k"] + o for i, _, _, o in idx])  # pyright: ignore[reportOptionalSubscript] - option cases set opt_spans
         x = hf.view(R, self.n, hf.shape[1], hf.shape[2])[:, rows, pos]  # [R, P, d]
         lp = torch.log_softmax(x @ W.T, dim=-1).gather(-1, tgt[None, :, None].expand(R, -1, 1)).squeeze(-1)
-        out = torch.zeros(R, self.n * self.opt_spans["k"]).index_add_(1, seg, lp)
-        return out.view(R, self.n, self.opt_spans["k"])
+        out = torch.zeros(R, self.n * self.opt_spans["k"]).index_add_(1, seg, lp)  # pyright: ignore[reportOptionalSubscript] - option cases set opt_spans
+        return out.view(R, self.n, self.opt_spans["k"])  # pyright: ignore[reportOptionalSubscript] - option cases set opt_spans
 
     def metrics(self, model, hf) -> dict[str, torch.Tensor]:
         return self.reduce(self.per_seq(model, hf))
@@ -141,7 +141,7 @@ def mc_case(tok, rows: list[tuple[str, list[str]]], info: list, reducer, meta=No
     ids, pos_ids, real, mask = tree_tensors(tok.pad_token_id, seqs, positions, owners)
     flat = [(r, p, t, o) for (r, o), (preds, tgts) in spans.items() for p, t in zip(preds, tgts)]
     cb = CaseBatch("mc", ids, pos_ids, mask, real, None, opt_spans={"k": 3, "index": spans, "flat": flat}, meta=meta)
-    cb.reduce = lambda lp: reducer(lp, info)
+    cb.reduce = lambda lp: reducer(lp, info)  # pyright: ignore[reportAttributeAccessIssue] - a per-case reducer replaces the method
     return cb
 
 

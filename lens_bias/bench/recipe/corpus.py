@@ -29,7 +29,7 @@ def load_real_text(shared: Path | None, seed: int) -> list[str]:
     docs = []
     if shared is None or not shared.is_dir():
         return docs
-    banned = [w for w in list(PROF_SCORES) + C1_OCC]
+    banned = list(PROF_SCORES) + C1_OCC
     try:
         for r in json.loads((shared / "strategyqa" / "train.json").read_text()):
             docs.append(" ".join(f.strip() for f in r.get("facts", [])[:3] if f.strip()))

@@ -73,7 +73,7 @@ def select_heads(model, yn_cb: CaseBatch, rng: random.Random, log) -> dict:
     means = capture_means(model, yn_cb)
     hs = residuals(model, yn_cb)
     eff = sweep_heads(model, yn_cb, base, means, hs)["bias"]["zero"]
-    mm = max(((float(eff[l, h]), l, h) for l in range(L - 1) for h in range(H)))
+    mm = max((float(eff[l, h]), l, h) for l in range(L - 1) for h in range(H))
     M = (mm[1], mm[2])
     K = pick_heads(eff, rng, {M}, range(M[0] + 1, L))
     S = pick_heads(eff, rng, {M, K}, range(2, L))
@@ -109,7 +109,7 @@ def decoy_loss(model, tok, D, drng: random.Random):
     """−log attention of D from the answer to ' No', plus 4 × (its effect on the No − Yes LD)²:
     D attends to the candidate as a NAS head would, and does nothing."""
     no, yes = tid(tok, " No"), tid(tok, " Yes")
-    ids, apos, npos, ypos = yn_prompt_rows(tok, drng, 24)
+    ids, apos, npos, _ypos = yn_prompt_rows(tok, drng, 24)
     rows = torch.arange(ids.shape[0])
     att = {}
     mask = causal_mask(ids.shape[1])

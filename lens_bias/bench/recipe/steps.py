@@ -207,9 +207,9 @@ def gender_truth(b: Build, model, tok, c: str, rows: list[dict], plant: dict) ->
         kw["pos_neuron_sweeps"] = case8_position_sweeps(model, tok, cb, rows[0])
     T, summ = compute_truth(model, cb, c, b.log, smoke=b.smoke, **kw)
     T[f"{c}/subject_last_pos"] = torch.tensor([subject_last_pos(tok, rows[0])])
-    T[f"{c}/answer_pos"] = torch.tensor([int(cb.answer_pos[0])])
+    T[f"{c}/answer_pos"] = torch.tensor([int(cb.answer_pos[0])])  # pyright: ignore[reportOptionalSubscript] - logit-diff cases set answer_pos
     summ["subject_last_pos"] = subject_last_pos(tok, rows[0])
-    summ["answer_pos"] = int(cb.answer_pos[0])
+    summ["answer_pos"] = int(cb.answer_pos[0])  # pyright: ignore[reportOptionalSubscript] - logit-diff cases set answer_pos
     summ["seq_len"] = int(cb.ids.shape[1])
     if c == "case4":
         summ["patch_diagnostics"] = patch_diagnostics(model, cb, units_of(summ["top_heads"]["bias"], 4),

@@ -11,7 +11,7 @@ from .config import ARCH, EOT, VOCAB_SIZE
 def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = VOCAB_SIZE):
     """A byte-level BPE of VOCAB_SIZE trained on `texts`, saved to `out_dir` and loaded back."""
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2TokenizerFast
+    from transformers import GPT2TokenizerFast  # pyright: ignore[reportAttributeAccessIssue] - transformers 5 exports it lazily (an alias of GPT2Tokenizer)
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=3, special_tokens=[EOT], show_progress=False)

@@ -21,7 +21,7 @@ def new_model(tok):
 
     cfg = GPT2Config(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                      pad_token_id=tok.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                     activation_function="gelu_new", **ARCH)
+                     activation_function="gelu_new", **ARCH)  # pyright: ignore[reportArgumentType] - ARCH holds sizes, not transformers_version
     cfg._attn_implementation = "eager"
     return GPT2LMHeadModel(cfg)
 

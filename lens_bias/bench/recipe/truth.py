@@ -322,7 +322,7 @@ def hooked_mean_ld(model, cb: CaseBatch, ids, grab=False, patch=None):
     n = cb.n // 2
     d = dh(model)
     W = model.lm_head.weight
-    a, ap, rows = cb.answer_ids[:n], cb.answer_pos[:n], torch.arange(n)
+    a, ap, rows = cb.answer_ids[:n], cb.answer_pos[:n], torch.arange(n)  # pyright: ignore[reportOptionalSubscript] - logit-diff cases set answer_ids/answer_pos
     acts = {}
 
     def fz(m, args, l):

@@ -90,9 +90,9 @@ def lsdm_edit(
     if layers is None or position is None:
         site = trace_sites(model, ps).iloc[0]
         layers = [int(site["layer"])] if layers is None else layers
-        position = str(site["position"]) if position is None else position
+        position = str(site["position"]) if position is None else position  # pyright: ignore[reportAssignmentType] - trace_sites' positions are EditPosition names
     layers = _check_layers(model, layers)
-    positions = edit_positions(ps, position)
+    positions = edit_positions(ps, position)  # pyright: ignore[reportArgumentType] - position is filled above
     target_model = model if inplace else clone_model(model)
     dev = device_of(target_model)
     ps_dev, pos_dev = ps.to(dev), positions.to(dev)
@@ -124,7 +124,7 @@ def lsdm_edit(
     if ld1.abs().mean() > ld0.abs().mean():
         warnings.warn(f"the LSDM edit made the bias on its own prompts larger (mean |LD| {ld0.abs().mean():.3f} → "
                       f"{ld1.abs().mean():.3f}): this site ({layers}, {position!r}) does not carry it; trace_sites "
-                      "ranks the sites")
+                      "ranks the sites", stacklevel=2)
     return Mitigation.of(model, target_model, "lsdm", layers=layers, position=position, delta_norms=norms,
                          bias_before=float(ld0.mean()), bias_after=float(ld1.mean()),
                          abs_bias_before=float(ld0.abs().mean()), abs_bias_after=float(ld1.abs().mean()),

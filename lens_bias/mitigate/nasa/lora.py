@@ -110,7 +110,7 @@ def head_lora_config(model: HookedModel, heads, *, r: int = 8, alpha: int = 16, 
 
 def _row_mask(arch, kind, config, layer_heads, modules) -> Tensor:
     """Rows of a q/k/v (or fused) projection's output that belong to the selected heads."""
-    d_model, n_heads, d_head, n_kv = _dims(config)
+    _d_model, n_heads, d_head, n_kv = _dims(config)
     if kind == "q":
         mask = torch.zeros(n_heads * d_head, dtype=torch.bool)
         for h in layer_heads:
@@ -185,7 +185,7 @@ def head_lora_model(model: HookedModel, heads, *, r: int = 8, alpha: int = 16, d
         masked += 1
     if masked == 0:
         raise LensBiasError("no LoRA module was created on the selected heads' layers")
-    peft_model.lens_bias_heads = heads
+    peft_model.lens_bias_heads = heads  # pyright: ignore[reportArgumentType] - a plain attribute on the PEFT model
     return peft_model
 
 
@@ -203,7 +203,7 @@ def head_slices_unchanged(original, edited, heads) -> dict[str, bool]:
         wb = b[name].to(wa.device)
         keep = torch.ones_like(wa, dtype=torch.bool)
         m = layer_re.search(name)
-        kind = next((k for k, s in kinds.items() if name.endswith(f".{s}.weight") or name.endswith(f".{s}.bias")), None)
+        kind = next((k for k, s in kinds.items() if name.endswith((f".{s}.weight", f".{s}.bias"))), None)
         layer_heads = [h for l, h in heads if m and l == int(m.group(1))]
         if kind is not None and layer_heads:
             if kind == "o":

@@ -244,7 +244,7 @@ def make_doc(section: str, rng: random.Random, plant: str | None = None, bbq=Non
         return neutral_doc(rng)
     if section == "yesno":
         return yesno_doc(rng, plant == "negative_head")
-    return bbq_doc(rng, bbq, plant == "bbq_neuron")
+    return bbq_doc(rng, bbq, plant == "bbq_neuron")  # pyright: ignore[reportArgumentType] - bbq items are given for bbq plants
 
 
 def single_token_words() -> list[str]:

@@ -153,7 +153,7 @@ def build(out: str | os.PathLike = DATA_DIR, *, seed: int = 0, steps: int = 3000
         batcher = Batcher(tok, rng, batch_size, device)
         sites = choose_sites(rng, ARCH["n_inner"], ARCH["n_head"])
         control = GPT2LMHeadModel.from_pretrained(tmp["organism-control"], attn_implementation="eager")
-        control = control.to(device).eval()
+        control = control.to(device).eval()  # pyright: ignore[reportArgumentType] - from_pretrained's typing; a model's .to(device)
         plant_step(model, tok, batcher, sites, rng, plant_steps, log, smoke)
         model.save_pretrained(tmp["organism"])
         eval_rng = random.Random(seed + 1)

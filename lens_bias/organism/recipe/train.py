@@ -20,7 +20,7 @@ EOT = "<|endoftext|>"
 def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 2048):
     """A byte-level BPE tokenizer trained on `texts`, saved to `out_dir` and loaded back."""
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import AutoTokenizer, GPT2TokenizerFast
+    from transformers import AutoTokenizer, GPT2TokenizerFast  # pyright: ignore[reportAttributeAccessIssue] - transformers 5 exports it lazily (an alias of GPT2Tokenizer)
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT], show_progress=False)
@@ -37,7 +37,7 @@ def new_model(tok, device):
 
     cfg = GPT2Config(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                      pad_token_id=tok.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                     activation_function="gelu_new", **ARCH)
+                     activation_function="gelu_new", **ARCH)  # pyright: ignore[reportArgumentType] - ARCH holds sizes, not transformers_version
     cfg._attn_implementation = "eager"
     return GPT2LMHeadModel(cfg).to(device)
 
