@@ -102,7 +102,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     model = lb.load_model(args.model, device=args.device, dtype=args.dtype)
-    neutral = lb.tasks.text_lines(data_path("neutral").read_text())
+    neutral = lb.tasks.text_lines(lb.tasks.default_neutral_text(model))  # real English for a real model
     cloze = [json.loads(line) for line in data_path("cloze").read_text().splitlines() if line.strip()]
     stages = Stages(out / "stages", {"model": model_fingerprint(model), "code": code_fingerprint(),
                                      "data": str(Path(args.data).resolve())})
