@@ -4,7 +4,7 @@ case — the synthetic ones (small GPT-2s trained here with planted mechanisms) 
 (SmolLM2-135M-Instruct, truth by exhaustive ablation on held-out prompts) — recall@k and AUC against the
 truth, printed side by side as one method × case table.
 
-    python benchmarks/bench_localization.py [--cases case3,rprof] [--device cpu] [--out bench.csv]
+    python benchmarks/bench_localization.py [--cases case3,rprof] [--device cpu] [--out bench.csv] [--cache DIR]
 
 A cell is "recall@k / AUC" against the zero-ablation truth; * marks a method that does not beat the best
 baseline on that case (random: its mean + 2 std over 20 seeds). The real cases are then scored against each
@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--seeds", type=int, default=20, help="random-baseline draws")
     p.add_argument("--out", default=None, help="write the long table here (CSV)")
+    p.add_argument("--cache", default=None, help="keep each case's method scores in this folder (re-scoring "
+                                                  "against the truth then runs no method)")
     args = p.parse_args(argv)
 
     import pandas as pd
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         df, scores = benchmark(args.cases.split(",") if args.cases else None, device=args.device, seeds=args.seeds,
-                               with_scores=True)
+                               with_scores=True, cache=args.cache)
     pd.set_option("display.width", 250)
     pd.set_option("display.max_columns", 40)
     print(f"# localisation benchmark: recall@k / AUC against exhaustive ablation ({time.perf_counter() - t:.0f} s)\n")

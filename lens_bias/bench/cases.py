@@ -148,17 +148,17 @@ CASES: dict[str, Case] = {c.name: c for c in [
          metric="bias = mean logit(No) − logit(Yes) over gold-yes questions, chat template",
          expected="GxA best against zero truth; NAS above random but below GxA; attention to ' No', MA, WN ≈ random",
          extra={"instruction": "Answer Yes or No."}),
-    Case("rbbq", "BBQ Age (ambiguous items)", REAL_MODEL, "rbbq", "bbq", "method_bbq.jsonl", ("head",),
+    Case("rbbq", "BBQ Age (ambiguous, negative questions)", REAL_MODEL, "rbbq", "bbq", "method_bbq.jsonl", ("head",),
          folder="real-bbq", real=True, heldout="heldout_bbq.jsonl",
          wins=("grad×P(biased)",), loses=("CRISPR λ=1", "weight norm", "mean |activation|"),
-         split="4 held-out BBQ templates (16 ambiguous items); methods: 8 other templates (32 items)",
-         metric="bias = mean P(biased) − P(anti-biased) over ambiguous items, chat template; truth: every "
-                "intervention from the answer on (the prompt's last token and the options)",
+         split="4 held-out BBQ templates (8 items); methods: 8 other templates (16 items)",
+         metric="bias = mean P(biased) − P(anti-biased) over ambiguous negative questions, chat template; truth: "
+                "every intervention from the answer on (the prompt's last token and the options)",
          expected="CRISPR λ=1 ≈ λ=0, near random; grad×P(biased) better than CRISPR; MA, WN ≈ random"),
     Case("rbbq-neurons", "BBQ Age (neurons)", REAL_MODEL, "rbbq-neurons", "bbq", "method_bbq.jsonl", ("neuron",),
          folder="real-bbq", real=True, heldout="heldout_bbq_neurons.jsonl",
          wins=("grad×P(biased)",), loses=("CRISPR λ=1", "weight norm", "mean |activation|"),
-         split="3 held-out templates' first item group (6 items); methods: 8 other templates (32 items)",
+         split="3 of the held-out templates (6 items); methods: 8 other templates (16 items)",
          metric="as rbbq (zero ablation from the answer on)",
          expected="CRISPR λ=1 ≈ λ=0, near random; grad×P(biased) better than CRISPR; MA, WN ≈ random"),
 ]}

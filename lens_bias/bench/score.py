@@ -169,10 +169,30 @@ def _verdicts(df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True)
 
 
+def _cached_scores(cache, case: Case, compute) -> dict:
+    """`compute()`, or the scores saved under `cache` for this case's inputs (methods.scores_key)."""
+    if cache is None:
+        return compute()
+    import hashlib
+    from pathlib import Path
+
+    tag = hashlib.sha256(repr(scores_key(case)).encode()).hexdigest()[:12]
+    path = Path(cache) / f"{case.name}-{tag}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=False)
+    scores = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(scores, tmp)
+    tmp.replace(path)
+    return scores
+
+
 def benchmark(cases: Iterable[str] | None = None, *, device=None, seeds: int = 20, progress: bool = True,
-              with_scores: bool = False):
+              with_scores: bool = False, cache=None):
     """The method × case table over every available case (or `cases`); a real case whose model is not on
-    this machine is skipped with a warning saying how to get it. `with_scores`: also {case: method scores}."""
+    this machine is skipped with a warning saying how to get it. `with_scores`: also {case: method scores}.
+    `cache`: a folder keeping each case's method scores (re-scoring against the truth then runs no method)."""
     if cases:
         names = list(cases)
     else:
@@ -187,7 +207,7 @@ def benchmark(cases: Iterable[str] | None = None, *, device=None, seeds: int = 2
             models[case.model] = load_model(case.model_source, device=device)
         key = scores_key(case)
         if key not in computed:
-            computed[key] = case_scores(models[case.model], case, seeds=seeds)
+            computed[key] = _cached_scores(cache, case, lambda: case_scores(models[case.model], case, seeds=seeds))
         by_case[name] = computed[key]
         frames.append(score_case(models[case.model], case, seeds=seeds, scores=computed[key]))
     df = pd.concat(frames, ignore_index=True)

@@ -83,12 +83,14 @@ def yesno(tok, datasets: Path, sizes: dict = SIZES) -> dict[str, list[dict]]:
 
 
 def bbq(category: str, datasets: Path, targets, sizes: dict = SIZES) -> dict[str, list[dict]]:
-    """BBQ's ambiguous items of `category` with an identified biased option; held-out = whole templates
-    (question_index) the methods never see. `targets(item)` gives (unknown, biased) option indices."""
+    """BBQ's ambiguous items with a negative question of `category` with an identified biased option (the
+    stereotyped group's member); held-out = whole templates (question_index) the methods never see.
+    `targets(item)` gives (unknown, biased) option indices. Negative questions only: SmolLM2 picks the same
+    person whatever the question's polarity, so over both polarities its BBQ bias cancels (EXPECTED.md)."""
     rng = random.Random(SEED)
     items = []
     for it in _rows(datasets / "bbq" / f"{category}.jsonl"):
-        if it["context_condition"] != "ambig":
+        if it["context_condition"] != "ambig" or it["question_polarity"] != "neg":
             continue
         unknown, biased = targets(it)
         if biased is None:
@@ -99,9 +101,8 @@ def bbq(category: str, datasets: Path, targets, sizes: dict = SIZES) -> dict[str
     k, km = sizes["bbq_heldout_templates"], sizes["bbq_method_templates"]
     held_t, method_t = templates[:k], set(templates[k:k + km])
     held = [it for t in held_t for it in items if it["question_index"] == t]
-    # the neuron truth's smaller set: the first item group (its negative and non-negative question) of the
-    # first templates
-    first = [[it for it in items if it["question_index"] == t][:2] for t in held_t[:sizes["bbq_neuron_templates"]]]
+    # the neuron truth's smaller set: the items of the first held-out templates
+    first = [[it for it in items if it["question_index"] == t] for t in held_t[:sizes["bbq_neuron_templates"]]]
     return {"heldout_bbq": held, "heldout_bbq_neurons": [it for group in first for it in group],
             "method_bbq": [it for it in items if it["question_index"] in method_t]}
 
