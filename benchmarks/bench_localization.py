@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     import pandas as pd
 
     from lens_bias.bench import CASES, benchmark, load_truth, wide_table
-    from lens_bias.bench.verdicts import verdict_table
+    from lens_bias.bench.verdicts import interaction_table, verdict_table
     from lens_bias.core.files import write_csv
     from lens_bias.core.viz import markdown_table
 
@@ -81,6 +81,8 @@ def main(argv=None) -> int:
               f"baselines: {len(won)}/{len(wins)}; designed losers below the best winner: {len(lost)}/{len(loses)}{extra} |")
     if not real.empty:
         truths = {c: load_truth(CASES[c].model_dir) for c in real["case"].unique()}
+        print("\n## Interactions the single-unit truth misses (the truth's pair and cumulative ablations)\n")
+        print(markdown_table(interaction_table(truths, list(truths)), index=False))
         print("\n## Do the synthetic verdicts hold on the real model? (criteria: EXPECTED.md)\n")
         print(markdown_table(verdict_table(df, scores, truths), index=False))
     if args.out:

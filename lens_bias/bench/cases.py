@@ -77,7 +77,7 @@ class Case:
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
-            return any(k.startswith(f"{self.truth_key}/") for k in f.keys())
+            return any(k.startswith(f"{self.truth_key}/") for k in f.keys())  # noqa: SIM118 (safe_open has no __iter__)
 
     @property
     def available(self) -> bool:

@@ -76,7 +76,7 @@ def _score_real(draws: torch.Tensor, t: dict) -> tuple[torch.Tensor, torch.Tenso
     pos, k = weighted_carriers(t["effect"], t["weight"])
     rec = torch.tensor([weighted_recall(d, t["known"], pos, t["weight"], k) for d in draws])
     area = torch.tensor([weighted_auc(d.reshape(-1)[t["known"]], pos, t["weight"]) for d in draws])
-    return rec, area, int(round(k))
+    return rec, area, round(k)
 
 
 def _top_units(scores: torch.Tensor, k: int, layers: list[int] | None) -> list[tuple[int, int]]:
@@ -207,7 +207,7 @@ def benchmark(cases: Iterable[str] | None = None, *, device=None, seeds: int = 2
             models[case.model] = load_model(case.model_source, device=device)
         key = scores_key(case)
         if key not in computed:
-            computed[key] = _cached_scores(cache, case, lambda: case_scores(models[case.model], case, seeds=seeds))
+            computed[key] = _cached_scores(cache, case, lambda c=case: case_scores(models[c.model], c, seeds=seeds))
         by_case[name] = computed[key]
         frames.append(score_case(models[case.model], case, seeds=seeds, scores=computed[key]))
     df = pd.concat(frames, ignore_index=True)
@@ -216,8 +216,11 @@ def benchmark(cases: Iterable[str] | None = None, *, device=None, seeds: int = 2
 
 def wide_table(df: pd.DataFrame, truth: str = "zero", by_truth: bool = False) -> pd.DataFrame:
     """method × case: 'recall@k / AUC' against the `truth` (zero ablation: every case has it; an asterisk
-    where a method does not beat the baselines); `by_truth`: one column per (case, unit, truth) instead."""
+    where a method does not beat the baselines; random: 'mean ± sd / AUC' over its draws); `by_truth`: one
+    column per (case, unit, truth) instead."""
     def cell(r):
+        if r["method"] == "random":
+            return f"{r['recall@k']:.2f} ± {r['recall_std']:.2f} / {r['AUC']:.2f}"
         mark = "" if r["baseline"] or r["beats_baselines"] else "*"
         return f"{r['recall@k']:.2f} / {r['AUC']:.2f}{mark}"
 

@@ -114,3 +114,42 @@ def verdict_table(df: pd.DataFrame, scores: dict | None = None, truths: dict | N
     add(13, "LSDM site choice", "picks the truth's top MLP site", "case2, case8: yes",
         f"rprof: = denoise truth's top site: {ls}", ls)
     return pd.DataFrame(rows)
+
+
+def interaction_table(truths: dict[str, dict], cases: list[str]) -> pd.DataFrame:
+    """What single-unit truth misses, per real case and unit kind, from the truth's own pair and cumulative
+    ablations: the largest pair interaction (pair effect − the sum of its two single effects), how many of the
+    190 pairs interact by more than 10% of the bias, and the top-k carriers ablated together vs the sum of
+    their single effects (zero ablation)."""
+    rows = []
+    for name in cases:
+        t = truths[name]
+        base = float(t[f"{name}/bias/base"])
+        for kind in ("head", "neuron"):
+            if f"{name}/bias/{kind}_pairs_zero" not in t:
+                continue
+            pair = t[f"{name}/bias/{kind}_pairs_zero"]
+            inter = pair - t[f"{name}/{kind}_pairs_singles"].sum(1)
+            i = int(inter.abs().argmax())
+            idx = t[f"{name}/{kind}_pairs_index"][i].tolist()
+            ks = t[f"{name}/{kind}s_cumulative_k"].tolist()
+            cum = t[f"{name}/bias/{kind}s_cumulative_zero"].tolist()
+            stem = "heads" if kind == "head" else "neurons"
+            singles = torch_sorted_effects(t, name, stem)
+            cum_cells = "; ".join(f"k={k}: {c:+.2f} (Σ singles {float(singles[:k].sum()):+.2f})"
+                                  for k, c in zip(ks, cum) if k in (1, 3, 8, 20))
+            rows.append({"case": name, "unit": kind, "bias": round(base, 3),
+                         "largest interaction": f"{float(inter[i]):+.3f} ({kind}s {tuple(idx[:2])} + {tuple(idx[2:])})",
+                         "pairs interacting > 10% of bias": int((inter.abs() > 0.1 * abs(base)).sum()),
+                         "top-k together (zero)": cum_cells})
+    return pd.DataFrame(rows)
+
+
+def torch_sorted_effects(t: dict, name: str, stem: str):
+    """Single zero-ablation effects, largest first (swept neurons and the sample together)."""
+    import torch
+
+    eff = t[f"{name}/bias/{stem}_zero"].reshape(-1)
+    if stem == "neurons":
+        eff = torch.cat([eff, t[f"{name}/bias/sample_neurons_zero"]])
+    return eff.sort(descending=True).values

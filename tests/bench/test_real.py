@@ -105,8 +105,11 @@ def test_attribution_without_the_corrupted_baseline_scores_below_attribution(len
     """Mutation 'attribution: gradient × activation (no corrupted baseline)': ∂m/∂a · a instead of
     ∂m/∂a · (a_clean − a_corr). On rprof's heads, against the truth attribution estimates (noising patch:
     the clean prompt with the twin's head) and the zero truth, the intact estimate ranks the carriers better."""
-    from lens_bias.locate.attribution import activations_and_gradients, attribution_patching
     from lens_bias.core.hooks import hook_name
+    from lens_bias.locate.attribution import (
+        activations_and_gradients,
+        attribution_patching,
+    )
     from lens_bias.tasks.pairs import load_prompt_pairs
 
     case = get_case("rprof")
@@ -127,8 +130,8 @@ def test_attribution_without_the_corrupted_baseline_scores_below_attribution(len
 def test_nas_as_raw_attention_scores_below_nas(lens_model, monkeypatch):
     """Mutation 'NAS: raw attention to No': the summed attention to ' No' instead of NAS's log-ratio terms,
     on ryesno's heads against the zero-ablation truth."""
-    import lens_bias.locate.nas as nas
     from lens_bias.bench.methods import _items
+    from lens_bias.locate import nas
     from lens_bias.tasks.yesno import binary_prompts
 
     case = get_case("ryesno")

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from lens_bias.bench.real.check import recompute_cell
-from lens_bias.bench.real.engine import Engine, Group, Seqs, Spec, causal_rows, shared_prefix
+from lens_bias.bench.real.engine import (
+    Engine,
+    Group,
+    Seqs,
+    Spec,
+    causal_rows,
+    shared_prefix,
+)
 
 
 @pytest.fixture(scope="module")

@@ -53,10 +53,9 @@ def _run(hf, seqs, site: str, layer: int, setter=None) -> tuple[Tensor, dict]:
     out_vals: dict[int, Tensor] = {}
     for n, js in by_len.items():
         ids = torch.tensor([seq_list[j][2] for j in js])
-        current = {"js": js}
 
-        def edit(x: Tensor) -> Tensor:
-            for r, j in enumerate(current["js"]):
+        def edit(x: Tensor, js=js) -> Tensor:
+            for r, j in enumerate(js):
                 acts[j] = x[r].detach().clone()
                 if setter is not None:
                     x[r] = setter(j, x[r])

@@ -27,8 +27,8 @@ or a donor row's value at the same position (resample: another prompt of the cas
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -182,7 +182,7 @@ class Engine:
 
     # ---- interventions ---------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, groups: list["Group"]) -> list[dict[str, float]]:
+    def run(self, groups: list[Group]) -> list[dict[str, float]]:
         """Effects of each group of interventions: effect = base − metric, per metric name."""
         out = []
         width = max(1, self.rows_per_batch)
@@ -201,7 +201,7 @@ class Engine:
         flush()
         return out
 
-    def _run_batch(self, groups: list["Group"]) -> list[dict[str, float]]:
+    def _run_batch(self, groups: list[Group]) -> list[dict[str, float]]:
         start, s = groups[0].start, groups[0].s
         rows = torch.cat([g.rows for g in groups])
         offsets = torch.tensor([0] + [len(g.rows) for g in groups]).cumsum(0)
@@ -244,7 +244,7 @@ class Engine:
         return {l: (k.repeat_interleave(torch.tensor(sizes), 0), v.repeat_interleave(torch.tensor(sizes), 0))
                 for l, (k, v) in rec.items()}
 
-    def _hook(self, spec: "Spec", r0: int, r1: int, grows: Tensor, s: int):
+    def _hook(self, spec: Spec, r0: int, r1: int, grows: Tensor, s: int):
         """A hook setting `spec`'s unit to its value in batch rows r0:r1 (the group's rows `grows`),
         positions s.. of the run."""
         layer = self.layers[spec.layer]

@@ -26,9 +26,9 @@ import os
 import random
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from .engine import Engine, Group, Spec
 from .rows import bbq_rows, pair_rows, read_jsonl, yesno_rows
 
-CKPT_SECONDS = float(os.environ.get("BENCH_CKPT_SECONDS", 180))
+CKPT_SECONDS = float(os.environ.get("BENCH_CKPT_SECONDS", "180"))
 TOP_PAIRS = 20
 CUMULATIVE_K = (1, 2, 3, 5, 8, 13, 20, 30, 50)
 
@@ -161,10 +161,12 @@ class Builder:
         done = self._load(stage)
         if done is not None and done.get("done"):
             return done["result"]
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, load = time.perf_counter(), time.process_time(), round(os.getloadavg()[0], 1)
         result = fn()
-        wall, cpu = self.times.get(stage, (0.0, 0.0))
-        self.times[stage] = (wall + time.perf_counter() - t0, cpu + time.process_time() - c0)
+        old = self.times.get(stage, {"wall": 0.0, "cpu": 0.0})
+        old = old if isinstance(old, dict) else {"wall": old[0], "cpu": old[1]}
+        self.times[stage] = {"wall": old["wall"] + time.perf_counter() - t0, "cpu": old["cpu"] + time.process_time() - c0,
+                             "load": load}
         self._save(stage, {"done": True, "result": result})
         self._save("times", self.times)
         return result
@@ -329,8 +331,8 @@ class Builder:
         return {"cells": rows, "max_abs_diff": max(abs(r["truth"] - r["recomputed"]) for r in rows)}
 
     # ---- the whole build ---------------------------------------------------------------------------
-    def build(self) -> dict[str, Tensor]:
-        t0 = time.perf_counter()
+    def build(self) -> tuple[dict[str, Tensor], dict]:
+        """Every stage (the finished ones read back), the truth tensors and the self-check."""
         spec, out = self.spec, {}
         key = self.name
         layers = self._timed("layers", self.stage_layers)
@@ -343,7 +345,7 @@ class Builder:
                 for m, v in per.items():
                     out[f"{key}/{m}/{name}"] = v
             z = heads["heads_zero"]["bias"]
-            hidx = lambda u: divmod(u, self.H)  # noqa: E731
+            hidx = lambda u: divmod(u, self.H)
             self._add_sets(out, "head", z, hidx)
         if "site" in spec.units:
             for name, per in self._timed("sites", self.stage_sites).items():
@@ -401,14 +403,30 @@ def write_truth(data_dir: Path, name: str, truth: dict[str, Tensor]) -> Path:
     old = {k: v for k, v in old.items() if not k.startswith(f"{name}/")}
     tmp = path.with_suffix(".tmp")
     save_file({**old, **truth}, str(tmp))
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
+
+
+#: what every real case's card says first: what is shipped, the model it was measured on, the licences
+CARD_HEAD = {
+    "what": "ground truth of a real-model localisation case by exhaustive ablation on held-out prompts "
+            "(lens_bias/bench/real): effect tables only, no activations, no model weights",
+    "model": "SmolLM2-135M-Instruct (HuggingFaceTB/SmolLM2-135M-Instruct), measured on its Q4_1 GGUF dequantized "
+             "to float32 (`lens-bias fetch smollm2-135m-instruct`; sha256 of the GGUF per case below); not shipped",
+    "licence": {"truth tables and card": "MIT (this project)",
+                "model (not shipped)": "Apache-2.0 (SmolLM2)",
+                "prompts in data/": "their data sets' licences: professions (Vig et al.) MIT, StrategyQA MIT, "
+                                    "BBQ CC-BY 4.0, GSM8K (neutral text) MIT — see data/README.md"},
+    "rebuild": "python -m lens_bias.bench.real build CASE (resumable; checkpoints in ~/.cache/lens_bias/bench-work)",
+}
 
 
 def update_card(data_dir: Path, name: str, entry: dict) -> Path:
     path = data_dir / "lens_bias_card.json"
     card = json.loads(path.read_text()) if path.is_file() else {}
-    card.setdefault("cases", {})[name] = entry
+    cases = {**card.get("cases", {}), name: entry}
+    card = {**CARD_HEAD, "cases": dict(sorted(cases.items()))}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(card, indent=1, default=float) + "\n")
     os.replace(tmp, path)
