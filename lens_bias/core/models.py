@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from .checks import check_weights_finite
+from .checks import check_tokenizer, check_weights_finite, checked_loader
 from .errors import ModelLoadError
+from .families import save_random_model  # noqa: F401 - its home is core.families
 from .files import DATA_DIR
 from .gguf import convert_gguf, read_source, sha256_file
 from .model_names import MODELS, ModelEntry, converted_dir, hub_reachable, not_here, package_file
@@ -194,6 +195,7 @@ def load_model(
     model.eval()
     float32_activations(model)  # float16: GELU's x³ would overflow (lens_bias.core.precision)
     check_weights_finite(model, f"model {source!r}")
+    check_tokenizer(model, source)
     set_conventions(model, prepend_bos)
     model.lens_bias_source = source
     return model
@@ -246,7 +248,8 @@ def _tokenizer(source: str, tokenizer):
 
 def _boot(source: str, kind: str, dev, dt, tokenizer, placement: dict) -> TransformerBridge:
     try:
-        return TransformerBridge.boot_transformers(source, device=dev, dtype=dt, tokenizer=tokenizer, **placement)
+        return TransformerBridge.boot_transformers(source, device=dev, dtype=dt, tokenizer=tokenizer,
+                                                   model_class=checked_loader(source), **placement)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, NotImplementedError, RuntimeError, EOFError) as e:
@@ -271,68 +274,3 @@ def _weights_file(source: str) -> str:
         if files:
             return ", ".join(str(path / f) for f in files[:3])
     return f"the weights of {source}"
-
-
-_RANDOM_FAMILIES = ("gpt2", "llama", "neox", "t5")
-
-
-def save_random_model(
-    family: str,
-    path: str | os.PathLike,
-    tokenizer: str | os.PathLike,
-    *,
-    seed: int = 0,
-    n_layers: int = 2,
-    d_model: int = 64,
-    n_heads: int = 4,
-    n_kv_heads: int | None = None,
-    d_mlp: int | None = None,
-    n_ctx: int = 128,
-) -> Path:
-    """Save a random-weight model of a real family ('gpt2', 'llama' (GQA via n_kv_heads),
-    'neox', 't5') with a given tokenizer to `path`, as a Hugging Face directory."""
-    from transformers import (
-        AutoTokenizer,
-        GPT2Config,
-        GPT2LMHeadModel,
-        GPTNeoXConfig,
-        GPTNeoXForCausalLM,
-        LlamaConfig,
-        LlamaForCausalLM,
-        T5Config,
-        T5ForConditionalGeneration,
-    )
-
-    if family not in _RANDOM_FAMILIES:
-        raise ModelLoadError(f"unknown model family {family!r}; choose one of {_RANDOM_FAMILIES}")
-    tok = AutoTokenizer.from_pretrained(str(tokenizer))
-    vocab = len(tok)
-    d_mlp = d_mlp or 4 * d_model
-    if family == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab, n_positions=n_ctx, n_embd=d_model, n_layer=n_layers,
-                         n_head=n_heads, n_inner=d_mlp, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id)
-        cls = GPT2LMHeadModel
-    elif family == "llama":
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=d_mlp,
-                          num_hidden_layers=n_layers, num_attention_heads=n_heads,
-                          num_key_value_heads=n_kv_heads or max(1, n_heads // 2),
-                          max_position_embeddings=n_ctx, bos_token_id=tok.bos_token_id,
-                          eos_token_id=tok.eos_token_id)
-        cls = LlamaForCausalLM
-    elif family == "neox":
-        cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=d_mlp,
-                            num_hidden_layers=n_layers, num_attention_heads=n_heads,
-                            max_position_embeddings=n_ctx, bos_token_id=tok.bos_token_id,
-                            eos_token_id=tok.eos_token_id)
-        cls = GPTNeoXForCausalLM
-    else:
-        cfg = T5Config(vocab_size=vocab, d_model=d_model, d_ff=d_mlp, num_layers=n_layers,
-                       num_heads=n_heads, d_kv=d_model // n_heads, decoder_start_token_id=0)
-        cls = T5ForConditionalGeneration
-    torch.manual_seed(seed)
-    model = cls(cfg).eval()
-    path = Path(path)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path

@@ -132,16 +132,39 @@ def _encode(tok, text: str, prepend_bos: bool) -> tuple[list[int], list[tuple[in
     return ids, offsets
 
 
+def prompt_error(i: int, message: str) -> PromptError:
+    """A PromptError about prompt i (0-based; 'prompt i+1: ...') that knows it (`.item`), so a loader
+    can name the file's line (tasks.records.located)."""
+    err = PromptError(f"prompt {i + 1}: {message}")
+    err.item = i
+    return err
+
+
 def _span(text: str, offsets, word: str, prompt_idx: int) -> tuple[int, int]:
     """Token span [start, end) covering the last occurrence of `word` in `text`."""
     at = text.rfind(word)
     if at < 0:
-        raise PromptError(f"subject {word!r} not found in prompt {prompt_idx} {text!r}")
+        raise prompt_error(prompt_idx, f"subject {word!r} not found in the prompt {text!r}")
     lo, hi = at, at + len(word)
     toks = [i for i, (a, b) in enumerate(offsets) if b > a and a < hi and b > lo]
     if not toks:
-        raise PromptError(f"subject {word!r} covers no token in prompt {prompt_idx} {text!r}")
+        raise prompt_error(prompt_idx, f"subject {word!r} covers no token in the prompt {text!r}")
     return toks[0], toks[-1] + 1
+
+
+def _answer_ids(tok, words: Sequence[str], prompt: str, i: int) -> list[int]:
+    """The answer words' token ids for prompt i: single tokens, and different ones (two equal answers
+    make every logit difference 0)."""
+    try:
+        ids = [answer_token_id(tok, w, prompt=prompt) for w in words]
+    except PromptError as e:
+        raise prompt_error(i, str(e)) from None
+    for a in range(len(ids)):
+        b = next((b for b in range(a + 1, len(ids)) if ids[b] == ids[a]), None)
+        if b is not None:
+            raise prompt_error(i, f"answers {words[a]!r} and {words[b]!r} are the same token (id {ids[a]}): their "
+                                  "logit difference is 0 for every prompt; give different answer words")
+    return ids
 
 
 @dataclass
@@ -210,7 +233,7 @@ class PromptSet:
             prepend_bos = prepends_bos(tok)
         for i, p in enumerate(prompts):
             if not isinstance(p, str) or not p.strip():
-                raise PromptError(f"prompt {i} is empty or not a string: {p!r}")
+                raise prompt_error(i, f"empty or not a string: {p!r}")
 
         enc = [_encode(tok, p, prepend_bos) for p in prompts]
         cenc = [_encode(tok, c, prepend_bos) for c in corrupted] if corrupted is not None else None
@@ -230,7 +253,7 @@ class PromptSet:
                 if not keep:
                     raise PromptError("every clean/corrupted pair had mismatched lengths; nothing left")
 
-        answer_ids = [[answer_token_id(tok, w, prompt=prompts[i]) for w in answers[i]] for i in keep]
+        answer_ids = [_answer_ids(tok, answers[i], prompts[i], i) for i in keep]
         spans = None
         if subjects is not None:
             spans = torch.tensor([_span(prompts[i], enc[i][1], subjects[i], i) for i in keep])
@@ -241,8 +264,8 @@ class PromptSet:
         n_ctx = getattr(getattr(tokenizer_or_model, "cfg", None), "n_ctx", None)
         if n_ctx and width > n_ctx:
             i = keep[max(range(len(seqs)), key=lambda j: len(seqs[j]))]
-            raise PromptError(f"prompt {i} is {width} tokens, longer than the model's context of {n_ctx}: "
-                              f"{prompts[i][:80]!r}...")
+            raise prompt_error(i, f"prompt is {width} tokens, longer than the model's context of {n_ctx}: "
+                                  f"{prompts[i][:80]!r}...")
 
         def padded(rows):
             return pad(rows, pad_token, padding_side, width)

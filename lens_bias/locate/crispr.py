@@ -39,6 +39,7 @@ from ..tasks.multiple_choice import (
     format_mc_prompt,
     item_options,
     option_sequences,
+    check_contexts,
     sequence_logprobs,
     validate_items,
 )
@@ -150,6 +151,7 @@ def crispr_scores(model: HookedModel, items: Items, instructions: list[str] | No
                             "tokens='input' (or order='aggregate_first')")
     instructions = instructions or INSTRUCTIONS
     template = model.tokenizer if resolve_chat(model, chat) else None
+    check_contexts(model, items, instructions, template)
     L, D = model.cfg.n_layers, (model.cfg.d_mlp if unit == "neuron" else model.cfg.n_heads)
     per_instruction, totals, weights = [], [], []
     bar = tqdm(total=len(instructions) * len(items), desc="CRISPR", unit="item", disable=not progress)
@@ -188,7 +190,8 @@ def crispr_scores(model: HookedModel, items: Items, instructions: list[str] | No
 # ---------------------------------------------------------------------------------------
 # As a batch-run method (lens_bias.runs)
 # ---------------------------------------------------------------------------------------
-def _instructions(opts: dict) -> list[str]:
+def instructions_of(opts: dict) -> list[str]:
+    """The instructions a batch run's `instructions` option names (None: all ten; n: the first n)."""
     n = opts["instructions"]
     if isinstance(n, int) and not 1 <= n <= len(INSTRUCTIONS):
         raise LensBiasError(f"instructions must be 1..{len(INSTRUCTIONS)}, got {n}")
@@ -198,7 +201,7 @@ def _instructions(opts: dict) -> list[str]:
 def _run_chunk(model, data: Items, lo: int, hi: int, opts: dict, batch_size, state) -> ChunkSums:
     """Per instruction: crispr_scores' confusion-weighted sum and its weight, so chunks combine
     as crispr_scores' confusion-weighted mean over all items."""
-    res = crispr_scores(model, take(data, lo, hi), _instructions(opts), lam=opts["lam"], tokens=opts["tokens"],
+    res = crispr_scores(model, take(data, lo, hi), instructions_of(opts), lam=opts["lam"], tokens=opts["tokens"],
                         order=opts["order"], batch_size=batch_size or 8, progress=False, chat=opts["chat"])
     return ChunkSums({"totals": res.extra["totals"].double(), "weights": res.extra["weights"].double()}, hi - lo)
 
@@ -207,7 +210,7 @@ def _finalize(model, data: Items, total: ChunkSums, opts: dict) -> ComponentScor
     vals = (total.sums["totals"] / total.sums["weights"].clamp(min=1e-12)[:, None, None]).mean(0).float()
     return ComponentScores(vals, ("layer", "neuron"), "neuron", "crispr",
                            extra={"lambda": opts["lam"], "tokens": opts["tokens"], "order": opts["order"],
-                                  "n_instructions": len(_instructions(opts)), "n_items": total.count})
+                                  "n_instructions": len(instructions_of(opts)), "n_items": total.count})
 
 
 RUN = LocateMethod(

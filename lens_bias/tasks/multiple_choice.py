@@ -23,6 +23,7 @@ from torch import Tensor
 from ..core.checks import check_finite
 from ..core.errors import DataError, PromptError
 from ..core.hooks import device_of, run_until
+from ..core.metrics import soft_cap
 from ..core.models import HookedModel
 from ..core.prompts import bos_ids, chat_prompt, continuation, pad, pad_id_of, resolve_chat
 from .records import Items, Source, as_items, load_records, require, shipped_dataset
@@ -331,6 +332,27 @@ def option_sequences(tok, prompts: list[str], options: list[list[str]]) -> tuple
     return seqs, spans
 
 
+def check_contexts(model: HookedModel, items: Items, instructions: Sequence[str] | None = None, template=None) -> None:
+    """A PromptError naming the first item (1-based; `.item` 0-based, for `located`) whose prompt under
+    one of `instructions` (default the first; through `template`'s chat template when given, as
+    `format_mc_prompt`) with its longest option exceeds the model's context."""
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    if not n_ctx:
+        return
+    for i, it in enumerate(_rows(as_items(items))):
+        opts = item_options(it)
+        for ins in instructions or INSTRUCTIONS[:1]:
+            prompt = format_mc_prompt(ins, it["context"], it["question"], opts, template)
+            seqs, _ = option_sequences(model.tokenizer, [prompt], [opts])
+            longest = max(range(len(seqs)), key=lambda k: len(seqs[k]))
+            if len(seqs[longest]) > n_ctx:
+                err = PromptError(f"item {i + 1}: its prompt with option {opts[longest]!r} is {len(seqs[longest])} "
+                                  f"tokens, longer than the model's context of {n_ctx} (context "
+                                  f"{str(it['context'])[:40]!r}...); shorten it or use a model with a longer context")
+                err.item = i
+                raise err
+
+
 def sequence_logprobs(model: HookedModel, seqs: list[list[int]], spans: list[tuple[int, int]]) -> Float[Tensor, " seq"]:
     """Σ log P(option tokens | prefix) per sequence, differentiable when grad is enabled.
 
@@ -351,6 +373,7 @@ def sequence_logprobs(model: HookedModel, seqs: list[list[int]], spans: list[tup
     logits = x @ model.W_U
     if getattr(model, "b_U", None) is not None:
         logits = logits + model.b_U
+    logits = soft_cap(model, logits)
     lp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1).gather(1, target[:, None])[:, 0]
     return torch.zeros(len(seqs), device=device, dtype=lp.dtype).index_add(0, rows, lp)
 
@@ -458,6 +481,7 @@ def bbq_evaluate(model: HookedModel, items: Items, instructions: list[str] | Non
     targets = bbq_targets(items) if bias else [BBQTarget(None, None, None, "not asked")] * len(items)
     instructions = instructions or INSTRUCTIONS[:1]
     template = model.tokenizer if resolve_chat(model, chat) else None
+    check_contexts(model, items, instructions, template)
     rows = []
     with model.hooks(fwd_hooks=list(hooks or [])):
         for t, ins in enumerate(instructions):

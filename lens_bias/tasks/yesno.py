@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import random
 import re
+import warnings
 from typing import Sequence
 
 import torch
@@ -242,19 +244,28 @@ def _instruction_positions(tok, prompt: str, instruction: str, candidates: Seque
 
 # ---- decisions and their metrics -----------------------------------------------------------
 def decision_metrics(pred_yes: Sequence[bool], gold_yes: Sequence[bool]) -> dict:
-    """Accuracy, precision/recall/F1 of 'yes', yes-rate and the precision − recall gap (negative bias)."""
+    """Accuracy, precision/recall/F1 of 'yes', yes-rate and the precision − recall gap (negative bias).
+    Precision with no 'yes' answer, or recall with no gold 'yes', has nothing behind it: NaN with a warning
+    (and so are F1 and the gap)."""
     tp = sum(p and g for p, g in zip(pred_yes, gold_yes))
     fp = sum(p and not g for p, g in zip(pred_yes, gold_yes))
     fn = sum((not p) and g for p, g in zip(pred_yes, gold_yes))
     n = len(gold_yes)
     if n == 0:
         raise PromptError("no decisions to score")
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
+    precision = _ratio(tp, tp + fp, "precision", f"no 'yes' answer among {n} decisions")
+    recall = _ratio(tp, tp + fn, "recall", f"no gold 'yes' among {n} decisions")
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     correct = sum(p == g for p, g in zip(pred_yes, gold_yes))
     return {"n": n, "accuracy": correct / n, "precision": precision, "recall": recall, "f1": f1,
             "yes_rate": sum(pred_yes) / n, "pr_gap": precision - recall}
+
+
+def _ratio(num: int, den: int, name: str, why: str) -> float:
+    if den == 0:
+        warnings.warn(f"{name} is NaN: {why}", stacklevel=3)
+        return math.nan
+    return num / den
 
 
 def evaluate_binary(model: HookedModel, ps: PromptSet, ablate: list | None = None, batch_size: int = 32) -> dict:
