@@ -1,7 +1,9 @@
 """The real-model truth's exhaustive-ablation engine (lens_bias/bench/real/engine.py) against full forwards of
 the same Hugging Face model with plain hooks (check.py) — on a tiny random Llama, so it runs everywhere: every
 shortcut (cached residuals, the clean run's keys and values before the first intervened position, the shared
-prefix run once, donor values) must give the effect a full hooked forward gives."""
+prefix run once, donor values) must give the effect a full hooked forward gives. The groups come from the
+build's own `unit_group` (restart layer and position, shared prefix); planted bugs caught here: a restart one
+position late, the shared prefix not intervened, a donor value read one position early."""
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from lens_bias.bench.real.engine import (
     causal_rows,
     shared_prefix,
 )
+from lens_bias.bench.real.truth import unit_group
 
 
 @pytest.fixture(scope="module")
@@ -53,23 +56,10 @@ CELLS = [("head", 1, 2, None, "zero"), ("head", 0, 3, None, "mean"), ("head", 2,
          ("attn", 0, None, None, "patch")]
 
 
-def _group(e: Engine, seqs, site, layer, index, pos, method, donor):
-    every = torch.arange(seqs.n)
-    if method in ("zero", "mean"):
-        v = e.value(site, layer, index, method)
-        if pos is None or pos < seqs.shared:
-            return Group([Spec(site, layer, index, v, pos)], every, layer, seqs.shared, True)
-        return Group([Spec(site, layer, index, v, pos)], every, layer, pos, False)
-    rows, d = {"resample": (every, donor), "patch": (seqs.meta["clean"], seqs.meta["twin"]),
-               "denoise": (seqs.meta["corrupted"], seqs.meta["twin"])}[method]
-    return Group([Spec(site, layer, index, e.value(site, layer, index, method, d), pos)], rows, layer,
-                 seqs.shared if pos is None else pos)
-
-
 def test_engine_effects_equal_full_hooked_forwards(tiny):
     model, seqs, e = tiny
     donor = torch.roll(torch.arange(seqs.n), 1)
-    groups = [_group(e, seqs, *c, donor) for c in CELLS]
+    groups = [unit_group(e, seqs, site, layer, index, method, pos, donor) for site, layer, index, pos, method in CELLS]
     got = e.run(groups)  # batched: groups share batches where their start and first position agree
     for c, g in zip(CELLS, got):
         cell = dict(zip(("site", "layer", "index", "position", "method"), c))
@@ -109,3 +99,23 @@ def test_a_set_of_units_equals_the_full_forward(tiny):
     ld = lg[:, 3] - lg[:, 4]
     n = seqs.n // 2
     assert got == pytest.approx(e.base["bias"] - float(ld[:n].mean() - ld[n:].mean()), abs=1e-5)
+
+
+def test_the_real_truth_imports_nothing_from_lens_bias():
+    """engine/truth/check/rows use torch and transformers only (the truth checks the toolkit, so it must not
+    share its code); the command line (__main__) and the data selection may use lens_bias helpers."""
+    import ast
+    from pathlib import Path
+
+    import lens_bias.bench.real as real
+
+    for name in ("engine", "truth", "check", "rows"):
+        tree = ast.parse((Path(real.__file__).parent / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                mod = node.module or ""
+                assert not mod.startswith("lens_bias") and (node.level == 0 or node.level == 1), (name, mod)
+                if node.level == 1:
+                    assert mod in ("engine", "rows", "check"), (name, mod)
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("lens_bias") for a in node.names), name

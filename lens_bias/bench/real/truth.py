@@ -117,6 +117,34 @@ def donors(seqs, kind: str, seed: int = 0) -> Tensor | None:
     return d
 
 
+def unit_group(e: Engine, s, site: str, layer: int, index: int | None, method: str, position: int | None,
+               donor: Tensor | None, from_answer: bool = False) -> Group | None:
+    """The intervention `method` on one unit as an engine Group: which rows, from which layer and position the
+    run restarts, and whether the shared prefix runs once (None: it changes nothing — a donor on a position
+    every row shares)."""
+    shared = s.shared
+    every = torch.arange(s.n)
+    if method in ("zero", "mean"):
+        v = e.value(site, layer, index, method)
+        if from_answer:
+            return Group([Spec(site, layer, index, v, position)], every, layer, s.meta["answer_start"], False)
+        if position is None or position < shared:
+            return Group([Spec(site, layer, index, v, position)], every, layer, shared, shared > 0)
+        return Group([Spec(site, layer, index, v, position)], every, layer, position, False)
+    if position is not None and position < shared:
+        return None
+    if method == "resample":
+        rows = every
+    elif method == "patch":
+        rows, donor = s.meta["clean"], s.meta["twin"]
+    elif method == "denoise":
+        rows, donor = s.meta["corrupted"], s.meta["twin"]
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    v = e.value(site, layer, index, method, donor)
+    return Group([Spec(site, layer, index, v, position)], rows, layer, shared if position is None else position)
+
+
 # ---------------------------------------------------------------------------------------------------
 class Builder:
     """One case's truth build: the engine, the interventions and the checkpointed stages."""
@@ -174,30 +202,8 @@ class Builder:
     # ---- interventions -----------------------------------------------------------------------------
     def groups(self, site: str, layer: int, index: int | None, method: str, position: int | None = None
                ) -> Group | None:
-        """The intervention `method` on one unit as an engine Group (None: it changes nothing — a donor on
-        a position every row shares)."""
-        e, s = self.eng, self.seqs
-        shared = s.shared
-        every = torch.arange(s.n)
-        if method in ("zero", "mean"):
-            v = e.value(site, layer, index, method)
-            if self.spec.from_answer:
-                return Group([Spec(site, layer, index, v, position)], every, layer, s.meta["answer_start"], False)
-            if position is None or position < shared:
-                return Group([Spec(site, layer, index, v, position)], every, layer, shared, shared > 0)
-            return Group([Spec(site, layer, index, v, position)], every, layer, position, False)
-        if position is not None and position < shared:
-            return None
-        if method == "resample":
-            rows, donor = every, self.donor
-        elif method == "patch":
-            rows, donor = s.meta["clean"], s.meta["twin"]
-        elif method == "denoise":
-            rows, donor = s.meta["corrupted"], s.meta["twin"]
-        else:
-            raise ValueError(f"unknown method {method!r}")
-        v = e.value(site, layer, index, method, donor)
-        return Group([Spec(site, layer, index, v, position)], rows, layer, shared if position is None else position)
+        """The intervention `method` on one unit as an engine Group (`unit_group`)."""
+        return unit_group(self.eng, self.seqs, site, layer, index, method, position, self.donor, self.spec.from_answer)
 
     def set_group(self, units: list[tuple[str, int, int | None]], method: str) -> Group:
         """Several units set together (zero or mean), from the earliest layer."""
