@@ -4,7 +4,7 @@ case — the synthetic ones (small GPT-2s trained here with planted mechanisms) 
 (SmolLM2-135M-Instruct, truth by exhaustive ablation on held-out prompts) — recall@k and AUC against the
 truth, printed side by side as one method × case table.
 
-    python benchmarks/bench_localization.py [--cases case3,rprof] [--device cpu] [--out bench.csv] [--cache DIR]
+    python benchmarks/bench_localization.py [--cases case3,rprof] [--device cpu] [--out bench.csv] [--cache DIR] [--ship]
 
 A cell is "recall@k / AUC" against the zero-ablation truth; * marks a method that does not beat the best
 baseline on that case (random: its mean + 2 std over 20 seeds). The real cases are then scored against each
@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the long table here (CSV)")
     p.add_argument("--cache", default=None, help="keep each case's method scores in this folder (re-scoring "
                                                   "against the truth then runs no method)")
+    p.add_argument("--ship", action="store_true", help="write each real case's scores to its data folder "
+                                                        "(benchmark_scores.json: the README table, tested)")
     args = p.parse_args(argv)
 
     import pandas as pd
@@ -87,6 +89,11 @@ def main(argv=None) -> int:
         print(markdown_table(verdict_table(df, scores, truths), index=False))
     if args.out:
         write_csv(args.out, df)
+    if args.ship:
+        from lens_bias.bench.score import ship_scores
+
+        for path in ship_scores(df):
+            print(f"wrote {path}")
     return 0
 
 

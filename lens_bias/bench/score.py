@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from typing import Iterable
+from collections.abc import Iterable
 
 import pandas as pd
 import torch
@@ -66,7 +66,7 @@ def real_truths(case: Case, truth: dict, unit: str, shape: tuple[int, int]) -> d
     return out
 
 
-def _score_real(draws: torch.Tensor, t: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+def score_real(draws: torch.Tensor, t: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(recall per draw, AUC per draw, k) of score draws [n, layer, unit] against one real truth."""
     if t["weight"] is None:
         pos = carriers(t["effect"])
@@ -129,7 +129,7 @@ def score_case(model: HookedModel, case: Case, *, seeds: int = 20, mitigate: boo
                     "designed": "win" if method in case.wins else ("lose" if method in case.loses else "")}
             if case.real:
                 for tname, t in truths.items():
-                    rec, area, k = _score_real(draws, t)
+                    rec, area, k = score_real(draws, t)
                     row = {**base, "truth": tname, "k": k, "n_units": int(draws[0].numel()),
                            "recall@k": float(rec.mean()), "AUC": float(area.mean()),
                            "recall_std": float(rec.std()) if len(rec) > 1 else 0.0}
@@ -212,6 +212,28 @@ def benchmark(cases: Iterable[str] | None = None, *, device=None, seeds: int = 2
         frames.append(score_case(models[case.model], case, seeds=seeds, scores=computed[key]))
     df = pd.concat(frames, ignore_index=True)
     return (df, by_case) if with_scores else df
+
+
+#: the columns of a real case's shipped scores (data/bench/real-*/benchmark_scores.json)
+SHIPPED_COLUMNS = ("method", "unit", "truth", "k", "n_units", "recall@k", "AUC", "recall_std", "beats_baselines",
+                   "bias_removed", "loss_added")
+
+
+def ship_scores(df: pd.DataFrame) -> list:
+    """Write each real case's rows of the benchmark table to its folder's benchmark_scores.json (merged with the
+    folder's other cases), so that the README's real-model table is reproducible and tested."""
+    from ..core.files import write_text
+
+    paths = []
+    for name, g in df[df["real"]].groupby("case", sort=False):
+        path = CASES[name].model_dir / "benchmark_scores.json"
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        cols = [c for c in SHIPPED_COLUMNS if c in g]
+        rows = [{c: (None if pd.isna(r[c]) else (r[c].item() if hasattr(r[c], "item") else r[c])) for c in cols}
+                for _, r in g.iterrows()]
+        old[name] = rows
+        paths.append(write_text(path, json.dumps(dict(sorted(old.items())), indent=1) + "\n"))
+    return paths
 
 
 def wide_table(df: pd.DataFrame, truth: str = "zero", by_truth: bool = False) -> pd.DataFrame:

@@ -107,7 +107,7 @@ def test_the_real_truth_imports_nothing_from_lens_bias():
     import ast
     from pathlib import Path
 
-    import lens_bias.bench.real as real
+    from lens_bias.bench import real
 
     for name in ("engine", "truth", "check", "rows"):
         tree = ast.parse((Path(real.__file__).parent / f"{name}.py").read_text())
