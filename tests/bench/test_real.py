@@ -101,10 +101,15 @@ def _scores_against(scores: torch.Tensor, effect: torch.Tensor) -> tuple[float, 
     return recall_at_k(scores, pos), auc(scores, pos)
 
 
-def test_attribution_without_the_corrupted_baseline_scores_below_attribution(lens_model):
+@pytest.mark.parametrize("tname", ["patch", pytest.param("zero", marks=pytest.mark.xfail(strict=True, reason=(
+    "measured: against the zero-ablation truth the mutant (= gradient × activation, the first-order estimate of "
+    "zero ablation) ranks rprof's carrier heads as well as the intact estimate or better (16 pairs: recall 0.37 "
+    "vs 0.30, AUC 0.598 vs 0.594) — the mutation is only visible against the truth attribution estimates")))])
+def test_attribution_without_the_corrupted_baseline_scores_below_attribution(lens_model, tname):
     """Mutation 'attribution: gradient × activation (no corrupted baseline)': ∂m/∂a · a instead of
     ∂m/∂a · (a_clean − a_corr). On rprof's heads, against the truth attribution estimates (noising patch:
-    the clean prompt with the twin's head) and the zero truth, the intact estimate ranks the carriers better."""
+    the clean prompt with the twin's head), the intact estimate ranks the carriers better; against the zero
+    truth it does not (strict xfail: a finding, README)."""
     from lens_bias.core.hooks import hook_name
     from lens_bias.locate.attribution import (
         activations_and_gradients,
@@ -121,10 +126,9 @@ def test_attribution_without_the_corrupted_baseline_scores_below_attribution(len
     names = [hook_name("head", l) for l in range(lens_model.cfg.n_layers)]
     acts, grads, _ = activations_and_gradients(lens_model, ps, ps.tokens, names)
     mutant = torch.stack([(grads[n] * acts[n] * len(ps)).mean(0).sum((0, -1)) for n in names])  # delta = a_g
-    for tname in ("patch", "zero"):
-        eff = truth[f"rprof/bias/heads_{tname}"]
-        (ri, ai), (rm, am) = _scores_against(intact, eff), _scores_against(mutant, eff)
-        assert ai > am and ri >= rm, (tname, ri, ai, rm, am)
+    eff = truth[f"rprof/bias/heads_{tname}"]
+    (ri, ai), (rm, am) = _scores_against(intact, eff), _scores_against(mutant, eff)
+    assert ai > am and ri >= rm, (tname, ri, ai, rm, am)
 
 
 def test_nas_as_raw_attention_scores_below_nas(lens_model, monkeypatch):
