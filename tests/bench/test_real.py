@@ -131,9 +131,13 @@ def test_attribution_without_the_corrupted_baseline_scores_below_attribution(len
     assert ai > am and ri >= rm, (tname, ri, ai, rm, am)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "measured: on ryesno (6 method items) NAS's log-ratio terms rank the zero-truth carrier heads below the "
+    "raw attention to ' No' they refine (recall 0.32 vs 0.35, AUC 0.56 vs 0.62): the mutation is not visible "
+    "on the real model — a finding, README"))
 def test_nas_as_raw_attention_scores_below_nas(lens_model, monkeypatch):
     """Mutation 'NAS: raw attention to No': the summed attention to ' No' instead of NAS's log-ratio terms,
-    on ryesno's heads against the zero-ablation truth."""
+    on ryesno's heads against the zero-ablation truth (strict xfail: it does not score below NAS here)."""
     from lens_bias.bench.methods import _items
     from lens_bias.locate import nas
     from lens_bias.tasks.yesno import binary_prompts
