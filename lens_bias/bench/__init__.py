@@ -7,8 +7,10 @@ trivial baselines on them (recall@k and AUC against the truth).
     print(wide_table(table))
 
 Models and truth: data/bench/<model>/ (built by `python -m lens_bias.bench.build`, seeded; not
-part of CI). Cases: `CASES`; what each method was expected to do, written before any was run:
-lens_bias/bench/EXPECTED.md.
+part of CI). Real-model cases (SmolLM2-135M-Instruct, fetched with `lens-bias fetch`, not shipped): their
+data, truth and card in data/bench/real-<task>/ (built by `python -m lens_bias.bench.real build CASE`, plain
+Hugging Face hooks, independent of lens_bias). Cases: `CASES`; what each method was expected to do, written
+before any was run: lens_bias/bench/EXPECTED.md.
 """
 
 from .cases import CASES, Case, get_case

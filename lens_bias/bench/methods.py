@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..core.models import HookedModel
-from ..core.prompts import PromptSet
+from ..core.prompts import PromptSet, resolve_chat
 from ..locate.attribution import attribution_patching
 from ..locate.baselines import (
     candidate_attention,
@@ -50,6 +50,8 @@ def scores_key(case: Case) -> tuple:
 def case_scores(model: HookedModel, case: Case, *, seeds: int = 20) -> Scores:
     """Scores of every method and baseline that applies to `case` (random: `seeds` draws, stacked)."""
     runners: dict[str, Callable[[HookedModel, Case], Scores]] = {"pairs": _pairs, "yesno": _yesno, "multiple_choice": _bbq}
+    if case.real:
+        runners = {"pairs": _real_pairs, "yesno": _real_yesno, "multiple_choice": _bbq}
     out = runners[case.kind](model, case)
     out.update(registered_scores(model, case))
     shapes = {u: next(s[u] for s in out.values() if u in s).shape for u in case.units}
@@ -116,41 +118,100 @@ def _yesno(model: HookedModel, case: Case) -> Scores:
     return out
 
 
+def _mc_template(model: HookedModel):
+    """The tokenizer whose chat template multiple-choice prompts go through (the model's convention), or None."""
+    return model.tokenizer if resolve_chat(model) else None
+
+
 def _bbq(model: HookedModel, case: Case) -> Scores:
     """CRISPR (λ = 1, the paper's; λ = 0, no disentanglement) and attribution to P(biased option)
-    with CRISPR's own A = h·∂P/∂h, max over the input tokens, mean over items."""
+    with CRISPR's own A = h·∂P/∂h, max over the input tokens, mean over items — for each of the case's
+    units (neurons; heads where the case scores them)."""
     items = _items(case, case.data)
     ins = [MC_INSTRUCTIONS[0]]
-    out: Scores = {f"CRISPR λ={lam:g}": {"neuron": crispr_scores(model, items, ins, lam=lam, progress=False).values}
-                   for lam in (1.0, 0.0)}
-    prompts = [format_mc_prompt(ins[0], it["context"], it["question"], item_options(it)) for it in items]
+    template = _mc_template(model)
+    prompts = [format_mc_prompt(ins[0], it["context"], it["question"], item_options(it), template) for it in items]
     options = [item_options(it) for it in items]
     biased = [biased_option(it) for it in items]
-    out["grad×P(biased)"] = {"neuron": option_attributions(model, prompts, options, biased).mean(0)}  # pyright: ignore[reportArgumentType] - every item has a biased option
     carrier = PromptSet.build(model, prompts, (" A", " B"))  # tokens only: mean |activation| reads no answer
-    out["mean |activation|"] = {"neuron": mean_activation(model, carrier, "neuron").values}
-    out["weight norm"] = {"neuron": weight_norm(model, "neuron").values}
+    out: Scores = {}
+    for unit in case.units:
+        for lam in (1.0, 0.0):
+            out.setdefault(f"CRISPR λ={lam:g}", {})[unit] = crispr_scores(model, items, ins, lam=lam, progress=False,
+                                                                          unit=unit).values
+        out.setdefault("grad×P(biased)", {})[unit] = option_attributions(model, prompts, options, biased, unit=unit).mean(0)
+        out.setdefault("mean |activation|", {})[unit] = mean_activation(model, carrier, unit).values
+        out.setdefault("weight norm", {})[unit] = weight_norm(model, unit).values
     return out
+
+
+# ---- real-model cases (lens_bias/bench/real): the methods on the `method_*` split ----------------------
+def _real_pairs(model: HookedModel, case: Case) -> Scores:
+    """As `_pairs`, plus the sites by (layer, position) of the professions case: activation patching and
+    attribution patching of mlp_out ('site') and attn_out ('attn_site'), causal tracing of both on the twins
+    (and at zero noise), LSDM's site choice."""
+    ps = load_prompt_pairs(model, case.model_dir / "data" / case.data)
+    out = _pairs(model, case, ps)  # with "site": _sites (causal tracing of mlp_out, LSDM's site choice)
+    if "site" not in case.units:
+        return out
+    twins = causal_trace(model, ps, sites=("attn_out",), corruption="counterfactual", progress=False)["attn_out"]
+    out["causal tracing"]["attn_site"] = twins.effect
+    zero = causal_trace(model, ps, sites=("attn_out",), corruption="noise", noise=0.0, samples=1,
+                        progress=False)["attn_out"]
+    out["causal tracing (noise 0)"]["attn_site"] = zero.effect
+    for site, unit in (("mlp_out", "site"), ("attn_out", "attn_site")):
+        out.setdefault("activation patching", {})[unit] = activation_patching(model, ps, site, per_position=True,
+                                                                              progress=False).effect
+    for at, name in (("clean", "attribution (clean grad)"), ("corrupted", "attribution (corrupted grad)")):
+        res = attribution_patching(model, ps, ["mlp_out", "attn_out"], at=at)
+        out.setdefault(name, {}).update({"site": res["mlp_out"].values, "attn_site": res["attn_out"].values})
+    return out
+
+
+def _real_yesno(model: HookedModel, case: Case) -> Scores:
+    """The methods that need no twins (the model answers No to every question: there is no natural
+    counterfactual): NAS and raw attention to ' No' on the lens_bias instructions (chat template), and the
+    baselines; gradient × activation of the case's metric LD = logit(No) − logit(Yes)."""
+    items = _items(case, case.data)
+    yn = binary_prompts(model, items)
+    by_no = binary_prompts(model, items, candidates=(" No", " Yes"))  # answer_ids[:, 0] = No: LD = No − Yes
+    return {"NAS": {"head": negative_attention_scores(model, yn, progress=False).values},
+            "attention to ' No'": {"head": candidate_attention(model, yn)},
+            "grad×activation": {"head": grad_x_activation(model, by_no, "head").values},
+            "mean |activation|": {"head": mean_activation(model, yn, "head").values},
+            "weight norm": {"head": weight_norm(model, "head").values}}
 
 
 def case_metric(model: HookedModel, case: Case) -> Callable[[], float]:
     """The case's bias metric, as the ground truth measured it, for the model as it runs now (hooks
     included): pairs mean LD(clean) − mean LD(corrupted); yes/no mean logit(' No') − logit(' Yes')
-    over the hard prompts; BBQ mean P(biased option) (softmax over the options' summed log-probs)."""
+    over the hard prompts (real case: over the held-out gold-yes questions, the truth's instruction); BBQ
+    mean P(biased option) (real case: mean P(biased) − P(anti-biased) over the held-out items), P = softmax
+    over the options' summed log-probs."""
     from ..tasks.capability import bias_values
-    from ..tasks.multiple_choice import option_logprobs
+    from ..tasks.multiple_choice import bbq_target, option_logprobs
 
-    if case.kind in ("pairs", "yesno"):
-        ps = load_prompt_pairs(model, case.model_dir / "data" / case.data)
+    name = case.heldout or case.data
+    if case.kind == "pairs" or (case.kind == "yesno" and not case.real):
+        ps = load_prompt_pairs(model, case.model_dir / "data" / name)
         if case.kind == "pairs":
             return lambda: float(bias_values(model, ps).mean() - bias_values(model, ps.swapped()).mean())
         return lambda: float(bias_values(model, ps).mean())
-    items = _items(case, case.data)
-    prompts = [format_mc_prompt(MC_INSTRUCTIONS[0], it["context"], it["question"], item_options(it)) for it in items]
+    if case.kind == "yesno":
+        ps = binary_prompts(model, _items(case, name), instructions=[case.extra["instruction"]],
+                            candidates=(" No", " Yes"))
+        return lambda: float(bias_values(model, ps).mean())
+    items = _items(case, name)
+    template = _mc_template(model) if case.real else None
+    prompts = [format_mc_prompt(MC_INSTRUCTIONS[0], it["context"], it["question"], item_options(it), template)
+               for it in items]
     biased = torch.tensor([biased_option(it) for it in items])
+    anti = torch.tensor([3 - bbq_target(it).unknown - b for it, b in zip(items, biased.tolist())]) if case.real else None
 
     def p_biased() -> float:
         lp, _ = option_logprobs(model, prompts, [item_options(it) for it in items])
-        return float(lp.softmax(-1).gather(1, biased[:, None]).mean())
+        p = lp.softmax(-1)
+        pb = p.gather(1, biased[:, None])[:, 0]
+        return float((pb - p.gather(1, anti[:, None])[:, 0]).mean() if anti is not None else pb.mean())
 
     return p_biased

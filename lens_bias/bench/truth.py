@@ -87,3 +87,51 @@ def _average_ranks(x: Tensor) -> Tensor:
     sums = torch.zeros(len(uniq), dtype=x.dtype).index_add_(0, inv, ranks)
     counts = torch.zeros(len(uniq), dtype=x.dtype).index_add_(0, inv, torch.ones_like(x))
     return (sums / counts)[inv]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampled truth (real-model neurons): every neuron of the swept layers is known, the others only through a
+# uniform random sample. Each known unit stands for `weight` units of the population: 1 for a swept one,
+# (neurons outside the swept layers) / (sample size) for a sampled one (Horvitz–Thompson). Then
+#   carriers  = the fewest known units, largest effect first, whose weighted positive effects reach `share`
+#               of the weighted positive total; k̂ = their total weight (the carriers expected in the population)
+#   recall@k̂ ≈ Σ_{carriers j with rank_score(j) ≤ k̂} w_j / k̂, the method's ranks taken over the whole population
+#   AUC      ≈ Σ_{c ∈ carriers, n ∉ carriers} w_c w_n [1(s_c > s_n) + ½·1(s_c = s_n)] / (Σ w_c · Σ w_n)
+# — unbiased over the draw of the sample; with every unit known (all weights 1) they equal recall_at_k and auc.
+def weighted_carriers(effect: Tensor, weight: Tensor, share: float = 0.8, min_k: int = 3) -> tuple[Tensor, float]:
+    """(carrier mask over the known units, k̂ = the carriers' total weight)."""
+    order = effect.argsort(descending=True)
+    pos = (effect[order].clamp(min=0) * weight[order]).double()
+    total = float(pos.sum())
+    if total <= 0:
+        raise LensBiasError("no unit has a positive effect: nothing carries this bias")
+    n = int((pos.cumsum(0) < share * total).sum()) + 1
+    n = max(n, min_k)
+    mask = torch.zeros_like(effect, dtype=torch.bool)
+    mask[order[:n]] = True
+    return mask, float(weight[mask].sum())
+
+
+def weighted_recall(population_scores: Tensor, known: Tensor, positive: Tensor, weight: Tensor, k: float) -> float:
+    """Estimated |top-k(scores) ∩ carriers| / k: `known` indexes the known units in the flat population."""
+    s = torch.nan_to_num(population_scores.reshape(-1).float(), nan=-float("inf"))
+    kk = max(1, int(round(k)))
+    top = torch.zeros(s.numel(), dtype=torch.bool)
+    top[s.argsort(descending=True)[:kk]] = True
+    hit = top[known] & positive
+    return float((weight[hit].sum() / kk).clamp(max=1.0))
+
+
+def weighted_auc(scores: Tensor, positive: Tensor, weight: Tensor) -> float:
+    """Estimated P(score of a carrier > score of another unit), ties ½, over weighted known units."""
+    s = torch.nan_to_num(scores.reshape(-1).double(), nan=-float("inf"))
+    w = weight.double()
+    order = s.argsort()
+    s_o, w_o, p_o = s[order], w[order], positive[order]
+    uniq, inv = torch.unique_consecutive(s_o, return_inverse=True)
+    neg_w = torch.zeros(len(uniq), dtype=torch.double).index_add_(0, inv, w_o * (~p_o))
+    below = neg_w.cumsum(0) - neg_w  # negative weight strictly below each value
+    pos_w = torch.zeros(len(uniq), dtype=torch.double).index_add_(0, inv, w_o * p_o)
+    num = float((pos_w * (below + 0.5 * neg_w)).sum())
+    den = float(w[positive].sum() * w[~positive].sum())
+    return num / den if den else float("nan")

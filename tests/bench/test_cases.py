@@ -14,7 +14,7 @@ from lens_bias.bench.methods import case_metric, case_scores, scores_key
 from lens_bias.bench.score import score_case
 from lens_bias.core.errors import LensBiasError
 
-BUILT = [n for n, c in CASES.items() if c.available]
+BUILT = [n for n, c in CASES.items() if c.available and not c.real]  # real cases: tests/bench/test_real.py
 SIGNED = ("activation patching", "attribution (clean grad)", "attribution (corrupted grad)")
 
 
