@@ -299,6 +299,75 @@ class _Shortcut:
         return self.answers(xa, prompts)
 
 
+    def final(self, x: Tensor, layer: int, prompts: Tensor) -> Tensor:
+        """The final residual at every position after entering block `layer` with `x` [rows, P, d]."""
+        memo: dict = {}
+        for k in range(layer, self.L):
+            x = self._block(k, x, self._kwargs(k, prompts, 0, self.P, memo))
+        return x
+
+
+class Resumed:
+    """Hooked forwards of one batch of prompts that start at a layer: one recorded forward keeps every block's
+    input and arguments, and a forward whose hooks act at layer l or later enters block l from the recorded
+    input — the layers before l cannot change, so the result is the full hooked forward's (checked on the
+    recorded run itself; a model the shortcut does not fit runs the full forward, with the same results).
+
+    `answer_logits(layer, prompts, hooks)` → [rows, 2] answer logits at the answer positions (rows = prompt
+    indices, repeats allowed: many hook sets per forward); `final_resid(...)` → the final residual at every
+    position (for a full-vocabulary loss)."""
+
+    def __init__(self, model: HookedModel, tokens: Tensor, attention_mask: Tensor, answer_pos: Tensor,
+                 answer_ids: Tensor):
+        self.model, self.tokens, self.mask = model, tokens, attention_mask
+        self.answer_pos, self.answer_ids = answer_pos, answer_ids
+        L, (n, P) = model.cfg.n_layers, tokens.shape
+        self.L = L
+        names = {hook_name("resid_pre", k) for k in range(L)}
+        with torch.no_grad():
+            cache, block_args, past_names, kv = _cached_run(model, tokens, attention_mask, names, capture_blocks=True)
+        self.resid = [cache[hook_name("resid_pre", k)] for k in range(L)]
+        self._ids = answer_ids
+        self.sc = None
+        m = attention_mask
+        if all(a is not None for a in block_args) and bool((m[:, :1] == 1).all()) and bool((m[:, 1:] <= m[:, :-1]).all()):
+            self.sc = _Shortcut(model, block_args, past_names, kv, n, P, None, answer_pos)
+            self.sc.windowed = False
+            rows = torch.tensor([n - 1, 0, 0][: max(1, min(3, 2 * n))], device=tokens.device) % n
+            try:
+                with torch.no_grad():
+                    got = self._logits(self.sc.final(self.resid[0][rows], 0, rows), rows)
+                    want = self._logits(cache[last_resid(model)][rows], rows)
+                tol = _tolerance(model)
+                ok = torch.allclose(got, want, atol=tol * (1 + float(want.abs().max())), rtol=tol)
+            except Exception:  # noqa: BLE001 - any failure means: do not use this path
+                ok = False
+            if not ok:
+                warnings.warn("the resumed forward does not reproduce this model's run; using full forwards")
+                self.sc = None
+
+    def _logits(self, final: Tensor, prompts: Tensor) -> Tensor:
+        """Answer logits [rows, n_answers] (float32) from final residuals at every position."""
+        rows = torch.arange(len(prompts), device=final.device)
+        x = self.model.ln_final(final[rows, self.answer_pos[prompts]][:, None])[:, 0].float()
+        ids = self._ids[prompts]
+        a = torch.einsum("rd,dra->ra", x, self.model.W_U[:, ids].float())
+        b_U = getattr(self.model, "b_U", None)
+        return a + b_U.float()[ids] if b_U is not None else a
+
+    def final_resid(self, layer: int, prompts: Tensor, hooks: list = ()) -> Tensor:
+        """The final residual [rows, P, d] of the prompts `prompts` under `hooks`, which act at layer ≥ `layer`."""
+        with torch.no_grad(), self.model.hooks(fwd_hooks=list(hooks)):
+            if self.sc is None or layer <= 0:
+                return run_until(self.model, self.tokens[prompts], attention_mask=self.mask[prompts],
+                                 detach=True)[last_resid(self.model)]
+            return self.sc.final(self.resid[layer][prompts], layer, prompts)
+
+    def answer_logits(self, layer: int, prompts: Tensor, hooks: list = ()) -> Tensor:
+        """Answer logits [rows, n_answers] at the answer positions under `hooks` (acting at layer ≥ `layer`)."""
+        return self._logits(self.final_resid(layer, prompts, hooks), prompts)
+
+
 def _cached_run(model, tokens, attention_mask, names: set[str], extra_hooks=(), capture_blocks: bool = False):
     """One forward (stopped after the last block) caching `names` and, optionally, the arguments each
     block is called with and every attention's keys and values.
