@@ -377,3 +377,34 @@ def test_resumed_forward_equals_the_full_hooked_forward(tiny_gpt2, tiny_llama, f
     r = torch.arange(n)
     assert (late - first[r, ps.answer_pos][r[:, None], ps.answer_ids]).abs().max() > 1e-3, \
         "a hook before the entry layer is (rightly) not run: entering late would miss it"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_shared_first_tokens_once_per_hook_set_equal_full_forwards(tiny_gpt2, tiny_llama, family):
+    """Prompts that begin alike ('The ...'): Resumed.answer_logits_many computes the shared tokens once per hook
+    set (zero/mean-style hooks, the same at every position) and equals one full hooked forward per set."""
+    from lens_bias.core.hooks import hook_name
+    from lens_bias.locate.patching import Resumed
+
+    model = tiny_gpt2 if family == "gpt2" else tiny_llama
+    ps = PromptSet.build(model, ["The big nurse said that", "The big doctor yelled that", "The big mechanic said that"],
+                         (" she", " he"))
+    run = Resumed(model, ps.tokens, ps.attention_mask, ps.answer_pos, ps.answer_ids)
+    assert run.s0 >= 2, "the prompts share their first tokens"
+
+    def put(idx, v):
+        def hook(x, hook):
+            x[..., idx] = v
+            return x
+        return hook
+
+    L, n = model.cfg.n_layers, len(ps)
+    for layer in range(L):
+        configs = [[(hook_name("neuron", layer), put(3, 4.0))], [(hook_name("head", L - 1), put(1, -3.0))], []]
+        got = run.answer_logits_many(layer, configs)
+        for g, hooks in enumerate(configs):
+            with torch.no_grad():
+                logits = model.run_with_hooks(ps.tokens, attention_mask=ps.attention_mask, fwd_hooks=hooks)
+            r = torch.arange(n)
+            want = logits[r, ps.answer_pos][r[:, None], ps.answer_ids].float()
+            assert (got[g * n:(g + 1) * n] - want).abs().max() < 1e-4, (layer, g)
