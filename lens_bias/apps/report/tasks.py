@@ -64,7 +64,7 @@ from ...tasks.multiple_choice import (
     option_sequences,
     unknown_option,
 )
-from ...tasks.records import SHIPPED_DATASETS, as_items, load_records, shipped_dataset
+from ...tasks.records import SHIPPED_DATASETS, as_items, load_records, read_text_file, shipped_dataset
 from ...tasks.yesno import INSTRUCTIONS as YESNO_INSTRUCTIONS
 from ...tasks.yesno import binary_prompts, decision_metrics, load_yes_no
 
@@ -87,6 +87,7 @@ class ReportTask:
     instructions: list[str] = field(default_factory=lambda: MC_INSTRUCTIONS[:2])
     notes: list[str] = field(default_factory=list)
     description: str = ""
+    held_out: bool = True  # False: one group only, the test split is the locate split
 
     @property
     def has_twins(self) -> bool:
@@ -336,12 +337,25 @@ def _split(n_groups_of: list, holdout: float, seed: int) -> tuple[list[int], lis
     return locate, test
 
 
+#: option → (its CLI flag, the smallest value allowed)
+LIMITS = {"max_prompts": ("--max-prompts", 1), "max_items": ("--max-items", 1)}
+
+
+def check_options(*, holdout: float, max_prompts: int, max_items: int) -> None:
+    """One line naming the option and its allowed range, before any work."""
+    if not (isinstance(holdout, (int, float)) and 0 <= holdout < 1):
+        raise LensBiasError(f"holdout (--holdout) must be in [0, 1), got {holdout}")
+    for name, value in (("max_prompts", max_prompts), ("max_items", max_items)):
+        flag, lo = LIMITS[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise LensBiasError(f"{name} ({flag}) must be a whole number ≥ {lo}, got {value!r}")
+
+
 def resolve_task(model: HookedModel, task, *, holdout: float = 0.5, max_prompts: int = 64, max_items: int = 48,
-                 seed: int = 0, neutral: str | list[str] | None = None, neutral_lines: int = 16) -> ReportTask:
+                 seed: int = 0, neutral: str | Path | list[str] | None = None, neutral_lines: int = 16) -> ReportTask:
     """The task spec resolved to prompts, split into a locate part and a held-out test part by group
     (profession, question, item), with the neutral text of the capability check."""
-    if not 0 <= holdout < 1:
-        raise LensBiasError(f"holdout must be in [0, 1), got {holdout}")
+    check_options(holdout=holdout, max_prompts=max_prompts, max_items=max_items)
     name, kind, data, desc = _resolve_spec(model, task, max_prompts, max_items)
     notes = []
     if kind == "pairs":
@@ -381,20 +395,35 @@ def resolve_task(model: HookedModel, task, *, holdout: float = 0.5, max_prompts:
         if not n_biased:
             raise DataError("no ambiguous item with a biased option in the test split: the bias metric needs some "
                             "(BBQ items with answer_info and stereotyped_groups)")
-    if holdout > 0 and len(locate) == len(test) and locate is test:
-        notes.append("one group only: the methods and the ablations use the same prompts")
-    rt = ReportTask(name, kind, locate, test, description=desc, notes=notes)
+    held_out = holdout > 0 and lo != te
+    if holdout > 0 and not held_out:
+        notes.append("one group only (one profession, question or item): nothing could be held out, so the methods "
+                     "and the ablations use the same prompts and the curves are not a held-out test")
+    rt = ReportTask(name, kind, locate, test, description=desc, notes=notes, held_out=held_out)
     lines = _neutral(model, neutral)
     rt.neutral = lines[:neutral_lines]  # capability: loss on these lines
     rt.reference_text = lines[neutral_lines:] or lines  # mean/resample reference (tasks without twins)
     return rt
 
 
+def read_neutral(neutral: str | Path | list[str]) -> list[str]:
+    """The neutral text's lines: a path (str or Path) is a UTF-8 text file that must exist, a list its lines
+    (one line naming the file when it is missing, a folder, empty or not UTF-8)."""
+    if isinstance(neutral, (str, Path)):
+        path = Path(neutral)
+        text = read_text_file(path)
+        try:
+            return text_lines(text)
+        except LensBiasError:
+            raise DataError(f"neutral text file {path} has no line of text") from None
+    if not isinstance(neutral, (list, tuple)) or not all(isinstance(t, str) for t in neutral):
+        raise LensBiasError(f"neutral must be a text file's path or a list of lines, not {type(neutral).__name__}")
+    return text_lines(list(neutral))
+
+
 def _neutral(model, neutral) -> list[str]:
     if neutral is not None:
-        if isinstance(neutral, (str, Path)) and Path(str(neutral)).is_file():
-            neutral = Path(str(neutral)).read_text(encoding="utf-8")
-        return text_lines(neutral)
+        return read_neutral(neutral)
     if organism_card(model) is not None:
         return text_lines(data_path("neutral").read_text())
     # other models: StrategyQA's questions, shipped, carry no gender, yes/no or BBQ cue
@@ -420,7 +449,8 @@ def packed_lines(model, lines: list[str], width: int) -> torch.Tensor:
 def bias_of(model: HookedModel, task: ReportTask, hooks: list = (), *, corrupted: bool = False,
             split: str = "test") -> dict:
     """The bias metric m (module docstring) on a split, under `hooks`, with the task's own accuracy
-    measures: yes/no accuracy and precision − recall gap, multiple-choice accuracy."""
+    measures: yes/no accuracy and precision − recall gap, multiple-choice accuracy; `values`: each row's
+    value (multiple choice: NaN for rows without a biased option), for resampling.py."""
     data = getattr(task, split)
     dev = device_of(model)
     hooks = list(hooks)
@@ -440,9 +470,9 @@ def bias_of(model: HookedModel, task: ReportTask, hooks: list = (), *, corrupted
         if not torch.isfinite(lp).all():
             raise LensBiasError("non-finite option log-probabilities: check the model's weights and the ablation")
         p = lp.softmax(-1)
-        gaps, correct = [], []
+        values, correct = torch.full((len(prompts),), float("nan")), []
         n = len(items)
-        for r in range(len(prompts)):
+        for r in range(len(prompts)):  # row r: instruction r // n, item r % n
             it = items[r % n]
             correct.append(int(p[r].argmax()) == int(it["label"]))
             if it.get("context_condition") != "ambig":
@@ -453,22 +483,25 @@ def bias_of(model: HookedModel, task: ReportTask, hooks: list = (), *, corrupted
             other = [k for k in range(p.shape[1]) if k not in (b, u)]
             if len(other) != 1:
                 continue
-            gaps.append(float(p[r, b] - p[r, other[0]]))
-        bias = sum(gaps) / len(gaps) if gaps else float("nan")
-        return {"bias": bias, "accuracy": sum(correct) / len(correct)}
+            values[r] = float(p[r, b] - p[r, other[0]])
+        ok = torch.isfinite(values)
+        bias = float(values[ok].mean()) if bool(ok.any()) else float("nan")
+        return {"bias": bias, "accuracy": sum(correct) / len(correct), "values": values}
 
 
 def answers_bias(task: ReportTask, a: torch.Tensor, metadata: list[dict] | None = None) -> dict:
     """The bias metric from the test prompts' answer logits [n, 2] (pairs: a₀ − a₁; yes/no: No − Yes, with
-    accuracy and the precision − recall gap of the decisions P(yes) > 0.5)."""
+    accuracy and the precision − recall gap of the decisions P(yes) > 0.5); `values`: each row's value."""
     if not torch.isfinite(a).all():
         raise LensBiasError("non-finite answer logits: check the model's weights and the ablation")
     if task.kind == "pairs":
-        return {"bias": float((a[:, 0] - a[:, 1]).mean())}
+        v = (a[:, 0] - a[:, 1]).float().cpu()
+        return {"bias": float(v.mean()), "values": v}
     p_yes = a.softmax(-1)[:, 0]
     gold = [m["label"] == "yes" for m in (metadata if metadata is not None else task.test.metadata)]
     d = decision_metrics((p_yes > 0.5).tolist(), gold)
-    return {"bias": yesno_offset(a[:, 1] - a[:, 0], gold)[0], "accuracy": d["accuracy"], "pr_gap": d["pr_gap"]}
+    v = (a[:, 1] - a[:, 0]).float().cpu()
+    return {"bias": yesno_offset(v, gold)[0], "accuracy": d["accuracy"], "pr_gap": d["pr_gap"], "values": v}
 
 
 def yesno_offset(no_minus_yes: torch.Tensor, gold_yes: list[bool]) -> tuple[float, float]:
