@@ -38,6 +38,7 @@ Without a capability measure (capability=False) the score is the area.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Iterable
@@ -203,8 +204,7 @@ class Faithfulness:
             if not methods:
                 continue
             shape = next(iter(methods.values())).shape
-            all_units = [tuple(int(v) for v in torch.unravel_index(torch.tensor(i), shape))
-                         for i in range(math.prod(shape))]
+            all_units = list(itertools.product(*(range(d) for d in shape)))  # row-major, as top_units indexes
             ks = k_grid(k_values, len(all_units))
             orders = [random.Random(f"{self.seed}-{unit_type}-{s}").sample(all_units, ks[-1])
                       for s in range(self.seeds)]
@@ -350,9 +350,10 @@ class _NeutralText:
             raise LensBiasError("no tokens to score in the neutral text: every line is a single token")
 
     def _sum(self, final: torch.Tensor, labels: torch.Tensor) -> float:
-        logits = self.model.unembed(self.model.ln_final(final))  # the model's own head (softcaps and all)
-        return float(torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                       labels.reshape(-1), ignore_index=-100, reduction="sum"))
+        keep = labels != -100  # only the positions that predict a token are unembedded
+        x = final[:, :-1][keep]
+        logits = self.model.unembed(self.model.ln_final(x[None]))[0]  # the model's own head (softcaps and all)
+        return float(torch.nn.functional.cross_entropy(logits.float(), labels[keep], reduction="sum"))
 
     def loss(self, configs: list[tuple[list, int]], bar=None) -> list[float]:
         from ...core.checks import check_finite
