@@ -425,11 +425,18 @@ class Resumed:
     def answer_logits_many(self, layer: int, configs: list[list], position_free: bool = True) -> Tensor:
         """Answer logits [len(configs) × n, n_answers] of every prompt under each hook set of `configs` (all
         acting at layer ≥ `layer`), one forward; the shared first tokens once per set when `position_free`."""
+        final, s0 = self.final_many(layer, configs, position_free)
+        rows = torch.arange(len(self.tokens), device=self.tokens.device).repeat(len(configs))
+        return self._logits(final, rows, s0)
+
+    def final_many(self, layer: int, configs: list[list], position_free: bool = True) -> tuple[Tensor, int]:
+        """(final residual [len(configs) × n, P − s, d] of every prompt under each hook set, s): the positions
+        from s on, s = the shared first tokens (computed once per hook set) when `position_free`, else 0."""
         n = len(self.tokens)
         rows = torch.arange(n, device=self.tokens.device).repeat(len(configs))
         s0 = self.s0 if position_free else 0
         if not s0:
-            return self.answer_logits(layer, rows, stacked_hooks(configs, n))
+            return self.final_resid(layer, rows, stacked_hooks(configs, n)), 0
         G, layer = len(configs), max(layer, 0)
         with torch.no_grad():
             first = torch.zeros(G, dtype=torch.long, device=rows.device)  # prompt 0 stands for the shared tokens
@@ -438,8 +445,7 @@ class Resumed:
                 self.sc.final(self.resid[layer][first, :s0], layer, first, 0, lambda k: rec)
             past = _RowPrefixKV(rec.kv, torch.arange(G, device=rows.device).repeat_interleave(n))
             with self.model.hooks(fwd_hooks=stacked_hooks(configs, n)):
-                final = self.sc.final(self.resid[layer][rows, s0:], layer, rows, s0, lambda k: past)
-        return self._logits(final, rows, s0)
+                return self.sc.final(self.resid[layer][rows, s0:], layer, rows, s0, lambda k: past), s0
 
 
 def _cached_run(model, tokens, attention_mask, names: set[str], extra_hooks=(), capture_blocks: bool = False):

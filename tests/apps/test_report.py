@@ -212,6 +212,21 @@ def test_bbq_crispr_names_the_bbq_neuron(organism, card):
     assert b["bias_lo"] <= 0 <= b["bias_hi"] and not row["beats_random"]
     assert any("not significant" in n and "resampled items" in n for n in report.notes)
     _assert_ranking_rule(report)
+    # the stacked measurement (instruction text once per hook set, resumed at the first hooked layer) equals
+    # bias_of's one forward per hook set, for zero and mean ablation of a late neuron and an early head
+    from lens_bias.apps.report.faithfulness import Faithfulness
+    from lens_bias.apps.report.tasks import bias_of
+    from lens_bias.mitigate.ablation import head_ablation_hooks, neuron_ablation_hooks
+
+    f = Faithfulness(organism, report.task, ablations=("zero", "mean"), capability=False)
+    configs = [(neuron_ablation_hooks(organism, [BBQ_NEURON], "zero"), BBQ_NEURON[0], True),
+               (neuron_ablation_hooks(organism, [BBQ_NEURON], "mean", f.reference), BBQ_NEURON[0], True),
+               (head_ablation_hooks(organism, [(1, 2)], "zero"), 1, True), ([], organism.cfg.n_layers, True)]
+    got = f.measure(configs)
+    for (hooks, _, _), g in zip(configs, got):
+        want = bias_of(organism, report.task, hooks)
+        assert g["bias"] == pytest.approx(want["bias"], abs=1e-5) and g["accuracy"] == want["accuracy"]
+    assert abs(got[0]["bias"] - got[3]["bias"]) > 0.01, "the ablation must move the metric for the check to bite"
 
 
 # ---------------------------------------------------------------------------------------

@@ -46,18 +46,19 @@ from collections.abc import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from ...core.errors import LensBiasError
+from ...core.errors import LensBiasError, PromptError
 from ...core.hooks import device_of, hook_name, run_until
 from ...core.models import HookedModel
 from ...core.prompts import encode_lines, pad, pad_id_of
 from ...locate.patching import Resumed, stacked_hooks
+from ...tasks.multiple_choice import option_sequences
 from ...mitigate.ablation import (
     head_ablation_hooks,
     neuron_ablation_hooks,
     reference_activations,
 )
 from .resampling import interval, resampling
-from .tasks import ReportTask, answers_bias, bias_of
+from .tasks import ReportTask, answers_bias, mc_bias, mc_prompts
 from .units import ABLATABLE, expand, n_units, top_units, unit_label
 
 ALPHA = 0.05  # the rank test's level
@@ -121,8 +122,9 @@ class Faithfulness:
         cfg = model.cfg
         self.L, self.n_heads, self.d_mlp = cfg.n_layers, cfg.n_heads, cfg.d_mlp
         self.boot = resampling(task, n_boot, seed)
-        prompt_task = task.kind != "multiple_choice"
-        if prompt_task:
+        if task.kind == "multiple_choice":
+            self.options = _Options(model, task, max_tokens)
+        else:
             ps = task.test.to(device_of(model))
             self.ps = ps
             self.runs = {False: Resumed(model, ps.tokens, ps.attention_mask, ps.answer_pos, ps.answer_ids)}
@@ -170,12 +172,7 @@ class Faithfulness:
         per config when its hooks act alike everywhere: zero and mean ablation); multiple choice one at a time."""
         task = self.task
         if task.kind == "multiple_choice":
-            out = []
-            for hooks, *_ in configs:
-                out.append(bias_of(self.model, task, hooks))
-                if bar is not None:
-                    bar.update(1)
-            return out
+            return self.options.measure(configs, bar)
         run, ps = self.runs[corrupted], self.ps
         n, width = len(ps), ps.tokens.shape[1]
         per = max(1, self.max_tokens // max(1, n * width))
@@ -321,6 +318,69 @@ class Faithfulness:
         for key in ("accuracy", "pr_gap"):
             if key in self.clean:
                 out[key] = self.clean[key]
+        return out
+
+
+class _Options:
+    """The multiple-choice bias metric under many hook sets, as bias_of computes it (tasks.mc_bias of the summed
+    log-probabilities of each option's tokens), in stacked forwards: the sequences of one instruction begin with
+    its text, computed once per hook set when the hooks are position free (Resumed.final_many), and only the
+    positions that predict an option token are unembedded."""
+
+    def __init__(self, model, task: ReportTask, max_tokens: int = 4096):
+        self.model, self.task = model, task
+        tok = model.tokenizer
+        prompts, options = mc_prompts(task, task.test)
+        seqs, spans = option_sequences(tok, prompts, options)
+        width, n_ctx = max(map(len, seqs)), getattr(model.cfg, "n_ctx", None)
+        if n_ctx and width > n_ctx:
+            raise PromptError(f"a prompt with its option is {width} tokens, longer than the model's context of "
+                              f"{n_ctx}: shorten the contexts or use a model with a longer context")
+        self.shape = (len(prompts), len(options[0]))
+        per_instruction = len(task.test) * len(options[0])  # mc_prompts is instruction-major
+        dev = device_of(model)
+        self.parts = []
+        for i in range(0, len(seqs), per_instruction):
+            sq, sp = seqs[i: i + per_instruction], spans[i: i + per_instruction]
+            ids, mask = pad(sq, pad_id_of(tok))
+            ids, mask = ids.to(dev), mask.to(dev)
+            first = torch.tensor([s - 1 for s, _ in sp], device=dev)  # the first position predicting an option token
+            run = Resumed(model, ids, mask, first, torch.zeros(len(sq), 2, dtype=torch.long, device=dev))
+            rows = torch.tensor([j for j, (_, m) in enumerate(sp) for _ in range(m)], device=dev)
+            pos = torch.tensor([s - 1 + t for s, m in sp for t in range(m)], device=dev)
+            target = torch.tensor([sq[j][s + t] for j, (s, m) in enumerate(sp) for t in range(m)], device=dev)
+            self.parts.append((run, rows, pos, target, len(sq), max(1, max_tokens // ids.numel())))
+
+    def _logprobs(self, final, rows, pos, target, S: int, s0: int) -> torch.Tensor:
+        """Σ log P(option tokens) per sequence (tasks.multiple_choice.sequence_logprobs' formula)."""
+        x = self.model.ln_final(final[rows, pos - s0][None])[0]
+        logits = x @ self.model.W_U
+        if getattr(self.model, "b_U", None) is not None:
+            logits = logits + self.model.b_U
+        lp = logits.float().log_softmax(-1).gather(1, target[:, None])[:, 0]
+        return torch.zeros(S, dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
+
+    def measure(self, configs: list[tuple], bar=None) -> list[dict]:
+        L = self.model.cfg.n_layers
+        key = [(c[1], bool(c[2]) if len(c) > 2 else False) for c in configs]
+        order = sorted(range(len(configs)), key=lambda i: key[i])
+        per = min(p[-1] for p in self.parts)
+        out: list[dict | None] = [None] * len(configs)
+        s = 0
+        while s < len(order):
+            group = [i for i in order[s: s + per] if key[i] == key[order[s]]]
+            layer, free = key[order[s]]
+            lps = [[] for _ in group]
+            with torch.no_grad():
+                for run, rows, pos, target, S, _ in self.parts:
+                    final, s0 = run.final_many(min(layer, L - 1), [configs[i][0] for i in group], free)
+                    for g in range(len(group)):
+                        lps[g].append(self._logprobs(final[g * S:(g + 1) * S], rows, pos, target, S, s0))
+            for g, i in enumerate(group):
+                out[i] = mc_bias(self.task, torch.cat(lps[g]).cpu().view(self.shape), self.task.test)
+            s += len(group)
+            if bar is not None:
+                bar.update(len(group))
         return out
 
 

@@ -1,14 +1,18 @@
 """`locate_report`: every locate method on one task, where they agree, and proof by ablation — one call.
 
-Stages (each cached in DIR/stages/<stage>.pt under a fingerprint of the model's weights, the data and
-the stage's options, written atomically; a rerun skips every stage whose file matches):
+Stages (each cached in DIR/stages/<stage>.pt under a fingerprint of the model's weights, the data, the
+stage's options and lens_bias's code, written atomically; its sha256 goes into DIR/locate_report.json, and a
+file whose bytes do not match is computed again, with a warning; a rerun skips every stage that matches):
 
-    (and of lens_bias's code: a stage cached by other code is computed again)
-
-    bias          the bias metric on both splits (orientation of the scores, scale of the curves)
+    bias          the bias metric on the locate split (orientation of the scores)
     method-<name> one locate method's scores on the common units (units.py)
+    precision     half-precision models only: each method again on a sample, in float32 (precision.py)
     contexts      the top units' tokens and contexts
-    faithfulness  necessity, sufficiency and capability curves against random units (faithfulness.py)
+    faithfulness  necessity, sufficiency and capability curves against random units, the bias's interval and
+                  each top unit's effect alone (faithfulness.py, resampling.py)
+
+Runs sharing a folder share the work: each stage has a lock (DIR/stages/.lock-<stage>); a run waits for a
+stage another run is computing and reads its result, and takes the methods another run is busy with last.
 
 Outputs (with `out`): report.html (one self-contained page), summary.json, tables/*.csv + .parquet.
 """
