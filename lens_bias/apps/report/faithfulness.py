@@ -70,8 +70,6 @@ N_EFFECTS = 5  # each method's top heads / neurons whose effect alone is measure
 #: ablations whose hooks act alike at every position and prompt (mitigate.ablation: a ← 0, a ← a fixed mean)
 POSITION_FREE = ("zero", "mean")
 RANK_DRAWS = 19  # random draws for the rank test: p ≥ 1/(draws + 1), so 19 is the fewest that reach 0.05
-#: kept for the page's rules and old callers: the rule is the rank test now
-BEATS_RANDOM = ALPHA
 
 
 def k_grid(k_values: Iterable[int], n: int) -> list[int]:
@@ -224,29 +222,15 @@ class Faithfulness:
     # ---- curves ----------------------------------------------------------------------
     def run(self, scores: dict[str, dict[str, torch.Tensor]], k_values=(1, 2, 4, 8), progress: bool = True):
         """Tidy rows: one per (unit type, method or 'random', k, measure, ablation, seed); necessity rows of
-        methods carry an interval (value_lo, value_hi) and, under the first ablation, the neutral loss."""
+        methods carry an interval (value_lo, value_hi) and, under the first ablation, the neutral loss.
+        `self.effects` then holds each method's top units' effect alone."""
         plan = self.plan(scores, k_values)
-        first = self.ablations[0]
-        nec_keys, suf_keys, cap_keys = {}, {}, {}
-        for unit_type, method, k, units, s, all_units, last in plan:
-            heads, neurons, hn = self._hn(unit_type, units)
-            for ablation in self._ablations_of(s):
-                seed = (s or 0) if ablation == "resample" else 0
-                nec_keys.setdefault((*hn, ablation, seed), (heads, neurons))
-            if self.capability and (s is None or s < CAPABILITY_DRAWS):
-                cap_keys.setdefault((*hn, first, (s or 0) if first == "resample" else 0), (heads, neurons))
-            if s is not None and s >= BAND_DRAWS:
-                continue
-            if self.task.has_twins:
-                suf_keys.setdefault(hn, (heads, neurons))
-            else:
-                rest = [u for u in all_units if u not in set(units)]
-                suf_keys.setdefault(hn, expand(unit_type, rest, self.n_heads, self.d_mlp))
         effects = self._effect_plan(scores)
+        nec_keys, suf_keys, cap_keys = self._keys(plan)
         for _, key, hn in effects:
             nec_keys.setdefault(key, hn)
-        total = len(nec_keys) + len(suf_keys) + len(cap_keys)
-        bar = tqdm(total=total, desc="faithfulness", unit="measurement", disable=not progress)
+        bar = tqdm(total=len(nec_keys) + len(suf_keys) + len(cap_keys), desc="faithfulness", unit="measurement",
+                   disable=not progress)
         nec = self._run_keys(nec_keys, lambda key, hn: self._ablation_hooks(*hn, key[2], key[3]), False, bar,
                              free=lambda key: key[2] in POSITION_FREE)
         if self.task.has_twins:
@@ -261,6 +245,33 @@ class Faithfulness:
                                      for key, hn in items], bar)
             cap = {key: v for (key, _), v in zip(items, losses)}
         bar.close()
+        self.effects = [{**info, "value": self.share(nec[key]["bias"]),
+                         **dict(zip(("lo", "hi"), interval(self.share_replicates(nec[key]["values"]))))}
+                        for info, key, _ in effects]
+        return self._rows(plan, nec, suf, cap)
+
+    def _keys(self, plan) -> tuple[dict, dict, dict]:
+        """The distinct measurements of a plan (methods often pick the same units): necessity (units, ablation,
+        resample seed), sufficiency (units) and capability keys, each → the (heads, neurons) it stands for."""
+        first = self.ablations[0]
+        nec_keys, suf_keys, cap_keys = {}, {}, {}
+        for unit_type, method, k, units, s, all_units, last in plan:
+            heads, neurons, hn = self._hn(unit_type, units)
+            for ablation in self._ablations_of(s):
+                nec_keys.setdefault((*hn, ablation, (s or 0) if ablation == "resample" else 0), (heads, neurons))
+            if self.capability and (s is None or s < CAPABILITY_DRAWS):
+                cap_keys.setdefault((*hn, first, (s or 0) if first == "resample" else 0), (heads, neurons))
+            if s is not None and s >= BAND_DRAWS:
+                continue
+            if self.task.has_twins:
+                suf_keys.setdefault(hn, (heads, neurons))
+            else:
+                rest = [u for u in all_units if u not in set(units)]
+                suf_keys.setdefault(hn, expand(unit_type, rest, self.n_heads, self.d_mlp))
+        return nec_keys, suf_keys, cap_keys
+
+    def _rows(self, plan, nec: dict, suf: dict, cap: dict) -> list[dict]:
+        first = self.ablations[0]
         rows = []
         for unit_type, method, k, units, s, _, _ in plan:
             heads, neurons, hn = self._hn(unit_type, units)
@@ -281,9 +292,6 @@ class Faithfulness:
             m = suf[hn]["bias"]
             rows.append({**base, "measure": "sufficiency", "ablation": "restore" if self.task.has_twins
                          else "mean (all others)", "bias": m, "value": 1.0 - self.share(m)})
-        self.effects = [{**info, "value": self.share(nec[key]["bias"]),
-                         **dict(zip(("lo", "hi"), interval(self.share_replicates(nec[key]["values"]))))}
-                        for info, key, _ in effects]
         return rows
 
     def _effect_plan(self, scores) -> list[tuple[dict, tuple, tuple]]:
@@ -494,44 +502,15 @@ def rank_methods(rows: list[dict], baseline: dict, significant: bool = True, bud
         return pd.DataFrame()
     df = pd.DataFrame(rows)
     first = df[df.measure == "necessity"]["ablation"].iloc[0]
-    loss0 = baseline.get("neutral_loss", float("nan"))
     out = []
     for (unit_type, method), d in c.groupby(["unit_type", "method"], sort=False):
-        nec, suf = d[d.measure == "necessity"], d[d.measure == "sufficiency"]
-        du = df[df.unit_type == unit_type]
-        ablations = [a for a in dict.fromkeys(nec["ablation"])
-                     if du[(du.method == "random") & (du.ablation == a) & (du.measure == "necessity")]["seed"].nunique()
-                     == du[du.method == "random"]["seed"].nunique()]
-        p, p_k = rank_test(_curve(du, method, ablations)[0], _curve(du, "random", ablations))
-        area = float((nec["value"] - nec["random_mean"]).mean())
-        spread = float(nec["random_std"].fillna(0).mean())
-        kmax = int(nec["k"].max())
-        at = nec[nec.ablation == first].set_index("k").sort_index()
-        dloss = (at["neutral_loss"] - loss0) if "neutral_loss" in at and math.isfinite(loss0) else None
-        ok = [k for k in at.index if dloss is not None and dloss[k] == dloss[k] and dloss[k] <= budget
-              and math.isfinite(at.loc[k, "value"] - at.loc[k, "random_mean"])]
-        gain = {k: float(at.loc[k, "value"] - at.loc[k, "random_mean"]) for k in ok}
-        kb = max(ok, key=lambda k: (gain[k], -k)) if ok else None  # the most beyond random; ties: fewer units
-        row = {"method": method, "unit_type": unit_type, "k_budget": kb,
-               "beyond_random": gain[kb] if kb else float("nan"),
-               "removed": float(at.loc[kb, "value"]) if kb else float("nan"),
-               "removed_lo": float(at.loc[kb, "value_lo"]) if kb and "value_lo" in at else float("nan"),
-               "removed_hi": float(at.loc[kb, "value_hi"]) if kb and "value_hi" in at else float("nan"),
-               "d_loss": float(dloss[kb]) if kb else float("nan"),
-               "random_removed": float(at.loc[kb, "random_mean"]) if kb else float("nan"),
-               "random_d_loss": float(at.loc[kb, "random_neutral_loss"] - loss0)
-               if kb and "random_neutral_loss" in at else float("nan"),
-               "p_random": p, "area": area, "spread": spread,
-               "z": area / spread if spread > 0 else (math.inf if area > 0 else float("nan")),
-               **{f"area_{a}": float((g["value"] - g["random_mean"]).mean()) for a, g in nec.groupby("ablation")},
-               **{f"p@{k}": v for k, v in p_k.items()},
-               "sufficiency_area": float((suf["value"] - suf["random_mean"]).mean()) if len(suf) else float("nan"),
-               "necessity_k1_zero": _at(nec, 1, "zero"), "random_k1_zero": _at(nec, 1, "zero", "random_mean"),
-               "k_max": kmax, "top_units": at.loc[kb if kb else kmax, "units"] if len(at) else ""}
-        row["d_neutral_loss_kmax"] = float(dloss[kmax]) if dloss is not None and kmax in dloss else float("nan")
-        if "accuracy" in nec and "accuracy" in baseline:
-            row["d_accuracy_kmax"] = float(nec[nec.k == kmax]["accuracy"].mean() - baseline["accuracy"])
-        row["beats_random"] = bool(significant and p <= ALPHA and area > 0)
+        row = {"method": method, "unit_type": unit_type,
+               **_budget_columns(d, first, baseline.get("neutral_loss", float("nan")), budget),
+               **_random_columns(d, df[df.unit_type == unit_type], method)}
+        if "accuracy" in d and "accuracy" in baseline:
+            at = d[(d.measure == "necessity") & (d.k == row["k_max"])]
+            row["d_accuracy_kmax"] = float(at["accuracy"].mean() - baseline["accuracy"])
+        row["beats_random"] = bool(significant and row["p_random"] <= ALPHA and row["area"] > 0)
         row["breaks_model"] = bool(row["d_neutral_loss_kmax"] > BREAKS)
         out.append(row)
     df = pd.DataFrame(out)
@@ -543,6 +522,45 @@ def rank_methods(rows: list[dict], baseline: dict, significant: bool = True, bud
         .drop(columns=["_g", "_r", "_a"]).reset_index(drop=True)
     df.insert(0, "rank", range(1, len(df) + 1))
     return df
+
+
+def _budget_columns(d, first: str, loss0: float, budget: float) -> dict:
+    """A (method, unit type)'s curves under the first ablation → k_budget (of the k whose Δloss ≤ budget, the
+    one removing the most beyond random; ties: fewer units), what its top-k remove there (with the interval),
+    random's, both Δloss, the top units, and Δloss at the largest k."""
+    nan = float("nan")
+    at = d[(d.measure == "necessity") & (d.ablation == first)].set_index("k").sort_index()
+    kmax = int(at.index.max())
+    dloss = (at["neutral_loss"] - loss0) if "neutral_loss" in at and math.isfinite(loss0) else None
+    gain = {k: float(at.loc[k, "value"] - at.loc[k, "random_mean"]) for k in at.index if dloss is not None
+            and dloss[k] == dloss[k] and dloss[k] <= budget and math.isfinite(at.loc[k, "value"] - at.loc[k, "random_mean"])}
+    kb = max(gain, key=lambda k: (gain[k], -k)) if gain else None
+
+    def get(col, minus=0.0):
+        return float(at.loc[kb, col] - minus) if kb is not None and col in at else nan
+
+    return {"k_budget": kb, "beyond_random": gain[kb] if kb is not None else nan, "removed": get("value"),
+            "removed_lo": get("value_lo"), "removed_hi": get("value_hi"), "d_loss": get("neutral_loss", loss0),
+            "random_removed": get("random_mean"), "random_d_loss": get("random_neutral_loss", loss0),
+            "k_max": kmax, "top_units": at.loc[kb if kb is not None else kmax, "units"],
+            "d_neutral_loss_kmax": float(dloss[kmax]) if dloss is not None else nan}
+
+
+def _random_columns(d, du, method: str) -> dict:
+    """The rank test against the unit type's random draws (du: its rows) and the areas above random."""
+    nec, suf = d[d.measure == "necessity"], d[d.measure == "sufficiency"]
+    n_seeds = du[du.method == "random"]["seed"].nunique()
+    ablations = [a for a in dict.fromkeys(nec["ablation"]) if du[(du.method == "random") & (du.ablation == a)
+                 & (du.measure == "necessity")]["seed"].nunique() == n_seeds]  # those every draw was measured under
+    p, p_k = rank_test(_curve(du, method, ablations)[0], _curve(du, "random", ablations))
+    area = float((nec["value"] - nec["random_mean"]).mean())
+    spread = float(nec["random_std"].fillna(0).mean())
+    return {"p_random": p, "area": area, "spread": spread,
+            "z": area / spread if spread > 0 else (math.inf if area > 0 else float("nan")),
+            **{f"area_{a}": float((g["value"] - g["random_mean"]).mean()) for a, g in nec.groupby("ablation")},
+            **{f"p@{k}": v for k, v in p_k.items()},
+            "sufficiency_area": float((suf["value"] - suf["random_mean"]).mean()) if len(suf) else float("nan"),
+            "necessity_k1_zero": _at(nec, 1, "zero"), "random_k1_zero": _at(nec, 1, "zero", "random_mean")}
 
 
 def _at(nec, k, ablation, col="value") -> float:

@@ -146,7 +146,6 @@ def answer_html(report) -> str:
 def answer_figure(report):
     """The first screen's figure: the winner's top units alone (effect ± interval); its top-k against random
     units (bias removed, with intervals); what that costs (Δ neutral-text loss), against random units."""
-    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     top = winner(report)
@@ -158,54 +157,81 @@ def answer_figure(report):
                         subplot_titles=[f"each top {UNIT_WORDS[u][0]} alone ({m})",
                                         f"its top-k vs k random {UNIT_WORDS[u][1]} ({first} ablation)",
                                         "cost: Δ neutral-text loss"])
-    e = report.top_units
-    e = e[(e.unit_type == u) & (e.method == m)].sort_values("rank") if len(e) and "effect" in e else e.iloc[0:0]
-    e = e[e["effect"].map(_finite)]
-    if len(e):
-        lo = (e["effect"] - e["effect_lo"]).fillna(0).clip(lower=0)
-        hi = (e["effect_hi"] - e["effect"]).fillna(0).clip(lower=0)
-        fig.add_trace(go.Bar(x=e["effect"].tolist(), y=e["unit"].tolist(), orientation="h", marker_color="#1f77b4",
-                             error_x={"type": "data", "symmetric": False, "array": hi.tolist(), "arrayminus": lo.tolist()},
-                             showlegend=False, hovertemplate="%{y}: removes %{x:.0%} alone<extra></extra>"), 1, 1)
-        fig.update_yaxes(autorange="reversed", row=1, col=1)
-        fig.update_xaxes(tickformat=".0%", title_text="share of the bias removed", row=1, col=1)
     c = report.curves
     d = c[(c.unit_type == u) & (c.method == m) & (c.measure == "necessity") & (c.ablation == first)].sort_values("k")
-    ks = d["k"].tolist()
-    if "value_lo" in d and d["value_lo"].map(_finite).all():
-        fig.add_trace(go.Scatter(x=ks + ks[::-1], y=d["value_hi"].tolist() + d["value_lo"].tolist()[::-1], fill="toself", mode="lines",
-                                 fillcolor="rgba(31,119,180,0.18)", line={"width": 0}, hoverinfo="skip",
-                                 showlegend=False), 1, 2)
-    r = d[d["random_mean"].map(_finite)]
-    rk = r["k"].tolist()
-    std = r["random_std"].fillna(0)
-    fig.add_trace(go.Scatter(x=rk + rk[::-1], y=(r["random_mean"] + std).tolist() + (r["random_mean"] - std).tolist()[::-1],
-                             fill="toself", mode="lines", fillcolor="rgba(120,120,120,0.2)", line={"width": 0},
-                             hoverinfo="skip", showlegend=False), 1, 2)
-    fig.add_trace(go.Scatter(x=rk, y=r["random_mean"].tolist(), mode="lines", line={"color": "gray", "dash": "dash"},
-                             name="random (mean ± std)", legendgroup="random"), 1, 2)
-    fig.add_trace(go.Scatter(x=ks, y=d["value"].tolist(), mode="lines+markers", line={"color": "#1f77b4"},
-                             name=f"{m} top-k", legendgroup="m", text=d["units"].tolist(),
-                             hovertemplate="k=%{x}: removes %{y:.0%}<br>%{text}<extra></extra>"), 1, 2)
-    fig.update_yaxes(tickformat=".0%", title_text="bias removed", row=1, col=2)
-    base = report.baseline.get("neutral_loss")
-    if "neutral_loss" in d and _finite(base):
-        dl = (d["neutral_loss"] - base).tolist()
-        fig.add_trace(go.Scatter(x=ks, y=dl, mode="lines+markers", line={"color": "#1f77b4"}, showlegend=False,
-                                 legendgroup="m", hovertemplate="k=%{x}: Δloss %{y:+.3f}<extra></extra>"), 1, 3)
-        if "random_neutral_loss" in d:
-            rl = d[d["random_neutral_loss"].map(_finite)]
-            fig.add_trace(go.Scatter(x=rl["k"].tolist(), y=(rl["random_neutral_loss"] - base).tolist(), mode="lines",
-                                     line={"color": "gray", "dash": "dash"}, showlegend=False, legendgroup="random",
-                                     hovertemplate="random k=%{x}: Δloss %{y:+.3f}<extra></extra>"), 1, 3)
-        fig.add_hline(y=report.loss_budget, line={"color": "#d62728", "dash": "dot", "width": 1}, row=1, col=3,
-                      annotation_text=f"budget +{report.loss_budget:g}", annotation_position="top left")
-        fig.update_yaxes(title_text="Δloss (nats/token)", row=1, col=3)
+    _effects_panel(fig, report, u, m)
+    _removal_panel(fig, d, m)
+    _cost_panel(fig, report, d)
     for col in (2, 3):
         fig.update_xaxes(type="log", dtick=math.log10(2), title_text="k", row=1, col=col)
     fig.update_layout(height=330, margin={"t": 40, "b": 50, "l": 60, "r": 20},
                       legend={"orientation": "h", "y": -0.3, "x": 0.3})
     return fig
+
+
+def _band(x: list, lo: list, hi: list, color: str):
+    import plotly.graph_objects as go
+
+    return go.Scatter(x=x + x[::-1], y=hi + lo[::-1], fill="toself", mode="lines", fillcolor=color,
+                      line={"width": 0}, hoverinfo="skip", showlegend=False)
+
+
+def _effects_panel(fig, report, u: str, m: str) -> None:
+    """Panel 1: each of the method's top units zero-ablated alone, with its 95% interval."""
+    import plotly.graph_objects as go
+
+    e = report.top_units
+    e = e[(e.unit_type == u) & (e.method == m)].sort_values("rank") if len(e) and "effect" in e else e.iloc[0:0]
+    e = e[e["effect"].map(_finite)]
+    if not len(e):
+        return
+    lo = (e["effect"] - e["effect_lo"]).fillna(0).clip(lower=0)
+    hi = (e["effect_hi"] - e["effect"]).fillna(0).clip(lower=0)
+    fig.add_trace(go.Bar(x=e["effect"].tolist(), y=e["unit"].tolist(), orientation="h", marker_color="#1f77b4",
+                         error_x={"type": "data", "symmetric": False, "array": hi.tolist(), "arrayminus": lo.tolist()},
+                         showlegend=False, hovertemplate="%{y}: removes %{x:.0%} alone<extra></extra>"), 1, 1)
+    fig.update_yaxes(autorange="reversed", row=1, col=1)
+    fig.update_xaxes(tickformat=".0%", title_text="share of the bias removed", row=1, col=1)
+
+
+def _removal_panel(fig, d, m: str) -> None:
+    """Panel 2: the share of the bias the top-k remove (95% band) against k random units (mean ± std)."""
+    import plotly.graph_objects as go
+
+    ks = d["k"].tolist()
+    if "value_lo" in d and d["value_lo"].map(_finite).all():
+        fig.add_trace(_band(ks, d["value_lo"].tolist(), d["value_hi"].tolist(), "rgba(31,119,180,0.18)"), 1, 2)
+    r = d[d["random_mean"].map(_finite)]
+    std = r["random_std"].fillna(0)
+    fig.add_trace(_band(r["k"].tolist(), (r["random_mean"] - std).tolist(), (r["random_mean"] + std).tolist(),
+                        "rgba(120,120,120,0.2)"), 1, 2)
+    fig.add_trace(go.Scatter(x=r["k"].tolist(), y=r["random_mean"].tolist(), mode="lines",
+                             line={"color": "gray", "dash": "dash"}, name="random (mean ± std)", legendgroup="random"),
+                  1, 2)
+    fig.add_trace(go.Scatter(x=ks, y=d["value"].tolist(), mode="lines+markers", line={"color": "#1f77b4"},
+                             name=f"{m} top-k", legendgroup="m", text=d["units"].tolist(),
+                             hovertemplate="k=%{x}: removes %{y:.0%}<br>%{text}<extra></extra>"), 1, 2)
+    fig.update_yaxes(tickformat=".0%", title_text="bias removed", row=1, col=2)
+
+
+def _cost_panel(fig, report, d) -> None:
+    """Panel 3: Δ neutral-text loss of the top-k against k random units, and the budget."""
+    import plotly.graph_objects as go
+
+    base = report.baseline.get("neutral_loss")
+    if "neutral_loss" not in d or not _finite(base):
+        return
+    fig.add_trace(go.Scatter(x=d["k"].tolist(), y=(d["neutral_loss"] - base).tolist(), mode="lines+markers",
+                             line={"color": "#1f77b4"}, showlegend=False, legendgroup="m",
+                             hovertemplate="k=%{x}: Δloss %{y:+.3f}<extra></extra>"), 1, 3)
+    if "random_neutral_loss" in d:
+        rl = d[d["random_neutral_loss"].map(_finite)]
+        fig.add_trace(go.Scatter(x=rl["k"].tolist(), y=(rl["random_neutral_loss"] - base).tolist(), mode="lines",
+                                 line={"color": "gray", "dash": "dash"}, showlegend=False, legendgroup="random",
+                                 hovertemplate="random k=%{x}: Δloss %{y:+.3f}<extra></extra>"), 1, 3)
+    fig.add_hline(y=report.loss_budget, line={"color": "#d62728", "dash": "dot", "width": 1}, row=1, col=3,
+                  annotation_text=f"budget +{report.loss_budget:g}", annotation_position="top left")
+    fig.update_yaxes(title_text="Δloss (nats/token)", row=1, col=3)
 
 
 # ---------------------------------------------------------------------------------------
