@@ -420,14 +420,17 @@ class Resumed:
 
     def answer_logits(self, layer: int, prompts: Tensor, hooks: list = ()) -> Tensor:
         """Answer logits [rows, n_answers] at the answer positions under `hooks` (acting at layer ≥ `layer`)."""
-        return self._logits(self.final_resid(layer, prompts, hooks), prompts)
+        final = self.final_resid(layer, prompts, hooks)
+        with torch.no_grad():
+            return self._logits(final, prompts)
 
     def answer_logits_many(self, layer: int, configs: list[list], position_free: bool = True) -> Tensor:
         """Answer logits [len(configs) × n, n_answers] of every prompt under each hook set of `configs` (all
         acting at layer ≥ `layer`), one forward; the shared first tokens once per set when `position_free`."""
         final, s0 = self.final_many(layer, configs, position_free)
         rows = torch.arange(len(self.tokens), device=self.tokens.device).repeat(len(configs))
-        return self._logits(final, rows, s0)
+        with torch.no_grad():
+            return self._logits(final, rows, s0)
 
     def final_many(self, layer: int, configs: list[list], position_free: bool = True) -> tuple[Tensor, int]:
         """(final residual [len(configs) × n, P − s, d] of every prompt under each hook set, s): the positions
