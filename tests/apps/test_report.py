@@ -8,8 +8,10 @@ by checksum) without computing anything again, also when two runs share a folder
 
 import json
 import math
+import os
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -517,3 +519,40 @@ def test_half_precision_is_checked_against_float32(organism, monkeypatch):
     assert not any("attribution (neuron)" in n for n in flagged), flagged
     rows = {(r["method"], r["unit_type"]): r for r in report.precision}
     assert rows[("attribution", "neuron")]["same_top"] and rows[("attribution", "neuron")]["overlap"] >= 0.5
+
+
+# ---------------------------------------------------------------------------------------
+# (f) the real model (SmolLM2-135M-Instruct, dequantized Q4_1), where it is converted in the cache
+# ---------------------------------------------------------------------------------------
+SMOLLM2 = Path(os.environ.get("LENS_BIAS_CACHE", Path.home() / ".cache" / "lens_bias")) / "models" / \
+    "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def real_report(tmp_path_factory):
+    """Reduced options (the cheap methods, zero ablation) keep it to a few minutes."""
+    source = os.environ.get("LENS_BIAS_REAL_MODEL") or (str(SMOLLM2) if (SMOLLM2 / "config.json").is_file() else None)
+    if source is None:
+        pytest.skip(f"no converted real model in {SMOLLM2} (lens-bias fetch smollm2-135m-instruct) and no "
+                    "LENS_BIAS_REAL_MODEL")
+    out = tmp_path_factory.mktemp("real") / "professions"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return locate_report(source, "professions", out, methods=["attribution", "grad_x_act", "mean_activation"],
+                             ablations=("zero",), progress=False), out
+
+
+@pytest.mark.slow
+def test_real_model_ranking_counts_capability(real_report, browser):
+    report, out = real_report
+    r = report.ranking
+    assert_capability_order(r, report.loss_budget)
+    assert report.baseline["bias_lo"] > 0, "SmolLM2's professions bias is significant on the held-out prompts"
+    top = r.iloc[0]
+    assert top["beats_random"] and top["d_loss"] <= report.loss_budget and top["removed"] > 0.3, top
+    # a method whose largest top-k raises the loss by more than 1 nat is marked; one with no k within budget
+    # ranks below every method with one
+    assert (r["breaks_model"] == (r["d_neutral_loss_kmax"] > 1.0)).all()
+    none = r[r["k_budget"].isna()]
+    assert none.empty or none["rank"].min() > r[r["k_budget"].notna()]["rank"].max()
+    browser(out / "report.html", widths=(1400, 800))
