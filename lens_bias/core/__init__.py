@@ -19,6 +19,8 @@ from .hf import (
                  hf_state_dict,
                  load_hf_weights,
                  out_projection,
+                 stale_split_qkv,
+                 sync_split_qkv,
                  to_hf_model,
 )
 from .hooks import (
@@ -61,7 +63,8 @@ __all__ = [
     "DataError", "LensBiasError", "ModelLoadError", "PromptError", "NonFiniteError", "check_finite",
     "check_weights_finite",
     "DATA_DIR", "atomic_write", "check_output_dir", "replace_dir", "shipped", "write_table", "write_text",
-    "architecture", "clone_model", "hf_module", "hf_state_dict", "load_hf_weights", "out_projection", "to_hf_model",
+    "architecture", "clone_model", "hf_module", "hf_state_dict", "load_hf_weights", "out_projection",
+    "stale_split_qkv", "sync_split_qkv", "to_hf_model",
     "SITES", "Site", "check_hook_names", "device_of", "hook_name", "last_resid", "run_until", "site_kind", "trace",
     "ChunkSums", "LocateMethod",
     "FAST_METRICS", "METRICS", "answer_logits", "answer_logits_fast", "get_metric", "logit_diff",

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -52,15 +54,45 @@ def atomic_write(path: str | os.PathLike, write: Callable) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        named = writing_error(e, path)
+        if named is not None and named is not e:
+            raise named from None
         raise
     return path
 
 
+def writing_error(e: BaseException, path: str | os.PathLike) -> OSError | None:
+    """An error met while writing `path` as an OSError that names the file (a full disk or `ulimit -f`
+    says only 'File too large'; safetensors raises its own SafetensorError '... (os error 27)'); `e`
+    itself when it names a file already; None when it is not an I/O error."""
+    if isinstance(e, OSError):
+        return e if e.filename is not None else OSError(e.errno, e.strerror or str(e), str(path))
+    if type(e).__name__ == "SafetensorError":
+        code = re.search(r"os error (\d+)", str(e))
+        n = int(code.group(1)) if code else errno.EIO
+        return OSError(n, os.strerror(n) if code else str(e).strip().splitlines()[0], str(path))
+    return None
+
+
+def renamed_error(e: BaseException, tmp: str | os.PathLike, final: str | os.PathLike) -> BaseException:
+    """An OSError about a file under the temp folder `tmp` as one about the same file under `final`
+    (where it was to go: the name the user knows); other errors as they are."""
+    name = getattr(e, "filename", None)
+    if isinstance(e, OSError) and isinstance(name, str) and name.startswith(str(tmp)):
+        return OSError(e.errno, e.strerror, str(final) + name[len(str(tmp)):])
+    return e
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_jsonl(path: str | os.PathLike, rows) -> Path:
+    """One JSON object a line."""
+    return write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def write_csv(path: str | os.PathLike, df) -> Path:
@@ -147,6 +179,55 @@ def file_lock(path: str | os.PathLike, *, blocking: bool = True) -> Iterator[boo
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         os.close(fd)
+
+
+def held_elsewhere(path: str | os.PathLike) -> bool:
+    """True when another process holds a lock (flock) on the file `path`; a lock file nobody holds is
+    removed (its holder died: the kernel released its lock). Call it holding a lock that orders the
+    callers (e.g. a folder's run lock), so nobody opens `path` meanwhile."""
+    if fcntl is None:  # pragma: no cover
+        return False
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return True
+        raise
+    finally:
+        os.close(fd)  # (releases the lock just taken, if taken)
+    Path(path).unlink(missing_ok=True)
+    return False
+
+
+class SharedLock:
+    """A shared lock (flock) on the file `path`, held from `acquire()` until `release()`, which removes
+    the file when no other process holds it. Take and release it holding a lock that orders the
+    callers (see held_elsewhere)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path, self.fd = Path(path), None
+
+    def acquire(self) -> "SharedLock":
+        if fcntl is not None:
+            self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o666)
+            fcntl.flock(self.fd, fcntl.LOCK_SH)
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the last holder: the file goes
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            pass  # another process holds it still
+        finally:
+            os.close(self.fd)
+            self.fd = None
 
 
 def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:

@@ -18,8 +18,9 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from .errors import LensBiasError, ModelLoadError
 from .hooks import device_of
-from .models import HookedModel
-from .precision import float32_activations
+from .models import HookedModel, set_conventions
+from .precision import float32_activations, logit_tolerance
+from .prompts import prepends_bos
 
 _BRIDGE_INFIX = "._original_component"
 
@@ -95,15 +96,9 @@ def clone_model(model: TransformerBridge) -> TransformerBridge:
         raise ModelLoadError(f"could not copy the model (its source {source!r} must stay readable): {e}") from None
     clone.eval()
     float32_activations(clone)
+    set_conventions(clone, prepends_bos(model))
     clone.lens_bias_source = source
     return clone
-
-
-def logit_tolerance(dtype: torch.dtype, logits: Tensor) -> float:
-    """1e-4 in float32; in half precision relative to the logits' scale (rounding grows with it)."""
-    if dtype in (torch.float32, torch.float64):
-        return 1e-4
-    return 1e-2 * max(1.0, float(logits.float().abs().max()))
 
 
 def probe_tokens(model: HookedModel, n: int = 12) -> Tensor:
@@ -112,10 +107,52 @@ def probe_tokens(model: HookedModel, n: int = 12) -> Tensor:
     return torch.randint(0, vocab, (2, n), generator=torch.Generator().manual_seed(0))
 
 
+def _split_attentions(model):
+    """(layer, attention bridge) for each attention that split a fused q/k/v weight at load time
+    (GPT-2's c_attn, Phi-3's qkv_proj, GPT-NeoX's query_key_value)."""
+    for layer, block in enumerate(getattr(model, "blocks", ())):
+        attn = block.attn
+        if getattr(attn, "split_qkv_matrix", None) is not None and getattr(attn, "original_component", None) is not None:
+            yield layer, attn
+
+
+def _split_pairs(attn):
+    """(the bridge's q/k/v parameter, the same slice split afresh from the fused weight) pairs."""
+    with torch.no_grad():
+        fresh = attn.split_qkv_matrix(attn.original_component)
+    for part, new in zip((attn.q, attn.k, attn.v), fresh):
+        for name in ("weight", "bias"):
+            ours, theirs = getattr(part.original_component, name, None), getattr(new, name, None)
+            if ours is not None and theirs is not None:
+                yield ours, theirs
+
+
+def stale_split_qkv(model) -> list[int]:
+    """Layers whose split q/k/v weights (what the bridge computes with) differ from the fused Hugging
+    Face weight (what is exported). GPT-2 and Phi-3 bridges split into views, so these never
+    differ; GPT-NeoX bridges keep copies, so an attention edit made on one side misses the other."""
+    return [layer for layer, attn in _split_attentions(model)
+            if any(not torch.equal(ours, theirs) for ours, theirs in _split_pairs(attn))]
+
+
+def sync_split_qkv(model) -> list[int]:
+    """Copy each fused q/k/v Hugging Face weight into the bridge's split copies (after the fused weight
+    was edited, e.g. a merged LoRA adapter on GPT-NeoX); returns the layers that changed."""
+    changed = []
+    for layer, attn in _split_attentions(model):
+        pairs = [(ours, theirs) for ours, theirs in _split_pairs(attn) if not torch.equal(ours, theirs)]
+        with torch.no_grad():
+            for ours, theirs in pairs:
+                ours.copy_(theirs)
+        if pairs:
+            changed.append(layer)
+    return changed
+
+
 def load_hf_weights(model: TransformerBridge, hf_model: torch.nn.Module, *, inplace: bool = False) -> TransformerBridge:
     """Copy a Hugging Face model's weights (same config, e.g. a merged LoRA model) into the bridge
-    (a copy unless `inplace`); the inverse of `to_hf_model`. The logits are checked afterwards:
-    some bridges keep copies (not views) of split weights, which a weight copy misses."""
+    (a copy unless `inplace`); the inverse of `to_hf_model`. Bridges that keep copies of split q/k/v
+    weights (GPT-NeoX) get them re-split from the fused weight; the logits are checked afterwards."""
     target = model if inplace else clone_model(model)
     src = hf_model.state_dict()
     dst = hf_state_dict(target)
@@ -127,15 +164,16 @@ def load_hf_weights(model: TransformerBridge, hf_model: torch.nn.Module, *, inpl
             if src[k].shape != w.shape:
                 raise LensBiasError(f"weight {k!r} has shape {tuple(src[k].shape)}, the bridge's {tuple(w.shape)}")
             w.copy_(src[k].to(w.device, w.dtype))
+        sync_split_qkv(target)
         tokens = probe_tokens(target)
         ours = target(tokens.to(device_of(target))).float().cpu()
         theirs = hf_model(input_ids=tokens.to(device_of(hf_model))).logits.float().cpu()
         diff = (ours - theirs).abs().max().item()
     dtypes = {next(hf_model.parameters()).dtype, next(hf_module(target).parameters()).dtype}
     coarse = next((d for d in (torch.bfloat16, torch.float16) if d in dtypes), torch.float32)  # weights were cast
-    if not diff <= logit_tolerance(coarse, theirs):
+    if not diff <= logit_tolerance(coarse, theirs, hf_module(target).config.num_hidden_layers):
         raise LensBiasError(f"the bridge did not take the weights of architecture {architecture(target)!r} "
-                            f"(logits differ by {diff:.3g}); GPT-NeoX bridges keep copies of the split q/k/v")
+                            f"(logits differ by {diff:.3g})")
     return target
 
 

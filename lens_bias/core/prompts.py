@@ -48,13 +48,62 @@ def pad(seqs: Sequence[Sequence[int]], pad_id: int = 0, side: PaddingSide = "rig
     return ids, mask
 
 
+def bos_convention(tok) -> bool:
+    """Whether prompts start with the tokenizer's BOS token, decided on the tokenizer as the model ships it:
+    yes when the tokenizer adds it itself (Llama, Gemma, OPT), or when it is GPT-2's document separator
+    (BOS = EOS, which TransformerLens prepends); no otherwise — a chat-turn marker such as SmolLM2's
+    bos_token `<|im_start|>` is never prepended."""
+    bos = tok.bos_token_id
+    if bos is None:
+        return False
+    ids = tok("a")["input_ids"]
+    return bool(ids and ids[0] == bos) or bos == tok.eos_token_id
+
+
+def prepends_bos(tokenizer_or_model) -> bool:
+    """The model's BOS convention: as recorded by `load_model` (the bridge re-creates the tokenizer to
+    always add BOS), else `bos_convention` of the tokenizer."""
+    tok = tokenizer_of(tokenizer_or_model)
+    decided = getattr(tok, "lens_bias_prepend_bos", None)
+    return bos_convention(tok) if decided is None else bool(decided)
+
+
+def bos_ids(tokenizer_or_model) -> list[int]:
+    """[BOS id] when prompts start with BOS (`prepends_bos`), else []."""
+    tok = tokenizer_of(tokenizer_or_model)
+    return [tok.bos_token_id] if prepends_bos(tok) else []
+
+
 def encode_lines(tokenizer_or_model, texts: Sequence[str], *, bos: bool = True,
                  max_tokens: int | None = None) -> list[list[int]]:
-    """Token ids of each text (BOS first when the tokenizer has one and `bos`), cut to `max_tokens`."""
+    """Token ids of each text (BOS first when the model's convention has one and `bos`), cut to `max_tokens`."""
     tok = tokenizer_of(tokenizer_or_model)
-    head = [tok.bos_token_id] if bos and tok.bos_token_id is not None else []
+    head = bos_ids(tok) if bos else []
     out = [head + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     return [e[:max_tokens] for e in out] if max_tokens else out
+
+
+def resolve_chat(tokenizer_or_model, chat: bool | None = None) -> bool:
+    """Whether instruction prompts go through the tokenizer's chat template: `chat`, or by default (None)
+    when the tokenizer has one; True for a tokenizer without a template is an error."""
+    has = bool(getattr(tokenizer_of(tokenizer_or_model), "chat_template", None))
+    if chat and not has:
+        raise PromptError("chat=True, but the tokenizer has no chat template; pass chat=False (plain prompts)")
+    return has if chat is None else bool(chat)
+
+
+def chat_prompt(tokenizer_or_model, user: str) -> str:
+    """One user turn through the tokenizer's chat template, ending where the assistant's reply begins
+    (the template's own system prompt, if it adds one, included)."""
+    tok = tokenizer_of(tokenizer_or_model)
+    return tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+
+
+def continuation(prompt: str, word: str) -> str:
+    """`word` as the next text after `prompt`: ' word' after text ('Answer:' → ' Yes'), 'word' at the
+    start of a line (the assistant's reply in a chat template → 'Yes')."""
+    word = word.strip()
+    return word if not prompt or prompt[-1].isspace() else " " + word
 
 
 def answer_token_id(tokenizer_or_model, word: str, *, prompt: str | None = None) -> int:
@@ -83,16 +132,39 @@ def _encode(tok, text: str, prepend_bos: bool) -> tuple[list[int], list[tuple[in
     return ids, offsets
 
 
+def prompt_error(i: int, message: str) -> PromptError:
+    """A PromptError about prompt i (0-based; 'prompt i+1: ...') that knows it (`.item`), so a loader
+    can name the file's line (tasks.records.located)."""
+    err = PromptError(f"prompt {i + 1}: {message}")
+    err.item = i
+    return err
+
+
 def _span(text: str, offsets, word: str, prompt_idx: int) -> tuple[int, int]:
     """Token span [start, end) covering the last occurrence of `word` in `text`."""
     at = text.rfind(word)
     if at < 0:
-        raise PromptError(f"subject {word!r} not found in prompt {prompt_idx} {text!r}")
+        raise prompt_error(prompt_idx, f"subject {word!r} not found in the prompt {text!r}")
     lo, hi = at, at + len(word)
     toks = [i for i, (a, b) in enumerate(offsets) if b > a and a < hi and b > lo]
     if not toks:
-        raise PromptError(f"subject {word!r} covers no token in prompt {prompt_idx} {text!r}")
+        raise prompt_error(prompt_idx, f"subject {word!r} covers no token in the prompt {text!r}")
     return toks[0], toks[-1] + 1
+
+
+def _answer_ids(tok, words: Sequence[str], prompt: str, i: int) -> list[int]:
+    """The answer words' token ids for prompt i: single tokens, and different ones (two equal answers
+    make every logit difference 0)."""
+    try:
+        ids = [answer_token_id(tok, w, prompt=prompt) for w in words]
+    except PromptError as e:
+        raise prompt_error(i, str(e)) from None
+    for a in range(len(ids)):
+        b = next((b for b in range(a + 1, len(ids)) if ids[b] == ids[a]), None)
+        if b is not None:
+            raise prompt_error(i, f"answers {words[a]!r} and {words[b]!r} are the same token (id {ids[a]}): their "
+                                  "logit difference is 0 for every prompt; give different answer words")
+    return ids
 
 
 @dataclass
@@ -136,7 +208,7 @@ class PromptSet:
         `answers` is one tuple of answer words per prompt, or one tuple shared by all.
         `on_length_mismatch`: 'raise' (default) or 'drop' pairs whose clean and corrupted
         prompts tokenise to different lengths (with a warning giving the count).
-        `prepend_bos` defaults to True when the tokenizer has a BOS token.
+        `prepend_bos` defaults to the model's convention (`prepends_bos`).
         """
         tok = tokenizer_of(tokenizer_or_model)
         prompts = list(prompts)
@@ -158,10 +230,10 @@ class PromptSet:
             if seq is not None and len(seq) != n:
                 raise PromptError(f"{len(seq)} {name} entries for {n} prompts")
         if prepend_bos is None:
-            prepend_bos = tok.bos_token_id is not None
+            prepend_bos = prepends_bos(tok)
         for i, p in enumerate(prompts):
             if not isinstance(p, str) or not p.strip():
-                raise PromptError(f"prompt {i} is empty or not a string: {p!r}")
+                raise prompt_error(i, f"empty or not a string: {p!r}")
 
         enc = [_encode(tok, p, prepend_bos) for p in prompts]
         cenc = [_encode(tok, c, prepend_bos) for c in corrupted] if corrupted is not None else None
@@ -181,7 +253,7 @@ class PromptSet:
                 if not keep:
                     raise PromptError("every clean/corrupted pair had mismatched lengths; nothing left")
 
-        answer_ids = [[answer_token_id(tok, w, prompt=prompts[i]) for w in answers[i]] for i in keep]
+        answer_ids = [_answer_ids(tok, answers[i], prompts[i], i) for i in keep]
         spans = None
         if subjects is not None:
             spans = torch.tensor([_span(prompts[i], enc[i][1], subjects[i], i) for i in keep])
@@ -192,8 +264,8 @@ class PromptSet:
         n_ctx = getattr(getattr(tokenizer_or_model, "cfg", None), "n_ctx", None)
         if n_ctx and width > n_ctx:
             i = keep[max(range(len(seqs)), key=lambda j: len(seqs[j]))]
-            raise PromptError(f"prompt {i} is {width} tokens, longer than the model's context of {n_ctx}: "
-                              f"{prompts[i][:80]!r}...")
+            raise prompt_error(i, f"prompt is {width} tokens, longer than the model's context of {n_ctx}: "
+                                  f"{prompts[i][:80]!r}...")
 
         def padded(rows):
             return pad(rows, pad_token, padding_side, width)

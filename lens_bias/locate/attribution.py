@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..core.checks import check_finite
 from ..core.errors import LensBiasError
-from ..core.hooks import check_sites, device_of, hook_name
+from ..core.hooks import check_hook_names, check_sites, device_of, hook_name
 from ..core.methods import ChunkSums, LocateMethod, add_scores, scores_from_sums
 from ..core.metrics import answer_logits_fast
 from ..core.models import HookedModel
@@ -101,6 +101,7 @@ def attribution_patching(
     L = model.cfg.n_layers
     names = {(c, l): hook_name(c, l) for c in components for l in range(L)}
     wanted = set(names.values())
+    check_hook_names(model, sorted(wanted))
     W_U, b_U = model.W_U, getattr(model, "b_U", None)
     corrupt_tokens = ps.tokens if corruption is not None else ps.corrupted_tokens
     corrupt_hooks = list(corruption(torch.arange(len(ps), device=device))) if corruption is not None else []

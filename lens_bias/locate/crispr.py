@@ -32,12 +32,14 @@ from ..core.errors import LensBiasError
 from ..core.hooks import hook_name
 from ..core.methods import ChunkSums, LocateMethod
 from ..core.models import HookedModel
+from ..core.prompts import resolve_chat
 from ..core.scores import ComponentScores
 from ..tasks.multiple_choice import (
     INSTRUCTIONS,
     format_mc_prompt,
     item_options,
     option_sequences,
+    check_contexts,
     sequence_logprobs,
     validate_items,
 )
@@ -131,11 +133,12 @@ def disentangled_scores(acts, grads: dict, spans, k: int, lam: float, tokens: To
 
 def crispr_scores(model: HookedModel, items: Items, instructions: list[str] | None = None, *, lam: float = 1.0,
                   tokens: Tokens = "input", order: Order = "token", batch_size: int = 8, progress: bool = True,
-                  unit: Unit = "neuron") -> ComponentScores:
+                  unit: Unit = "neuron", chat: bool | None = None) -> ComponentScores:
     """Bias score B of every MLP neuron [layer, d_mlp] (or attention head [layer, head], `unit="head"`):
     B = mean over instructions of Σ_x c(x)·max_t[A_t(ŷ) − λ·relu(A_t(y))] / Σ_x c(x) (module
     docstring; `order="aggregate_first"` disentangles after the max over tokens). Instances the
-    model already answers with ŷ far below y still count, weighted by their (small) confusion c."""
+    model already answers with ŷ far below y still count, weighted by their (small) confusion c. Prompts go
+    through the chat template when `chat` (default: when the tokenizer has one)."""
     items = validate_items(items)  # labels are option indices, every item has the same number of options
     if unit not in UNITS:
         raise LensBiasError(f"unit must be one of {sorted(UNITS)}, not {unit!r}")
@@ -147,6 +150,8 @@ def crispr_scores(model: HookedModel, items: Items, instructions: list[str] | No
         raise LensBiasError("order='token' disentangles token by token, which needs the same tokens for ŷ and y: "
                             "tokens='input' (or order='aggregate_first')")
     instructions = instructions or INSTRUCTIONS
+    template = model.tokenizer if resolve_chat(model, chat) else None
+    check_contexts(model, items, instructions, template)
     L, D = model.cfg.n_layers, (model.cfg.d_mlp if unit == "neuron" else model.cfg.n_heads)
     per_instruction, totals, weights = [], [], []
     bar = tqdm(total=len(instructions) * len(items), desc="CRISPR", unit="item", disable=not progress)
@@ -154,7 +159,7 @@ def crispr_scores(model: HookedModel, items: Items, instructions: list[str] | No
         total, weight = torch.zeros(L, D), 0.0
         for s in range(0, len(items), batch_size):
             chunk = take(items, s, s + batch_size)
-            prompts = [format_mc_prompt(ins, it["context"], it["question"], item_options(it))
+            prompts = [format_mc_prompt(ins, it["context"], it["question"], item_options(it), template)
                        for it in chunk]
             opts = [item_options(it) for it in chunk]
             gold = torch.tensor([int(it["label"]) for it in chunk])
@@ -185,7 +190,8 @@ def crispr_scores(model: HookedModel, items: Items, instructions: list[str] | No
 # ---------------------------------------------------------------------------------------
 # As a batch-run method (lens_bias.runs)
 # ---------------------------------------------------------------------------------------
-def _instructions(opts: dict) -> list[str]:
+def instructions_of(opts: dict) -> list[str]:
+    """The instructions a batch run's `instructions` option names (None: all ten; n: the first n)."""
     n = opts["instructions"]
     if isinstance(n, int) and not 1 <= n <= len(INSTRUCTIONS):
         raise LensBiasError(f"instructions must be 1..{len(INSTRUCTIONS)}, got {n}")
@@ -195,8 +201,8 @@ def _instructions(opts: dict) -> list[str]:
 def _run_chunk(model, data: Items, lo: int, hi: int, opts: dict, batch_size, state) -> ChunkSums:
     """Per instruction: crispr_scores' confusion-weighted sum and its weight, so chunks combine
     as crispr_scores' confusion-weighted mean over all items."""
-    res = crispr_scores(model, take(data, lo, hi), _instructions(opts), lam=opts["lam"], tokens=opts["tokens"],
-                        order=opts["order"], batch_size=batch_size or 8, progress=False)
+    res = crispr_scores(model, take(data, lo, hi), instructions_of(opts), lam=opts["lam"], tokens=opts["tokens"],
+                        order=opts["order"], batch_size=batch_size or 8, progress=False, chat=opts["chat"])
     return ChunkSums({"totals": res.extra["totals"].double(), "weights": res.extra["weights"].double()}, hi - lo)
 
 
@@ -204,14 +210,14 @@ def _finalize(model, data: Items, total: ChunkSums, opts: dict) -> ComponentScor
     vals = (total.sums["totals"] / total.sums["weights"].clamp(min=1e-12)[:, None, None]).mean(0).float()
     return ComponentScores(vals, ("layer", "neuron"), "neuron", "crispr",
                            extra={"lambda": opts["lam"], "tokens": opts["tokens"], "order": opts["order"],
-                                  "n_instructions": len(_instructions(opts)), "n_items": total.count})
+                                  "n_instructions": len(instructions_of(opts)), "n_items": total.count})
 
 
 RUN = LocateMethod(
     name="crispr",
     summary="CRISPR bias score of every MLP neuron on BBQ items (Yang et al., ACL 2024)",
     data="multiple_choice",
-    options={"instructions": None, "lam": 1.0, "tokens": "input", "order": "token"},
+    options={"instructions": None, "lam": 1.0, "tokens": "input", "order": "token", "chat": None},
     run=_run_chunk,
     finalize=_finalize,
 )

@@ -10,7 +10,10 @@ cannot change the result is skipped:
 - layers: a row enters at the patched layer from the cached corrupted residual (`resid_pre`, or
   `resid_mid` with the patched attention/head output added, which also skips the patched layer's
   attention) by calling the model's blocks directly — the bridge's `start_at_layer` still runs
-  the earlier blocks;
+  the earlier blocks. Where it enters follows how the blocks compose (`Layout`): in GPT-NeoX's
+  parallel blocks an attention, head or MLP patch enters the next block with that output swapped
+  in the residual; where no closed form holds (a head under Gemma's post-attention norm, OPT's MLP
+  that cannot be called alone) the row enters at the block's input and a hook patches inside it;
 - positions before the change: with causal attention, positions before the first one the patch
   changes (the first token where clean and corrupted differ, or the patched position) are the
   corrupted run's in every patched run. A row computes only positions s..answer; the keys and
@@ -18,14 +21,17 @@ cannot change the result is skipped:
   as its KV cache). Cost is proportional to the tokens from the first difference onwards, so
   pairs that share long prefixes are cheap;
 - the end: the last block's MLP, the final norm and the unembedding run at the answer position
-  only, on the answer rows of W_U (in float32: logit differences of bf16/fp16 models keep
-  their precision);
+  only, on the answer rows of W_U and the final soft cap (in float32: logit differences of
+  bf16/fp16 models keep their precision);
 - no-op rows (clean activation == corrupted, or a position after the answer, or a last-layer
   position other than the answer's) take the corrupted value.
 
-Self-checks (the shortcut forward, with and without a cached prefix, must reproduce the corrupted
-run's answer metric) guard the fast path; architectures it does not fit fall back, with a
-warning, to one hooked forward per chunk of rows (`fast=False` forces that path).
+Self-checks guard the fast path: the shortcut forward, with and without a cached prefix, must
+reproduce the corrupted run's answer metric; a patched output must be what its layer adds to the
+residual; the answer-only unembedding must give the model's own logits. Architectures that fail one
+fall back, with one FastPathWarning per model naming the architecture, to one hooked forward per
+chunk of rows (or the full logits); `fast=False` forces that path. Every decoder family of
+lens_bias.core.families runs the fast path (tests/core/test_families.py).
 
 Memory: `memory_mb` bounds what patching adds on top of the model's weights: the caches of one
 group of prompts (the clean and corrupted activations at the patched sites and entry residuals,
@@ -44,7 +50,8 @@ import ctypes
 import functools
 import inspect
 import warnings
-from dataclasses import replace
+import weakref
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Literal
 
 import torch
@@ -63,7 +70,7 @@ from ..core.hooks import (
     trace,
 )
 from ..core.methods import ChunkSums, LocateMethod, add_scores, scores_from_sums
-from ..core.metrics import FAST_METRICS, Metric, get_metric, metric_from_answers
+from ..core.metrics import FAST_METRICS, Metric, get_metric, metric_from_answers, soft_cap
 from ..core.models import HookedModel
 from ..core.prompts import PromptSet
 from ..core.scores import ComponentScores
@@ -128,13 +135,14 @@ class _Answers:
         ids = self.ids[prompts]
         x = self.model.ln_final(x[:, None])[:, 0].float()
         if self.metric == "odds_ratio":
-            logits = x @ self.W_full + (self.b_U if self.b_U is not None else 0)
+            logits = soft_cap(self.model, x @ self.W_full + (self.b_U if self.b_U is not None else 0))
             a = logits.gather(1, ids)
             logp = logits.log_softmax(-1).gather(1, ids)
         else:
             a, logp = torch.einsum("rd,dra->ra", x, self.W_U[:, ids].float()), None
             if self.b_U is not None:
                 a = a + self.b_U[ids]
+            a = soft_cap(self.model, a)
         self.bad |= ~torch.isfinite(a).all()  # checked once at the end (no sync per chunk)
         return metric_from_answers(a, self.metric, logp)
 
@@ -231,15 +239,39 @@ def _has_position_axis(v, n_pos: int) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a model's blocks compose, which decides where a patched row can enter the shortcut forward.
+
+    parallel: attention and MLP both read resid_pre (GPT-NeoX/Pythia): no resid_mid, a block runs whole;
+    mlp_half: resid_post = resid_mid + [ln2_post](mlp(ln2(resid_mid))) can be computed from the block's
+    modules (not OPT's MLP, which the bridge cannot call alone);
+    head_linear: the attention adds Σ_h z_h W_O[h] + b_O to the residual as is (no post-attention norm,
+    as Gemma 2/3 have), so a head's patch is a delta of the residual.
+    """
+
+    parallel: bool
+    mlp_half: bool
+    head_linear: bool
+
+
+def layout(model: HookedModel) -> Layout:
+    """The Layout of a bridge's blocks (read from its modules and hooks; the fast path checks it numerically)."""
+    blk = model.blocks[0]
+    parallel = hook_name("resid_mid", 0) not in getattr(model, "hook_dict", {hook_name("resid_mid", 0): None})
+    mlp_half = not parallel and hasattr(blk, "ln2") and getattr(blk.mlp, "name", "mlp") is not None
+    return Layout(parallel, mlp_half, head_linear=not hasattr(blk, "ln1_post"))
+
+
 class _Shortcut:
     """Runs blocks k..L-1 on positions s..e-1 from a residual state, with the arguments the model
     gave them and the corrupted run's keys/values of positions 0..s-1."""
 
     def __init__(self, model, block_args: list[dict], past_names: list[str | None], kv: dict, n_prompts: int,
-                 n_pos: int, answers: _Answers, answer_pos: Tensor):
+                 n_pos: int, answers: _Answers, answer_pos: Tensor, lay: Layout):
         self.model, self.block_args, self.past_names, self.kv = model, block_args, past_names, kv
         self.n, self.P, self.answers, self.answer_pos = n_prompts, n_pos, answers, answer_pos
-        self.L = model.cfg.n_layers
+        self.L, self.mlp_half = model.cfg.n_layers, lay.mlp_half
         # a window needs every attention to take our KV cache and every argument to be cuttable
         self.windowed = all(p is not None for p in past_names) and all(
             not _has_position_axis(v, n_pos) for args in block_args for k, v in args.items()
@@ -264,7 +296,9 @@ class _Shortcut:
 
     def _mlp_half(self, k: int, x: Tensor) -> Tensor:
         blk = self.model.blocks[k]
-        return x + blk.mlp(blk.ln2(x))
+        h = blk.mlp(blk.ln2(x))
+        post = getattr(blk, "ln2_post", None)  # Gemma 2/3: a norm on the MLP's output before the residual add
+        return x + (h if post is None else post(h))
 
     def _attn_half(self, k: int, x: Tensor, kw: dict) -> Tensor:
         mid = hook_name("resid_mid", k)
@@ -274,8 +308,9 @@ class _Shortcut:
 
     def run(self, x: Tensor, entry: str, layer: int, prompts: Tensor, s: int = 0, full_last: bool = False) -> Tensor:
         """Metric per row after entering with residual `x` [rows, e - s, d] (positions s..e-1) at
-        `layer` ('pre': block input, 'mid': after the attention, 'pre' at L: the final residual)."""
+        `layer` ('pre' or 'hook': block input, 'mid': after the attention, 'pre' at L: the final residual)."""
         L, rows = self.L, torch.arange(len(prompts), device=x.device)
+        full_last = full_last or not self.mlp_half  # the last block cannot be cut after its attention
         e = s + x.shape[1]
         ans = self.answer_pos[prompts] - s
         if entry == "pre" and layer == L:
@@ -618,7 +653,14 @@ def activation_patching(
     ps = ps.to(device)
     kind = site_kind(site)
     spans = _spans(layers, window, n_layers)
-    n_cached, n_kv_layers = _cache_count(site, kind, spans, n_layers)
+    check_hook_names(model, sorted({hook_name(site, k) for lo, hi in spans for k in range(lo, hi)}))
+    metric_name = metric if not callable(metric) else getattr(metric, "__name__", str(metric))
+    problem = None if callable(metric) else _unembedding_problem(model, ps, metric)
+    if problem:  # the model's logits are not what the answer-only unembedding computes: use its own logits
+        warn_fallback(model, "unembedding", f"answer logits from the final residual do not match the model's "
+                      f"logits ({problem}); every patched run computes the full logits instead")
+        metric = get_metric(metric)
+    n_cached, n_kv_layers = _cache_count(site, kind, spans, n_layers, layout(model))
     plan = _Plan(model, ps, kind, n_cached, n_kv_layers, memory_mb, batch_size, vocab_rows=callable(metric))
     group = plan.group
     n, P = ps.tokens.shape
@@ -637,8 +679,8 @@ def activation_patching(
                 try:
                     res = _patch_fast(*args)
                 except _ShortcutMismatch as e:
-                    warnings.warn(f"shortcut forward does not fit this model ({e}); using one hooked forward "
-                                  "per chunk")
+                    warn_fallback(model, "shortcut", f"the shortcut forward does not fit this model ({e}); "
+                                  "using one hooked forward per chunk of rows (same values, slower)")
                     used_fast = False
                     if parts:  # start again on the hooked path, so every prompt is scored the same way
                         return activation_patching(model, ps, site, per_position=per_position, metric=metric,
@@ -655,8 +697,47 @@ def activation_patching(
     clean_rows = torch.cat([p[1] for p in parts])
     corr_rows = torch.cat([p[2] for p in parts])
     extra = {"prefix": all(p[3] for p in parts)} if used_fast else {}
-    return _result(model, ps, site, kind, per_position, layers, out, clean_rows, corr_rows, metric, window,
+    return _result(model, ps, site, kind, per_position, layers, out, clean_rows, corr_rows, metric_name, window,
                    "activation", fast=used_fast, **extra)
+
+
+#: per model, the fallbacks it has been warned about (each is said once per model)
+_WARNED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class FastPathWarning(UserWarning):
+    """A fast path does not fit the model: lens_bias uses the plain hooked computation instead."""
+
+
+def warn_fallback(model, kind: str, message: str) -> None:
+    """Warn, once per model and kind of fallback, that a fast path fell back (naming the architecture)."""
+    seen = _WARNED.setdefault(model, set())
+    if kind in seen:
+        return
+    seen.add(kind)
+    hf = getattr(model, "original_model", model)
+    arch = (getattr(hf.config, "architectures", None) or [type(hf).__name__])[0]
+    warnings.warn(f"lens_bias fast path off for {arch}: {message}", FastPathWarning, stacklevel=3)
+
+
+def _unembedding_problem(model, ps: PromptSet, metric: str) -> str | None:
+    """None when the answer metric computed from the final residual (final norm, answer columns of W_U,
+    soft cap) equals the one from the model's own logits, on the first three tokens of (up to) two
+    prompts; else how far apart."""
+    sub = _rows(ps, torch.arange(min(2, len(ps)), device=ps.tokens.device))
+    k = min(3, sub.tokens.shape[1])
+    sub = replace(sub, tokens=sub.tokens[:, :k], attention_mask=torch.ones_like(sub.tokens[:, :k]),
+                  answer_pos=torch.full_like(sub.answer_pos, k - 1))
+    rows = torch.arange(len(sub), device=sub.tokens.device)
+    last = last_resid(model)
+    with torch.no_grad(), trace(model, [last]) as acts:
+        want = get_metric(metric)(model(sub.tokens, attention_mask=sub.attention_mask), sub).float()
+    with torch.no_grad():
+        got = _Answers(model, sub, metric)(acts[last][rows, sub.answer_pos], rows)
+    tol = _tolerance(model)
+    if not torch.isfinite(want).all() or torch.allclose(got, want, atol=tol * (1 + float(want.abs().max())), rtol=tol):
+        return None  # non-finite logits are reported by the methods themselves
+    return f"max |diff| {float((got - want).abs().max()):.2e}"
 
 
 def _trim_heap(device: torch.device) -> None:
@@ -701,19 +782,36 @@ def _spans(layers, window, n_layers):
     return [(max(0, l - window // 2), min(n_layers, l - (-window // 2))) for l in layers]
 
 
-#: the entry residuals (corrupted run) each site needs at its layer
-_ENTRY_SITES = {"resid_pre": ("resid_pre",), "resid_mid": ("resid_mid",), "attn_out": ("resid_pre", "resid_mid"),
-                "head": ("resid_pre", "resid_mid"), "resid_post": ("resid_post",),
-                "mlp_out": ("resid_mid", "resid_post")}
+def _entry_sites(site: str, lay: Layout) -> tuple[str, ...]:
+    """The corrupted run's activations at a patched layer that the rows' entry state is built from
+    (and, for an output added to the residual, that check it adds up)."""
+    entry, _ = _entry_of(site, 0, lay)
+    if entry == "hook" or site == "resid_pre":
+        return ("resid_pre",)
+    if site in ("resid_mid", "resid_post"):
+        return (site,)
+    if lay.parallel:
+        return ("resid_pre", "resid_post", "mlp_out" if site != "mlp_out" else "attn_out")
+    return ("resid_mid", "resid_post") if site == "mlp_out" else ("resid_pre", "resid_mid")
 
 
-def _cache_count(site, kind, spans, n_layers) -> tuple[int, int]:
+def _cache_count(site, kind, spans, n_layers, lay: Layout) -> tuple[int, int]:
     """([pos, d_model]-sized activations cached per prompt, layers whose keys/values are kept)."""
     comp_layers = {k for lo, hi in spans for k in range(lo, hi)}
     entries = {lo for lo, _ in spans}
-    n = 2 * len(comp_layers) + len(_ENTRY_SITES[site]) * len(entries) + 3
-    first = min(lo + (site != "resid_pre") for lo in entries)
+    n = 2 * len(comp_layers) + len(_entry_sites(site, lay)) * len(entries) + 3
+    first = min(at + (entry == "mid") for entry, at in (_entry_of(site, lo, lay) for lo in entries))
     return n, max(0, n_layers - first)
+
+
+def _added(site: str, lay: Layout, cache: dict, lo: int) -> Tensor:
+    """What the attention (site attn_out/head) or the MLP (mlp_out) of layer `lo` added to the residual in
+    a cached run, from the residual states (float32)."""
+    get = lambda name: cache[hook_name(name, lo)].float()  # noqa: E731
+    if not lay.parallel:
+        return get("resid_post") - get("resid_mid") if site == "mlp_out" else get("resid_mid") - get("resid_pre")
+    other = "attn_out" if site == "mlp_out" else "mlp_out"
+    return get("resid_post") - get("resid_pre") - get(other)
 
 
 def _patch_fast(model, ps, site, per_position, metric, layers, window, corruption, plan, bar):
@@ -725,9 +823,10 @@ def _patch_fast(model, ps, site, per_position, metric, layers, window, corruptio
     comp_layers = sorted({k for lo, hi in spans for k in range(lo, hi)})
     entry_layers = sorted({lo for lo, _ in spans})
     comp_names = {k: hook_name(site, k) for k in comp_layers}
+    lay = layout(model)
     need = set(comp_names.values())
     for lo in entry_layers:  # the residual states the rows enter from
-        need |= {hook_name(r, lo) for r in _ENTRY_SITES[site]}
+        need |= {hook_name(r, lo) for r in _entry_sites(site, lay)}
     corrupt_tokens = ps.tokens if corruption is not None else ps.corrupted_tokens
     all_idx = torch.arange(n, device=device)
     answers = _Answers(model, ps, metric)
@@ -746,12 +845,12 @@ def _patch_fast(model, ps, site, per_position, metric, layers, window, corruptio
         del final_c
         if any(a is None for a in block_args):
             raise _ShortcutMismatch("some blocks were not called as modules")
-        sc = _Shortcut(model, block_args, past_names, kv, n, P, answers, ps.answer_pos)
+        sc = _Shortcut(model, block_args, past_names, kv, n, P, answers, ps.answer_pos, lay)
         # the shortcut must reproduce the corrupted run, on rows in another order and number than the
         # prompts, from the first entry used, over all positions and over a window after a cached prefix
         lo0 = entry_layers[0]
-        entry0, at0 = _entry_of(site, lo0)
-        base0 = cache_x[_base_name(site, lo0)]
+        entry0, at0 = _entry_of(site, lo0, lay)
+        base0 = cache_x[_base_name(site, lo0, lay)]
         shuffled = torch.tensor([n - 1, 0, 0], device=device)
         expect = corr_rows[shuffled]
 
@@ -770,14 +869,8 @@ def _patch_fast(model, ps, site, per_position, metric, layers, window, corruptio
         s_check = int(ps.answer_pos[shuffled].min()) // 2
         if sc.windowed and s_check > 0 and agrees(s_check):
             sc.windowed = False  # exact, but without reusing the prefix
-        if kind == "head":  # resid_mid = resid_pre + Σ_h z_h W_O[h] + b_O must hold for the head entry
-            W = model.blocks[lo0].attn.W_O.float()
-            mid = cache_x[hook_name("resid_pre", lo0)].float() + torch.einsum(
-                "bphd,hde->bpe", cache_x[comp_names[lo0]].float(), W)
-            gap = (cache_x[hook_name("resid_mid", lo0)].float() - mid).flatten(0, 1)
-            scale = tol * (1 + cache_x[hook_name("resid_mid", lo0)].float().abs().max())
-            if not torch.allclose(gap, gap[:1].expand_as(gap), atol=float(scale), rtol=tol):
-                raise _ShortcutMismatch("the attention output is not Σ_h z_h W_O[h] + b_O")
+        if entry0 != "hook" and site in ("attn_out", "mlp_out", "head"):
+            _check_added(model, site, lay, cache_x, lo0, tol)
 
     pos_axis = list(range(P)) if per_position else [-1]
     head_axis = list(range(H)) if kind == "head" else [-1]
@@ -796,11 +889,13 @@ def _patch_fast(model, ps, site, per_position, metric, layers, window, corruptio
                 d = cache_c[comp_names[k]] != cache_x[comp_names[k]]
                 diff |= d.any(-1) if kind == "head" else d.any(-1, keepdim=True)
             diff &= upto
-            entry, at = _entry_of(site, lo)
+            entry, at = _entry_of(site, lo, lay)
             final_only = (entry == "pre" and at == L) or (entry == "mid" and at == L - 1 and hi - lo == 1)
+            # after the last attention, a patch changes its own position only
+            last_only = lo == L - 1 and hi - lo == 1 and site != "resid_pre"
             if per_position:
                 changed = diff[:, pos_c, head_c].T  # [C, n]
-                if final_only:
+                if last_only:
                     changed &= pos_c[:, None] == ans[None, :]
                 start = pos_c[:, None].expand(C, n)
             else:
@@ -818,16 +913,17 @@ def _patch_fast(model, ps, site, per_position, metric, layers, window, corruptio
             todo, s_row = todo[order], s_row[order]
             e_row = ans[todo[:, 1]] + 1 if sc.windowed or final_only else torch.full_like(s_row, P)
             delta = None
-            if kind == "head":  # per head, its output written into the residual: [head, batch, pos, d_model]
+            if kind == "head" and entry != "hook":  # per head, its output added to the residual: [head, batch, pos, d_model]
                 zc, zx = cache_c[comp_names[lo]].float(), cache_x[comp_names[lo]].float()
                 delta = torch.einsum("bphd,hde->hbpe", zc - zx, model.blocks[lo].attn.W_O.float())
                 del zc, zx
-            full_last = hi == L and hi - lo > 1  # window hooks inside the last block
+            first_hook = lo if entry == "hook" else lo + 1
+            full_last = hi == L and hi - first_hook > 0  # patch hooks inside the last block
             for ci, prompts, s, e in _chunks(todo, s_row.tolist(), e_row, plan):
                 pos, head = pos_c[ci], head_c[ci]
-                x = _entry_state(site, lo, cache_c, cache_x, prompts, pos, head, per_position, delta, s, e)
+                x = _entry_state(site, lo, lay, cache_c, cache_x, prompts, pos, head, per_position, delta, s, e)
                 hooks = []
-                for k in range(lo + 1, hi):
+                for k in range(first_hook, hi):
                     name = comp_names[k]
                     hooks.append((name, _patch_hook(cache_c[name], torch.arange(len(prompts), device=device),
                                                     prompts, pos if per_position else torch.full_like(pos, -1),
@@ -860,26 +956,51 @@ def _chunks(todo: Tensor, s_row: list[int], e_row: Tensor, plan: _Plan):
         i = j
 
 
-def _entry_of(site: str, lo: int) -> tuple[str, int]:
-    """Where rows patching `site` at layer `lo` enter the shortcut forward."""
-    if site in ("resid_pre",):
+def _entry_of(site: str, lo: int, lay: Layout) -> tuple[str, int]:
+    """Where rows patching `site` at layer `lo` enter the shortcut forward: ('pre', l) block l's input,
+    ('mid', l) after block l's attention, ('hook', lo) block lo's input with the site patched by a hook
+    inside block lo (for outputs that do not enter the residual as they are)."""
+    if site == "resid_pre":
         return "pre", lo
-    if site in ("resid_mid", "attn_out", "head"):
+    if site in ("resid_post", "mlp_out"):
+        return "pre", lo + 1  # the next block's input
+    if lay.parallel:  # attention and MLP both read resid_pre: their outputs add up to the next block's input
+        return ("pre", lo + 1) if site == "attn_out" or lay.head_linear else ("hook", lo)
+    if lay.mlp_half and (site != "head" or lay.head_linear):
         return "mid", lo
-    return "pre", lo + 1  # resid_post, mlp_out: the next block's input
+    return "hook", lo
 
 
-def _base_name(site: str, lo: int) -> str:
+def _base_name(site: str, lo: int, lay: Layout) -> str:
     """The corrupted residual that rows patching `site` at layer `lo` start from."""
-    return hook_name({"resid_pre": "resid_pre", "resid_post": "resid_post", "mlp_out": "resid_post"}.get(
-        site, "resid_mid"), lo)
+    entry, at = _entry_of(site, lo, lay)
+    if entry == "mid":
+        return hook_name("resid_mid", lo)
+    return hook_name("resid_post", lo) if at > lo else hook_name("resid_pre", lo)
 
 
-def _entry_state(site, lo, cache_c, cache_x, prompts, pos, head, per_position, delta, s, e):
-    """The corrupted residual at the entry point, positions s..e-1, with the row's site patched in."""
-    pre_x = cache_x.get(hook_name("resid_pre", lo))
-    mid_x = cache_x.get(hook_name("resid_mid", lo))
-    base = cache_x[_base_name(site, lo)]
+def _check_added(model, site: str, lay: Layout, cache_x: dict, lo: int, tol: float) -> None:
+    """A _ShortcutMismatch unless the patched output is what its layer adds to the residual (attn_out,
+    mlp_out) or, for heads, Σ_h z_h W_O[h] + a constant (b_O) — checked on the corrupted run."""
+    added = _added(site, lay, cache_x, lo)
+    if site == "head":
+        out = torch.einsum("bphd,hde->bpe", cache_x[hook_name("head", lo)].float(), model.blocks[lo].attn.W_O.float())
+    else:
+        out = cache_x[hook_name(site, lo)].float()
+    gap = (added - out).flatten(0, 1)
+    scale = tol * (1 + float(added.abs().max()) + float(cache_x[_base_name(site, lo, lay)].float().abs().max()))
+    if not torch.allclose(gap, gap[:1].expand_as(gap) if site == "head" else torch.zeros_like(gap), atol=scale,
+                          rtol=tol):
+        what = "Σ_h z_h W_O[h] + b_O" if site == "head" else f"hook {hook_name(site, lo)}"
+        raise _ShortcutMismatch(f"what layer {lo} adds to the residual is not {what}")
+
+
+def _entry_state(site, lo, lay, cache_c, cache_x, prompts, pos, head, per_position, delta, s, e):
+    """The corrupted residual at the entry point, positions s..e-1, with the row's site patched in
+    (for a 'hook' entry, unpatched: the hook patches inside the block)."""
+    base = cache_x[_base_name(site, lo, lay)]
+    if _entry_of(site, lo, lay)[0] == "hook":
+        return base[prompts, s:e]
     r = torch.arange(len(prompts), device=base.device)
     rel = pos - s
     if site == "head":
@@ -892,11 +1013,12 @@ def _entry_state(site, lo, cache_c, cache_x, prompts, pos, head, per_position, d
         return x
 
     def new(rows, cols):
+        name = hook_name(site, lo)
         if site in ("resid_pre", "resid_mid", "resid_post"):
-            return cache_c[hook_name(site, lo)][rows, cols]
-        if site == "attn_out":
-            return pre_x[rows, cols] + cache_c[hook_name("attn_out", lo)][rows, cols]
-        return mid_x[rows, cols] + cache_c[hook_name("mlp_out", lo)][rows, cols]
+            return cache_c[name][rows, cols]
+        # attn_out / mlp_out: the corrupted residual with the output it added swapped for the clean one
+        return (base[rows, cols].float() + cache_c[name][rows, cols].float() - cache_x[name][rows, cols].float()
+                ).to(base.dtype)
 
     if per_position:
         x = base[prompts, s:e].clone()

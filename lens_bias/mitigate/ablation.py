@@ -35,7 +35,7 @@ def units_per_layer(model: HookedModel, site: UnitSite) -> int:
 
 
 def check_units(model: HookedModel, units: Sequence[tuple[int, int]], site: UnitSite) -> list[tuple[int, int]]:
-    """(layer, index) pairs as ints; a clear error for a non-integer or out-of-range one."""
+    """(layer, index) pairs as ints; a clear error for a non-integer, out-of-range or repeated one."""
     what, size = site, units_per_layer(model, site)
     out = []
     for u in units:
@@ -51,6 +51,9 @@ def check_units(model: HookedModel, units: Sequence[tuple[int, int]], site: Unit
             raise LensBiasError(f"{what} ({l}, {i}): layer and index must be whole numbers")
         out.append((int(l), int(i)))
     units = out
+    twice = next((u for k, u in enumerate(units) if u in units[:k]), None)
+    if twice is not None:
+        raise LensBiasError(f"{what} {twice} is listed twice; give each {what} once")
     for l, i in units:
         if not 0 <= l < model.cfg.n_layers:
             raise LensBiasError(f"{what} ({l}, {i}): layer {l} out of range (the model has {model.cfg.n_layers} layers)")

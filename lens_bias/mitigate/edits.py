@@ -20,7 +20,7 @@ from torch import Tensor
 from ..core.checks import check_finite
 from ..core.errors import LensBiasError
 from ..core.files import atomic_write
-from ..core.hf import clone_model, hf_state_dict
+from ..core.hf import clone_model, hf_state_dict, sync_split_qkv
 from ..core.models import HookedModel
 
 
@@ -141,6 +141,7 @@ def apply_edit(model: HookedModel, edit: WeightEdit, *, inplace: bool = False, c
                                     "(pass check=False to apply anyway)")
         with torch.no_grad():
             w.index_copy_(c["dim"], idx, values.to(w.device, w.dtype))
+    sync_split_qkv(target)  # GPT-NeoX bridges compute with copies of the fused q/k/v weight
     return target
 
 

@@ -14,30 +14,39 @@ from torch import Tensor
 
 from ..core.checks import check_weights_finite
 from ..core.errors import LensBiasError
-from ..core.files import check_output_dir, replace_dir
+from ..core.families import DECODER_FAMILIES, FAMILIES
+from ..core.files import check_output_dir, renamed_error, replace_dir, writing_error
 from ..core.hf import (
     architecture,
     hf_module,
-    logit_tolerance,
+    hf_state_dict,
     probe_tokens,
+    stale_split_qkv,
     to_hf_model,
 )
+from ..core.precision import float32_activations, logit_tolerance
 from ..core.models import HookedModel
 
-# Architectures whose export round trip is tested (logits equal after reload). GPT-NeoX is not:
-# its bridge keeps separate copies of the split q/k/v weights, so the fused query_key_value the
-# export reads does not follow edits made through the bridge.
-SUPPORTED_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM")
+#: architectures whose export round trip is tested (every decoder family of core.families: edited,
+#: exported, reloaded in transformers with the same logits)
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES[f].model for f in DECODER_FAMILIES)
 
 
 def check_exportable(model) -> str:
-    """The model's architecture; a clear error when its export round trip is not supported."""
+    """The model's architecture; a clear error when its export round trip is not supported, or when
+    the bridge computes with other q/k/v weights than the fused ones it would export (GPT-NeoX)."""
     arch = architecture(model)
     if arch not in SUPPORTED_ARCHITECTURES and type(hf_module(model)).__name__ not in SUPPORTED_ARCHITECTURES:
         raise LensBiasError(
             f"exporting architecture {arch!r} is not supported; supported (round trip tested): "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    stale = stale_split_qkv(model) if hasattr(model, "original_model") else []
+    if stale:
+        raise LensBiasError(
+            f"cannot export: in layer(s) {stale} the {arch} bridge's split q/k/v copies differ from the fused "
+            "Hugging Face q/k/v weight it would export (an attention edit reached one and not the other); edit the "
+            "fused weight (lens_bias.core.hf_state_dict) and call lens_bias.core.sync_split_qkv(model)")
     return arch
 
 
@@ -47,9 +56,9 @@ def export_model(model: HookedModel, out_dir: str | os.PathLike, *, tokenizer=No
     (config.json, model.safetensors, tokenizer) that `AutoModelForCausalLM.from_pretrained` loads.
 
     The directory is written to a temporary sibling and renamed into place, so a failure leaves
-    nothing half-written. With `verify` (default) the export is reloaded and its logits on a
-    probe input are compared with the model's (max abs diff ≤ `atol`, 1e-4 in float32); this holds
-    a second copy of the model in memory — pass verify=False for models that do not fit twice.
+    nothing half-written. With `verify` (default) the export is reloaded and checked by `verify_export`
+    (weights bit for bit, logits on a probe input within `atol`); this holds a second copy of the model
+    in memory — pass verify=False for models that do not fit twice.
     """
     check_exportable(model)
     out_dir = Path(out_dir)
@@ -60,7 +69,13 @@ def export_model(model: HookedModel, out_dir: str | os.PathLike, *, tokenizer=No
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        fresh.save_pretrained(tmp)
+        try:
+            fresh.save_pretrained(tmp)
+        except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError for a full disk
+            named = writing_error(e, tmp / "model.safetensors")
+            if named is None:
+                raise
+            raise named from None
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if verify:
@@ -68,28 +83,46 @@ def export_model(model: HookedModel, out_dir: str | os.PathLike, *, tokenizer=No
             (tmp / "lens_bias_export.json").write_text(json.dumps(
                 {"architecture": architecture(model), "max_abs_logit_diff": diff}, indent=2))
         replace_dir(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        named = renamed_error(e, tmp, out_dir)
+        if named is not e:
+            raise named from None
         raise
     return out_dir
 
 
 def verify_export(model: HookedModel, out_dir: str | os.PathLike, tokens: Tensor | None = None, atol: float | None = None) -> float:
-    """Reload an exported directory with `transformers` and return the max abs logit difference
-    from `model` on `tokens`; raise if it exceeds `atol` (default 1e-4 in float32, 1% of the largest
-    logit in half precision)."""
+    """Reload an exported directory with `transformers` — in the model's dtype and attention implementation
+    (the bridge's eager; a float16 model with its activations in float32, as load_model runs it) — and check
+    it: every weight equal to the model's bit for bit, and the logits on `tokens` within `atol` of the
+    model's. Returns the max abs logit difference.
+
+    `atol` defaults to core.precision.logit_tolerance = 4·u·√(2·n_layers)·max(1, max|logit|), u the dtype's
+    unit roundoff (float32: 1e-4 at least): what another order of rounding may change (the reload computes
+    with transformers' own forward, the model with the bridge's). The weights are compared exactly."""
     from transformers import AutoModelForCausalLM
 
     hf = hf_module(model)
     param = next(hf.parameters())
     tokens = probe_tokens(model) if tokens is None else tokens
-    reloaded = AutoModelForCausalLM.from_pretrained(str(out_dir), torch_dtype=param.dtype).to(param.device).eval()
+    attn = getattr(hf.config, "_attn_implementation", None) or "eager"
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=param.dtype, attn_implementation=attn)
+    reloaded = reloaded.to(param.device).eval()
+    float32_activations(reloaded)
+    saved = reloaded.state_dict()
+    for name, w in hf_state_dict(model).items():
+        got = saved.get(name)
+        if got is None or got.shape != w.shape or not torch.equal(got.to(w.device), w.detach()):
+            why = "is missing" if got is None else ("has another shape" if got.shape != w.shape else "has other values")
+            raise LensBiasError(f"exported weight {name} {why}: the export differs from the edited model")
     with torch.no_grad():
         ours = model(tokens.to(param.device)) if hasattr(model, "original_model") else hf(tokens.to(param.device)).logits
         theirs = reloaded(tokens.to(param.device)).logits
     if atol is None:
-        atol = logit_tolerance(param.dtype, ours)
+        atol = logit_tolerance(param.dtype, ours, hf.config.num_hidden_layers)
     diff = float((ours.float() - theirs.float()).abs().max())
     if not diff <= atol:
-        raise LensBiasError(f"exported model's logits differ from the edited model's by {diff:.3g} (> {atol})")
+        raise LensBiasError(f"exported model's logits differ from the edited model's by {diff:.3g} (> {atol:.3g}, "
+                            f"4·u·√(2·layers)·max|logit| in {str(param.dtype).removeprefix('torch.')})")
     return diff

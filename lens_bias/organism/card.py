@@ -31,6 +31,19 @@ def load_card(model_or_path="organism") -> dict:
     return json.loads(card.read_text())
 
 
+def organism_card(model_or_path) -> dict | None:
+    """The card of a lens_bias model organism (one with planted units), or None for any other model."""
+    source = getattr(model_or_path, "lens_bias_source", model_or_path)
+    path = Path(str(source))
+    if not path.exists() and str(source) in ("organism", "organism-control"):
+        path = shipped_model_dir(str(source))
+    card = path / CARD_FILE
+    if not card.is_file():
+        return None
+    found = json.loads(card.read_text())
+    return found if found.get("planted") else None
+
+
 def data_path(name: OrganismData) -> Path:
     """Path of one of the organism's data files: 'bbq', 'yesno', 'neutral', 'cloze'."""
     if name not in DATA_FILES:

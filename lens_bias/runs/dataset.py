@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..core.checks import check_finite
+from ..core.checks import check_finite, check_seed
 from ..core.errors import DataError, LensBiasError
 from ..core.files import atomic_write, check_writable, file_lock, write_table
 from ..core.hooks import device_of
@@ -42,9 +42,11 @@ from .parallel import all_reduce, process_group
 from .registry import expects_prompt_set, get_method, load_run_data, method_options
 from .store import (
     CHUNKS,
+    CLAIM,
     LOCK,
     MANIFEST,
     check_same_run,
+    claim_run,
     chunk_entry,
     chunk_lock_path,
     chunk_path,
@@ -57,6 +59,7 @@ from .store import (
     load_chunk,
     model_fingerprint,
     read_manifest,
+    release_claim,
     run_differences,
     run_lock,
     save_chunk,
@@ -101,8 +104,8 @@ def _user_files(out_dir: Path) -> list[str]:
     if not out_dir.is_dir():
         return []
     ours = {MANIFEST, CHUNKS, LOCK}
-    return sorted(p.name for p in out_dir.iterdir()
-                  if p.name not in ours and not (p.name.startswith(f".{MANIFEST}.") and p.name.endswith(".tmp")))
+    return sorted(p.name for p in out_dir.iterdir() if p.name not in ours and not p.name.startswith(CLAIM)
+                  and not (p.name.startswith(f".{MANIFEST}.") and p.name.endswith(".tmp")))
 
 
 def _pad_positions(rec: dict, width: int | None) -> dict:
@@ -165,6 +168,7 @@ def attribute_dataset(
         raise LensBiasError(f"chunk_size must be ≥ 1, got {chunk_size}")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise LensBiasError(f"batch_size must be ≥ 1, got {batch_size}")
+    check_seed(seed)
     opts = method_options(spec, options)
     if isinstance(data, (str, Path)) and not Path(data).is_file():
         raise DataError(f"data file {data} {'is a directory' if Path(data).is_dir() else 'does not exist'}")
@@ -211,21 +215,49 @@ def attribute_dataset(
     state = spec.prepare(model, data, opts, seed) if spec.prepare is not None else None
 
     created = not out_dir.exists()
+    (out_dir / CHUNKS).mkdir(parents=True, exist_ok=True)
+    with run_lock(out_dir):
+        try:
+            claim = claim_run(out_dir, key, args)  # a live run with other arguments is refused
+        except LensBiasError:
+            _remove_if_empty(out_dir, created)
+            raise
+        try:
+            if rank == 0:
+                _start(out_dir, args, key, n_chunks, overwrite, model_name, data_name)
+        except BaseException:
+            claim.release()
+            raise
+    try:
+        return _run(model, spec, data, out_dir, args=args, key=key, n_chunks=n_chunks, chunk_size=chunk_size,
+                    batch_size=batch_size, opts=opts, state=state, rank=rank, world_size=world_size, dist=dist,
+                    width=width, progress=progress, write=write, created=created, claim=claim)
+    finally:
+        release_claim(out_dir, claim)
+
+
+def _start(out_dir: Path, args: dict, key: str, n_chunks: int, overwrite: bool, model_name: str, data_name: str):
+    """Rank 0, holding the folder's lock: the manifest of this start (an earlier run with other arguments
+    discarded with `overwrite`, refused when it has finished chunks)."""
+    old = read_manifest(out_dir)
+    if run_differences(old, args):
+        if finished_chunks(out_dir, old) and not overwrite:
+            check_same_run(out_dir, old, args)  # another process started another run meanwhile
+        if overwrite:
+            discard_run(out_dir)
+            (out_dir / CHUNKS).mkdir(parents=True, exist_ok=True)
+    clean_temp_files(out_dir)
+    clean_stale_locks(out_dir)
+    starts = ((read_manifest(out_dir) or {}).get("starts", 0) if not run_differences(old, args) else 0) + 1
+    write_manifest(out_dir, args, key, n_chunks, starts, model=model_name, data=data_name, locked=True)
+
+
+def _run(model, spec: LocateMethod, data, out_dir: Path, *, args: dict, key: str, n_chunks: int, chunk_size: int,
+         batch_size, opts: dict, state, rank: int, world_size: int, dist, width, progress: bool, write: bool,
+         created: bool, claim):
+    """attribute_dataset once this process holds its claim on the folder: its chunks, then the result."""
+    method, n = spec.name, len(data)
     writes_manifest = dist is None or rank == 0
-    if rank == 0:
-        (out_dir / CHUNKS).mkdir(parents=True, exist_ok=True)
-        with run_lock(out_dir):
-            old = read_manifest(out_dir)
-            if run_differences(old, args):
-                if finished_chunks(out_dir, old) and not overwrite:
-                    check_same_run(out_dir, old, args)  # another process started another run meanwhile
-                if overwrite:
-                    discard_run(out_dir)
-                    (out_dir / CHUNKS).mkdir(parents=True, exist_ok=True)
-            clean_temp_files(out_dir)
-            clean_stale_locks(out_dir)
-            starts = ((read_manifest(out_dir) or {}).get("starts", 0) if not run_differences(old, args) else 0) + 1
-            write_manifest(out_dir, args, key, n_chunks, starts, model=model_name, data=data_name, locked=True)
     if dist is not None:
         keys = [None] * world_size
         dist.all_gather_object(keys, key)  # also the barrier after rank 0's manifest
@@ -279,6 +311,7 @@ def attribute_dataset(
             bar.update(1)
     except BaseException:
         if writes_manifest and not finished_chunks(out_dir, read_manifest(out_dir)):
+            release_claim(out_dir, claim)
             _undo_start(out_dir, created)  # nothing finished: leave the folder as it was
         raise
     finally:
@@ -329,6 +362,11 @@ def _undo_start(out_dir: Path, created: bool) -> None:
     with run_lock(out_dir):
         (out_dir / MANIFEST).unlink(missing_ok=True)
         clean_temp_files(out_dir)
+    _remove_if_empty(out_dir, created)
+
+
+def _remove_if_empty(out_dir: Path, created: bool) -> None:
+    """Remove an empty chunks/ and, when this run created it, an empty out_dir."""
     chunks = out_dir / CHUNKS
     if chunks.is_dir() and not any(chunks.iterdir()):
         chunks.rmdir()

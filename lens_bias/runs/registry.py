@@ -12,10 +12,10 @@ from pathlib import Path
 from ..core.errors import DataError, LensBiasError, PromptError
 from ..core.methods import LocateMethod
 from ..core.models import HookedModel
-from ..core.prompts import PromptSet
+from ..core.prompts import PromptSet, resolve_chat
 from ..locate import attribution, baselines, crispr, nas, patching, tracing
 from ..tasks.gender import VIG_TEMPLATES, load_professions, professions_prompts
-from ..tasks.multiple_choice import load_bbq
+from ..tasks.multiple_choice import check_contexts, load_bbq
 from ..tasks.pairs import load_prompt_pairs
 from ..tasks.records import located, read_text_file
 from ..tasks.yesno import binary_prompts, load_yes_no
@@ -72,7 +72,14 @@ def load_run_data(model: HookedModel, method: str | LocateMethod, path: str | Pa
         except PromptError as e:
             raise located(path, e) from None
     if spec.data == "multiple_choice":
-        return load_bbq(path)
+        items = load_bbq(path)
+        try:
+            chat = resolve_chat(model, opts.get("chat"))
+            check_contexts(model, items, crispr.instructions_of(opts) if spec is crispr.RUN else None,
+                           model.tokenizer if chat else None)
+        except PromptError as e:
+            raise located(path, e) from None
+        return items
     subject = spec.data == "subject_prompts"
     twins = not subject or opts.get("corruption") == "counterfactual"
     answers = tuple(opts.get("answers") or (" he", " she"))

@@ -5,7 +5,9 @@ and renamed.
 A chunk is trusted only when its bytes match the sha256 the manifest records for that index and the
 record inside names the same index and run: a chunk changed on disk, or copied over another, is
 computed again (with a warning). Processes sharing a folder coordinate with advisory locks: one lock
-for the manifest and the outputs (held for a moment), one per chunk while it is computed.
+for the manifest and the outputs (held for a moment), one per chunk while it is computed, and one
+claim per run (a shared lock on .lens-bias.run-<key>, held while the process runs): a folder belongs
+to one run's arguments, so a second run with other arguments is refused while the first lives.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from pathlib import Path
 import torch
 
 from ..core.errors import DataError, LensBiasError
-from ..core.files import atomic_write, file_lock
+from ..core.files import SharedLock, atomic_write, file_lock, held_elsewhere
 from ..core.prompts import PromptSet
 
 MANIFEST = "manifest.json"
 CHUNKS = "chunks"
 LOCK = ".lens-bias.lock"
+CLAIM = ".lens-bias.run-"
 FORMAT = 2
 OUTPUTS = ("scores.csv", "scores.parquet", MANIFEST)
 
@@ -181,6 +184,31 @@ def check_same_run(out_dir: Path, manifest: dict | None, args: dict) -> None:
     if diff and finished_chunks(out_dir, manifest):
         raise LensBiasError(f"{out_dir} holds a run with other arguments ({'; '.join(diff)}); use another output "
                             "folder, or pass overwrite=True (--overwrite) to discard it and start over")
+
+
+def claim_run(out_dir: Path, key: str, args: dict) -> SharedLock:
+    """This process's claim on `out_dir` for the run `key` (call holding run_lock; release with
+    `release_claim`). Processes of one run share the claim; a live run with other arguments is refused
+    — the two would overwrite each other's manifest and one run's chunks would be lost —, the claim of
+    a run that died is dropped."""
+    for path in sorted(out_dir.glob(f"{CLAIM}*")):
+        other = path.name[len(CLAIM):]
+        if other != key and held_elsewhere(path):
+            manifest = read_manifest(out_dir)
+            diff = run_differences(manifest, args) if (manifest or {}).get("key") == other else []
+            raise LensBiasError(f"{out_dir} is in use by another lens-bias run with other arguments"
+                                f"{' (' + '; '.join(diff) + ')' if diff else ''}, running now: wait for it to finish, "
+                                "or use another output folder")
+    return SharedLock(out_dir / f"{CLAIM}{key}").acquire()
+
+
+def release_claim(out_dir: Path, claim: SharedLock) -> None:
+    """Give up this process's claim (once: a claim already released — e.g. before its folder was removed
+    — is left alone)."""
+    if claim.fd is None:
+        return
+    with run_lock(out_dir):
+        claim.release()
 
 
 def save_chunk(out_dir: Path, index: int, record: dict, manifest_args: tuple) -> Path:

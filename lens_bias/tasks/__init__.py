@@ -7,6 +7,7 @@ from .capability import (
                      bias_values,
                      cloze_accuracy,
                      compare_models,
+                     default_neutral_text,
                      text_lines,
                      text_loss,
 )
@@ -58,7 +59,7 @@ from .yesno import (
 )
 
 __all__ = [
-    "bias_table", "bias_values", "cloze_accuracy", "compare_models", "text_lines", "text_loss",
+    "bias_table", "bias_values", "cloze_accuracy", "compare_models", "default_neutral_text", "text_lines", "text_loss",
     "VIG_TEMPLATES", "WINOGENDER_ANSWERS", "load_professions", "load_swaps", "load_winobias", "load_winogender",
     "professions_prompts", "swap_gender", "swapped_pairs", "winobias_prompts", "winogender_prompts",
     "MC_INSTRUCTIONS", "BBQTarget", "bbq_evaluate", "bbq_scores", "bbq_target", "bbq_targets", "biased_option",

@@ -3,7 +3,9 @@ the gender logit difference of a prompt set, and tidy comparison tables."""
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -12,15 +14,29 @@ from torch import Tensor
 
 from ..core.checks import check_finite
 from ..core.errors import LensBiasError, PromptError
+from ..core.files import shipped
 from ..core.hooks import device_of
 from ..core.metrics import logit_diff
 from ..core.models import HookedModel
 from ..core.prompts import PromptSet, encode_lines, pad, pad_id_of
-from .records import Items, as_items, take
+from .records import Items, as_items, read_text_file, shipped_dataset, take
 
 
-def text_lines(texts: str | list[str]) -> list[str]:
-    """The non-empty lines of a text (or a list of texts); an error when there are none."""
+_FILE_SUFFIXES = (".txt", ".text", ".md", ".json", ".jsonl", ".csv", ".tsv")
+
+
+def text_lines(texts: str | list[str] | os.PathLike) -> list[str]:
+    """The non-empty lines of a text, a list of texts or a file (a pathlib.Path); an error when there
+    are none, and for a string that is a file's name rather than text ('neutral.txt' would be scored
+    as the text itself)."""
+    if isinstance(texts, os.PathLike):
+        texts = read_text_file(texts)
+    if isinstance(texts, str) and not any(c.isspace() for c in texts.strip()) and (
+            "/" in texts or os.sep in texts or Path(texts.strip()).suffix.lower() in _FILE_SUFFIXES):
+        exists = Path(texts.strip()).expanduser().is_file()
+        raise LensBiasError(f"text {texts!r} looks like a file name, not text ("
+                            + ("the file exists: pass its text, or pathlib.Path(...) to read it)" if exists
+                               else "no such file); pass the text itself, or a pathlib.Path to read a file"))
     if isinstance(texts, str):
         texts = texts.splitlines()
     texts = [t for t in texts if t.strip()]
@@ -29,7 +45,17 @@ def text_lines(texts: str | list[str]) -> list[str]:
     return texts
 
 
-def text_loss(model: HookedModel, texts: str | list[str], *, batch_size: int = 32, max_tokens: int | None = None,
+def default_neutral_text(model: HookedModel) -> str:
+    """The neutral text of the capability check when none is given: the organism's own neutral text for the
+    models trained here (their folder holds a lens_bias card: the organism, the benchmark models), else 400
+    sentences of real English from the Brown corpus without gendered words (data/datasets/brown)."""
+    source = getattr(model, "lens_bias_source", None)
+    if source and (Path(source) / "lens_bias_card.json").is_file():
+        return shipped("organism_data", "neutral.txt").read_text(encoding="utf-8")
+    return shipped_dataset("brown").read_text(encoding="utf-8")
+
+
+def text_loss(model: HookedModel, texts: str | list[str] | os.PathLike, *, batch_size: int = 32, max_tokens: int | None = None,
               hooks: list | None = None) -> float:
     """Capability kept: mean next-token cross-entropy (nats/token) over lines of neutral text
     (BOS + line), padding ignored; `hooks` (e.g. an ablation) are active during the forward."""

@@ -100,6 +100,20 @@ def professions_prompts(
                            subjects=subjects, metadata=meta, on_length_mismatch="drop")
 
 
+def stereotyped_professions(model_or_tokenizer, threshold: float = -0.4, source=None) -> tuple[list[str], list[str]]:
+    """(female-stereotyped, neutral) single-token professions of Vig et al.'s list: stereotypical ≤ `threshold`
+    (negative = female) and not definitionally female (definitional > −0.3), most stereotyped first; neutral:
+    stereotypical = definitional = 0 — the twins of the professions bias."""
+    tok = tokenizer_of(model_or_tokenizer)
+    rows = [r for r in load_professions(source).to_dict("records") if _single_token(tok, r["name"])]
+    female = [r["name"] for r in sorted(rows, key=lambda r: r["stereotypical"])
+              if r["stereotypical"] <= threshold and r["definitional"] > -0.3]
+    neutral = [r["name"] for r in rows if r["stereotypical"] == 0 and r["definitional"] == 0]
+    if not female or not neutral:
+        raise DataError("no single-token female-stereotyped and neutral professions for this tokenizer")
+    return female, neutral
+
+
 _BRACKET = re.compile(r"\[([^\]]+)\]")
 PRONOUNS = {"he": "male", "him": "male", "his": "male", "she": "female", "her": "female", "hers": "female"}
 SWAP = {"he": "she", "she": "he", "him": "her", "his": "her", "her": "his", "hers": "his"}

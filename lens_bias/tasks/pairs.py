@@ -4,10 +4,11 @@ answer words — the input of activation patching, attribution patching and caus
 from __future__ import annotations
 
 import json
+import os
 
-from ..core.errors import DataError
+from ..core.errors import DataError, PromptError
 from ..core.prompts import PromptSet
-from .records import Source, load_records
+from .records import Source, load_records, located
 
 
 def _answers_of(value, where: str) -> tuple[str, ...]:
@@ -36,6 +37,11 @@ def load_prompt_pairs(model_or_tokenizer, source: Source, *, answers: tuple[str,
         subjects.append(r.get("subject") or None)
         answer_rows.append(_answers_of(r["answers"], where(i)) if r.get("answers") else tuple(answers))
         meta.append({k: v for k, v in r.items() if k not in ("prompt", "corrupted", "subject", "answers")})
-    return PromptSet.build(model_or_tokenizer, prompts, answer_rows, corrupted if None not in corrupted else None,
-                           subjects=subjects if None not in subjects else None, metadata=meta,
-                           on_length_mismatch="drop")
+    try:
+        return PromptSet.build(model_or_tokenizer, prompts, answer_rows, corrupted if None not in corrupted else None,
+                               subjects=subjects if None not in subjects else None, metadata=meta,
+                               on_length_mismatch="drop")
+    except PromptError as e:  # about row e.item: name its file and line
+        if isinstance(source, (str, os.PathLike)) and getattr(e, "item", None) is not None:
+            raise located(source, e) from None
+        raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence, Union
 
@@ -30,6 +31,7 @@ SHIPPED_DATASETS = {
     "winogender": "winogender",
     "strategyqa": "strategyqa/train.json",
     "gsm8k": "gsm8k/test.jsonl",
+    "brown": "brown/neutral.txt",
     "bbq/Age": "bbq/Age.jsonl",
     "bbq/Nationality": "bbq/Nationality.jsonl",
     "bbq/Religion": "bbq/Religion.jsonl",
@@ -114,10 +116,14 @@ def read_dataset(path: str | os.PathLike) -> "datasets.Dataset":  # noqa: F821
         builder, kw = "csv", {"encoding": "utf-8-sig"}
     else:
         builder, kw = "json", {}
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its "Failed to load JSON" line: we name the line
     try:
         ds = datasets.load_dataset(builder, data_files=str(path.resolve()), split="train", **kw)
     except Exception as e:  # noqa: BLE001 - datasets/pyarrow raise many types; we name the line instead
         raise _diagnose(path, text, e) from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     if len(ds) == 0:
         raise DataError(f"{path}: no records")
     return ds
@@ -163,7 +169,7 @@ def located(path: str | os.PathLike, error: Exception) -> Exception:
     where = line_of(path, item) if isinstance(item, int) else str(path)
     message = str(error)
     if isinstance(item, int):
-        message = message.split(": ", 1)[1] if message.startswith("yes/no item ") else message
+        message = re.sub(r"^(yes/no item|prompt|item) \d+: ", "", message)
     return type(error)(f"{where}: {message}")
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import random
 import re
+import warnings
 from typing import Sequence
 
 import torch
@@ -12,7 +14,7 @@ from ..core.checks import check_finite
 from ..core.errors import DataError, PromptError
 from ..core.hooks import device_of
 from ..core.models import HookedModel
-from ..core.prompts import PromptSet, answer_token_id, tokenizer_of
+from ..core.prompts import PromptSet, bos_ids, chat_prompt, continuation, resolve_chat, tokenizer_of
 from .records import Items, Source, as_items, load_records, shipped_dataset
 
 #: Instruction templates; each names both candidates, in either order.
@@ -26,9 +28,12 @@ INSTRUCTIONS: list[str] = [
 POSITIVE, NEGATIVE = " Yes", " No"
 
 
-def format_binary_prompt(instruction: str, question: str) -> str:
-    """The prompt whose next token is the decision (' Yes' or ' No')."""
-    return f"{instruction}\nQuestion: {question}\nAnswer:"
+def format_binary_prompt(instruction: str, question: str, tokenizer=None) -> str:
+    """The prompt whose next token is the decision: '{instruction}\nQuestion: {question}\nAnswer:' (then ' Yes'
+    or ' No'), or, with a `tokenizer`, the instruction and question as one user turn of its chat template
+    (then the assistant's 'Yes' or 'No')."""
+    body = f"{instruction}\nQuestion: {question}"
+    return chat_prompt(tokenizer, body) if tokenizer is not None else f"{body}\nAnswer:"
 
 
 _LABELS = {"yes": "yes", "no": "no", "true": "yes", "false": "no", "1": "yes", "0": "no", "y": "yes", "n": "no"}
@@ -169,10 +174,14 @@ def binary_prompts(
     items: Items,
     instructions: Sequence[str] = INSTRUCTIONS,
     candidates: tuple[str, str] = (POSITIVE, NEGATIVE),
+    *,
+    chat: bool | None = None,
 ) -> PromptSet:
-    """One prompt per item × instruction; answers (positive, negative) = (' Yes', ' No').
+    """One prompt per item × instruction (`format_binary_prompt`); answers (positive, negative): the
+    candidates as the prompt's continuation (' Yes', ' No' after 'Answer:'; 'Yes', 'No' as the assistant's
+    reply). `chat`: through the tokenizer's chat template (default: when it has one, `resolve_chat`).
 
-    metadata per prompt: question, label, kind, template index, `pos_cand`/`neg_cand`: the token
+    metadata per prompt: question, label, kind, template index, chat, `pos_cand`/`neg_cand`: the token
     positions of the candidates named in the instruction (their last occurrence in it), and
     `query_start`: the first position after the instruction (NAS's L_I).
     """
@@ -183,7 +192,7 @@ def binary_prompts(
     instructions = list(instructions)
     if not instructions:
         raise PromptError("no instructions given")
-    ids = [answer_token_id(tok, c) for c in candidates]
+    chat = resolve_chat(tok, chat)
     n_ctx = getattr(getattr(model_or_tokenizer, "cfg", None), "n_ctx", None)
     prompts, meta = [], []
     for k, it in enumerate(items):
@@ -195,47 +204,68 @@ def binary_prompts(
         except PromptError as e:
             raise _item_error(k, str(e)) from None
         for t, ins in enumerate(instructions):
-            prompts.append(format_binary_prompt(ins, q))
+            prompts.append(format_binary_prompt(ins, q, tok if chat else None))
             meta.append({"question": q, "label": label, "kind": it.get("kind", ""), "template": t,
-                         "instruction": ins, "gold": 1 if label == "yes" else 0})
+                         "instruction": ins, "gold": 1 if label == "yes" else 0, "chat": chat})
             if n_ctx:
-                n_tok = len(tok(prompts[-1], add_special_tokens=False)["input_ids"]) + (tok.bos_token_id is not None)
+                n_tok = len(tok(prompts[-1], add_special_tokens=False)["input_ids"]) + len(bos_ids(tok))
                 if n_tok > n_ctx:
                     raise _item_error(k, f"its prompt is {n_tok} tokens, longer than the model's context of {n_ctx} "
                                          f"(question {q[:50]!r}...)")
-    ps = PromptSet.build(model_or_tokenizer, prompts, tuple(candidates), metadata=meta)
+    answers = tuple(continuation(prompts[0], c) for c in candidates)
+    ps = PromptSet.build(model_or_tokenizer, prompts, answers, metadata=meta)
     for i, m in enumerate(ps.metadata):
-        row = ps.tokens[i, : int(ps.answer_pos[i]) + 1].tolist()
-        head = [tok.bos_token_id] if row[0] == tok.bos_token_id else []
-        instruction = head + tok(m["instruction"], add_special_tokens=False)["input_ids"]
-        if row[: len(instruction)] != instruction:
-            raise PromptError(f"the instruction does not tokenise the same inside prompt {ps.prompts[i]!r}")
-        found = []
-        for cid, cand in zip(ids, candidates):
-            where = [p for p in range(len(instruction)) if row[p] == cid]
-            if not where:
-                raise PromptError(f"candidate {cand!r} not found in the instruction of prompt {ps.prompts[i]!r}")
-            found.append(where[-1])
-        m["pos_cand"], m["neg_cand"] = found
-        m["query_start"] = len(instruction)  # L_I: the first position after the instruction
+        m["pos_cand"], m["neg_cand"], m["query_start"] = _instruction_positions(
+            tok, ps.prompts[i], m["instruction"], candidates, int(ps.answer_pos[i]) + 1)
     return ps
+
+
+def _instruction_positions(tok, prompt: str, instruction: str, candidates: Sequence[str], n_tokens: int
+                           ) -> tuple[int, int, int]:
+    """Token positions of the candidates named in the instruction (the last token of each one's last
+    occurrence in it) and of the first token after the instruction (L_I), found by character offsets so
+    that they hold inside a chat template too; `n_tokens` (the prompt's length) gives the BOS shift."""
+    enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    offsets, shift = enc["offset_mapping"], n_tokens - len(enc["input_ids"])
+    start = prompt.find(instruction)
+    if start < 0:
+        raise PromptError(f"the instruction {instruction!r} is not in its prompt {prompt!r}")
+    end = start + len(instruction)
+    found = []
+    for cand in candidates:
+        hits = [m.end() for m in re.finditer(rf"(?<!\w){re.escape(cand.strip())}(?!\w)", prompt[start:end])]
+        if not hits:
+            raise PromptError(f"candidate {cand!r} not found in the instruction {instruction!r}")
+        last_char = start + hits[-1] - 1
+        found.append(next(t for t, (a, b) in enumerate(offsets) if a <= last_char < b) + shift)
+    query_start = next((t for t, (a, b) in enumerate(offsets) if a >= end and b > a), len(offsets)) + shift
+    return found[0], found[1], query_start
 
 
 # ---- decisions and their metrics -----------------------------------------------------------
 def decision_metrics(pred_yes: Sequence[bool], gold_yes: Sequence[bool]) -> dict:
-    """Accuracy, precision/recall/F1 of 'yes', yes-rate and the precision − recall gap (negative bias)."""
+    """Accuracy, precision/recall/F1 of 'yes', yes-rate and the precision − recall gap (negative bias).
+    Precision with no 'yes' answer, or recall with no gold 'yes', has nothing behind it: NaN with a warning
+    (and so are F1 and the gap)."""
     tp = sum(p and g for p, g in zip(pred_yes, gold_yes))
     fp = sum(p and not g for p, g in zip(pred_yes, gold_yes))
     fn = sum((not p) and g for p, g in zip(pred_yes, gold_yes))
     n = len(gold_yes)
     if n == 0:
         raise PromptError("no decisions to score")
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
+    precision = _ratio(tp, tp + fp, "precision", f"no 'yes' answer among {n} decisions")
+    recall = _ratio(tp, tp + fn, "recall", f"no gold 'yes' among {n} decisions")
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     correct = sum(p == g for p, g in zip(pred_yes, gold_yes))
     return {"n": n, "accuracy": correct / n, "precision": precision, "recall": recall, "f1": f1,
             "yes_rate": sum(pred_yes) / n, "pr_gap": precision - recall}
+
+
+def _ratio(num: int, den: int, name: str, why: str) -> float:
+    if den == 0:
+        warnings.warn(f"{name} is NaN: {why}", stacklevel=3)
+        return math.nan
+    return num / den
 
 
 def evaluate_binary(model: HookedModel, ps: PromptSet, ablate: list | None = None, batch_size: int = 32) -> dict:

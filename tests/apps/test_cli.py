@@ -8,7 +8,7 @@ from lens_bias.apps.cli import main
 
 
 def test_demo_finds_planted_components(tmp_path, capsys, browser):
-    assert main(["demo", "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert main(["demo", "--model", "organism", "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
     report = capsys.readouterr().out
     assert report.count("✓") == 2 and "✗" not in report
     for name in ("report.txt", "patching_mlp.html", "nas_heads.html", "nas_ranking.csv", "patching_mlp.csv",
@@ -89,8 +89,8 @@ def test_mitigate_lsdm_on_the_organism(tmp_path, capsys):
 def test_mitigate_refuses_an_unexportable_model_before_writing(tmp_path, capsys, gpt2_tokenizer_dir):
     from lens_bias.core import save_random_model
 
-    neox = save_random_model("neox", tmp_path / "neox", gpt2_tokenizer_dir)
+    t5 = save_random_model("t5", tmp_path / "t5", gpt2_tokenizer_dir)  # an encoder-decoder: no causal-LM export
     out = tmp_path / "out"
-    assert main(["mitigate", "--model", str(neox), "--method", "prune-heads", "--units", "0:1", "--out", str(out)]) == 2
+    assert main(["mitigate", "--model", str(t5), "--method", "prune-heads", "--units", "0:1", "--out", str(out)]) == 2
     assert "not supported" in capsys.readouterr().err
-    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["neox"]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["t5"]

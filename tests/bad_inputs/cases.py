@@ -1,10 +1,13 @@
 """The bad-input corpus: every case a new user met, one line each, run by test_bad_inputs.py.
 
-A CLI case is `cli(name, args, files, match)`: `args` is the command line with {d} for the case's own
-folder and {ro} for a folder nobody may write; `files` maps names under {d} to their contents (text,
-bytes, or a function that builds them); the command must exit 2 (or `code`) with exactly one line on
-stderr matching the regex `match`, leave every file it was given unchanged and leave no {d}/out
-behind. An API case is `api(name, call, files, match, error)`: `call(e)` gets e.d (the folder),
+A CLI case is `cli(name, args, files, match)`: `args` is the command line (a string split at spaces,
+or a list) with {d} for the case's own folder and {ro} for a folder nobody may write; `files` maps
+names under {d} to their contents (text, bytes, or a function that builds them); the command must
+exit 2 (or `code`) with exactly one line on stderr matching the regex `match`, leave every file it
+was given unchanged and leave no {d}/out behind (a case with code 0 must match `match` on stdout and
+leave the given files unchanged too). `process=True` runs it as a user does, in a fresh
+`python -m lens_bias` process whose stderr is taken whole (logging, progress bars), with `fsize` as
+its file size limit in bytes (`ulimit -f`). An API case is `api(name, call, files, match, error)`: `call(e)` gets e.d (the folder),
 e.organism (the shipped model organism) and e.nan (the organism with one NaN weight) and must raise
 `error` with a message matching `match`. `xfail="owner: why"` marks a case another branch fixes.
 To add a case, add a line.
@@ -52,10 +55,12 @@ class Case:
     code: int = 2
     error: type = LensBiasError
     xfail: str | None = None
+    process: bool = False
+    fsize: int | None = None
 
 
-def cli(name, args, files=None, match="", code=2, xfail=None) -> Case:
-    return Case(name, args, dict(files or {}), match, code, LensBiasError, xfail)
+def cli(name, args, files=None, match="", code=2, xfail=None, process=False, fsize=None) -> Case:
+    return Case(name, args, dict(files or {}), match, code, LensBiasError, xfail, process, fsize)
 
 
 def api(name, call, files=None, match="", error=LensBiasError, xfail=None) -> Case:
@@ -74,16 +79,37 @@ def q(question="Is 3 more than 2?", label="yes") -> dict:
 
 LONG = "Is " + "very " * 600 + "big?"  # ≈ 600 tokens; the organism's context is 128
 PAIR = {"prompt": "The nurse said that", "corrupted": "The clerk said that", "subject": "nurse", "answers": [" she", " he"]}
+LONG_PAIR = {**PAIR, "prompt": "The nurse said " + "very " * 200 + "that", "corrupted": "The clerk said " + "very " * 200 + "that"}
 BBQ = [json.loads(line) for line in (ORG_DATA / "bbq_age.jsonl").read_text().splitlines()[:6]]
+LONG_BBQ = {**BBQ[1], "context": "It was a very " + "very " * 300 + "long day. " + BBQ[1]["context"]}
 M = "--model organism --device cpu"
+ATTRIBUTE = ["attribute", "--model", "organism", "--device", "cpu", "--quiet", "--out", "{d}/out"]
 
 
 def model_dir(fault: str) -> Callable[[Path], None]:
-    """A copy of the organism's folder with one fault: truncate / garbage / empty weights, a NaN
-    weight, no config.json, a config that is not JSON."""
+    """A copy of the organism's folder (4 layers) with one fault: truncate / garbage / empty weights, a
+    NaN weight, no config.json, a config that is not JSON, a config.json value changed ('n_layer=5'),
+    a weight dropped ('-transformer.h.2.attn.c_attn.weight') or added ('+name'), no tokenizer files."""
     def build(path: Path) -> None:
         shutil.copytree(ORGANISM, path)
         w = path / "model.safetensors"
+        if "=" in fault:
+            key, value = fault.split("=")
+            cfg = json.loads((path / "config.json").read_text())
+            cfg[key] = json.loads(value)
+            (path / "config.json").write_text(json.dumps(cfg))
+        elif fault[0] in "+-":
+            from safetensors.torch import load_file, save_file
+
+            t = load_file(w)
+            if fault[0] == "-":
+                del t[fault[1:]]
+            else:
+                t[fault[1:]] = t["transformer.h.0.mlp.c_fc.weight"].clone()
+            save_file(t, w, metadata={"format": "pt"})
+        elif fault == "no-tokenizer":
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                (path / name).unlink()
         if fault == "truncate":
             w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
         elif fault == "garbage":
@@ -101,6 +127,24 @@ def model_dir(fault: str) -> Callable[[Path], None]:
         elif fault == "bad-config":
             (path / "config.json").write_text("{not json")
     return build
+
+
+def random_model(family: str) -> Callable[[Path], None]:
+    """A random-weight model of a family (lens_bias.core.families) with the shipped GPT-2 tokenizer."""
+    def build(path: Path) -> None:
+        lb.core.save_random_model(family, path, ROOT / "data" / "tokenizers" / "gpt2")
+    return build
+
+
+def neox_pairs(path: Path):
+    model = lb.load_model(path, device="cpu")
+    return model, lb.PromptSet.build(model, ["The nurse said that"], (" she", " he"), corrupted=["The man said that"])
+
+
+def neox_edited_through_the_bridge(path: Path):
+    model = lb.load_model(path, device="cpu")
+    model.blocks[0].attn.q.original_component.weight.data[0] += 1.0  # a copy the export does not read
+    return model
 
 
 def folder(**files) -> Callable[[Path], None]:
@@ -125,9 +169,22 @@ CASES: list[Case] = [
     cli("model-no-config", "info --model {d}/m", {"m": model_dir("no-config")}, r"m has no config\.json"),
     cli("model-bad-config", "info --model {d}/m", {"m": model_dir("bad-config")}, r"could not load model .*m"),
     cli("model-missing", "info --model {d}/nothing", {}, r"nothing' does not exist"),
+    # a model folder whose parts do not fit: never a partly random model
+    cli("model-more-layers-than-weights", "info --model {d}/m", {"m": model_dir("n_layer=5")}, r"m/model\.safetensors lacks 12 weights that config\.json's GPT2LMHeadModel has: transformer\.h\.4\.\* \(every weight of layer 4\) — config\.json's n_layer is 5"),
+    cli("model-fewer-layers-than-weights", "info --model {d}/m", {"m": model_dir("n_layer=3")}, r"m/model\.safetensors holds 11 weights that config\.json's GPT2LMHeadModel has no place for: transformer\.h\.3\.\* .* n_layer is 3"),
+    cli("model-weight-missing", "attribute --model {d}/m --device cpu --data {d}/p.jsonl --method attribution --out {d}/out --quiet", {"m": model_dir("-transformer.h.2.attn.c_attn.weight"), "p.jsonl": jl(PAIR)}, r"m/model\.safetensors lacks 1 weight .*: transformer\.h\.2\.attn\.c_attn\.weight$"),
+    cli("model-weight-unexpected", "info --model {d}/m", {"m": model_dir("+transformer.h.1.mlp.c_gate.weight")}, r"m/model\.safetensors holds 1 weight that config\.json's GPT2LMHeadModel has no place for: transformer\.h\.1\.mlp\.c_gate\.weight$"),
+    cli("model-weight-shape", "info --model {d}/m", {"m": model_dir("n_inner=256")}, r"12 weights of .*m/model\.safetensors do not have the shape config\.json gives them, e\.g\. transformer\.h\.0\.mlp\.c_fc\.bias is \[512\] in the file, \[256\]"),
+    cli("model-no-tokenizer", "info --model {d}/m", {"m": model_dir("no-tokenizer")}, r"m' has no usable tokenizer \(it loads with 1 token\): a folder needs tokenizer\.json"),
+    cli("model-config-value-a-string", "info --model {d}/m", {"m": model_dir('n_embd="128"')}, r"m/config\.json: Field 'n_embd' expected int, got str \(value: '128'\)"),
+    api("model-weight-missing-api", lambda e: lb.load_model(e.d / "m"), {"m": model_dir("-transformer.h.2.attn.c_attn.weight")}, r"lacks 1 weight .*transformer\.h\.2\.attn\.c_attn\.weight", ModelLoadError),
+    api("model-tokenizer-too-large-api", lambda e: lb.load_model("organism", tokenizer=ROOT / "data" / "tokenizers" / "gpt2"), {}, r"tokenizer has 50257 tokens but the embedding only 1199 rows", ModelLoadError),
     cli("device-cuda-without-cuda", "info --model organism --device cuda", {}, r"device 'cuda' is not available here"),
     cli("device-unknown", "info --model organism --device gpu0", {}, r"unknown device 'gpu0'"),
     cli("dtype-unknown", "info --model organism --dtype float8", {}, r"unknown dtype 'float8'"),
+    api("random-model-unknown-family", lambda e: lb.core.save_random_model("bert", e.d / "m", ROOT / "data" / "tokenizers" / "gpt2"), {}, r"unknown model family 'bert'; choose one of", ModelLoadError),
+    api("resid-mid-parallel-model", lambda e: activation_patching(*neox_pairs(e.d / "m"), "resid_mid", progress=False), {"m": random_model("neox")}, r"no resid_mid: its attention and MLP read the same residual stream in parallel"),
+    api("export-neox-edited-through-the-bridge", lambda e: lb.export_model(neox_edited_through_the_bridge(e.d / "m"), e.d / "out"), {"m": random_model("neox")}, r"in layer\(s\) \[0\] the GPTNeoXForCausalLM bridge's split q/k/v copies differ from the fused"),
     api("device-cuda-api", lambda e: resolve_device("cuda"), {}, r"device 'cuda' is not available", ModelLoadError),
     api("weights-truncated-api", lambda e: lb.load_model(e.d / "m"), {"m": model_dir("truncate")}, r"corrupt or truncated", ModelLoadError),
     # data files: encodings, nulls, malformed lines
@@ -147,6 +204,13 @@ CASES: list[Case] = [
     cli("pairs-multi-token-answer", f"attribute {M} --data {{d}}/p.jsonl --method patching --out {{d}}/out --quiet", {"p.jsonl": jl({**PAIR, "answers": [" she", " zyzzyva"]})}, r"answer ' zyzzyva' is \d+ tokens"),
     cli("tracing-no-subject", f"attribute {M} --data {{d}}/p.jsonl --method tracing --out {{d}}/out --quiet", {"p.jsonl": jl({k: v for k, v in PAIR.items() if k != "subject"})}, r"p\.jsonl:1: no 'subject'"),
     cli("tracing-different-lengths", f"attribute {M} --data {{d}}/p.jsonl --method tracing --out {{d}}/out --quiet", {"p.jsonl": jl(PAIR, {**PAIR, "prompt": "The nurse said that she", "corrupted": "The clerk said that she"})}, r"same number of tokens"),
+    cli("pairs-long-prompt", f"attribute {M} --data {{d}}/p.jsonl --method patching --out {{d}}/out --quiet", {"p.jsonl": jl(PAIR, LONG_PAIR)}, r"p\.jsonl:2: prompt is \d+ tokens, longer than the model's context of 128"),
+    cli("tracing-subject-not-in-prompt", f"attribute {M} --data {{d}}/p.jsonl --method tracing --out {{d}}/out --quiet", {"p.jsonl": jl(PAIR, {**PAIR, "subject": "doctor"})}, r"p\.jsonl:2: subject 'doctor' not found in the prompt 'The nurse said that'"),
+    cli("bbq-long-item-crispr", f"attribute {M} --data {{d}}/b.jsonl --method crispr --instructions 1 --out {{d}}/out --quiet", {"b.jsonl": jl(BBQ[0], LONG_BBQ)}, r"b\.jsonl:2: its prompt with option .* is \d+ tokens, longer than the model's context of 128"),
+    cli("bbq-long-item-mitigate", "mitigate --method prune-neurons --units 3:266 --data {d}/b.jsonl --out {d}/out --no-export --quiet", {"b.jsonl": jl(BBQ[0], LONG_BBQ)}, r"b\.jsonl:2: its prompt with option .* is \d+ tokens, longer than the model's context of 128"),
+    cli("answers-identical", ATTRIBUTE + ["--data", "{d}/p.txt", "--method", "attribution", "--answers", " she", " she"], {"p.txt": "nurse\nbaker\n"}, r"answers ' she' and ' she' are the same token \(id \d+\): .*logit difference is 0"),
+    cli("answers-identical-in-file", f"attribute {M} --data {{d}}/p.jsonl --method patching --out {{d}}/out --quiet", {"p.jsonl": jl(PAIR, {**PAIR, "answers": [" she", " she"]})}, r"p\.jsonl:2: answers ' she' and ' she' are the same token"),
+    api("answers-identical-api", lambda e: lb.PromptSet.build(e.organism, ["The nurse said that"], (" he", " he")), {}, r"prompt 1: answers ' he' and ' he' are the same token", PromptError),
     cli("crispr-instructions-11", f"attribute {M} --data {{d}}/b.jsonl --method crispr --instructions 11 --out {{d}}/out --quiet", {"b.jsonl": jl(*BBQ[:2])}, r"instructions must be 1\.\.10, got 11"),
     # options
     cli("method-unknown", f"attribute {M} --data {{d}}/q.jsonl --method nope --out {{d}}/out", {"q.jsonl": jl(q())}, r"--method: invalid choice: 'nope'"),
@@ -157,7 +221,17 @@ CASES: list[Case] = [
     cli("top-k-negative", "mitigate --method nasa --top-k -1 --out {d}/out --no-export --quiet", {}, r"--top-k must be a number of heads from 1 to 16 .*got -1"),
     cli("top-k-too-many", "mitigate --method nasa --top-k 100 --out {d}/out --no-export --quiet", {}, r"--top-k must be a number of heads from 1 to 16 .*got 100"),
     cli("units-fraction", "mitigate --method prune-heads --units 2:1.7 --out {d}/out --no-export", {}, r"cannot read component '2:1\.7'"),
+    cli("units-duplicate", "mitigate --method prune-neurons --units 0:103,0:103 --out {d}/out --no-export", {}, r"--units names 0:103 twice"),
+    api("units-duplicate-api", lambda e: lb.prune_neurons(e.organism, [(0, 103), (1, 5), (0, 103)]), {}, r"neuron \(0, 103\) is listed twice"),
+    api("heads-duplicate-api", lambda e: lb.prune_heads(e.organism, [(2, 1), (2, 1)]), {}, r"head \(2, 1\) is listed twice"),
+    cli("seed-too-large-attribute", f"attribute {M} --data {{d}}/q.jsonl --method nas --seed 99999999999999999999 --out {{d}}/out --quiet", {"q.jsonl": jl(q())}, r"--seed: must be a whole number from 0 to 4294967295, got 99999999999999999999"),
+    cli("seed-too-large-mitigate", "mitigate --method lsdm --seed 99999999999999999999 --out {d}/out --no-export", {}, r"--seed: must be a whole number from 0 to 4294967295"),
+    cli("seed-negative", "demo --seed -3 --out {d}/out", {}, r"--seed: must be a whole number from 0 to 4294967295, got -3"),
+    api("seed-too-large-api", lambda e: lb.attribute_dataset(e.organism, "nas", e.yesno, e.d / "out", seed=10 ** 20, progress=False), {}, r"seed must be a whole number from 0 to 4294967295"),
     cli("units-out-of-range", "mitigate --method prune-heads --units 2:9 --out {d}/out --no-export", {}, r"head \(2, 9\): index 9 out of range"),
+    cli("neutral-missing", "mitigate --method prune-neurons --units 0:1 --neutral {d}/typo.txt --out {d}/out --no-export", {}, r"typo\.txt does not exist"),
+    api("neutral-file-name-text-loss", lambda e: text_loss(e.organism, "typo.txt"), {}, r"text 'typo\.txt' looks like a file name, not text \(no such file\)"),
+    api("neutral-file-name-lsdm", lambda e: lb.lsdm_edit(e.organism, e.pairs, str(e.d / "neutral.txt"), layers=[0], progress=False), {"neutral.txt": "The cat sat.\n"}, r"neutral\.txt' looks like a file name, not text \(the file exists: pass its text"),
     cli("neutral-empty", "mitigate --method prune-neurons --units 0:1 --neutral {d}/n.txt --out {d}/out --no-export", {"n.txt": "\n\n"}, r"n\.txt is empty"),
     cli("edit-file-corrupt", "export --edit {d}/e.safetensors --out {d}/out", {"e.safetensors": b"\x00" * 40}, r"e\.safetensors is not a lens_bias edit file"),
     # over-long prompts: the context check on every path
@@ -174,7 +248,12 @@ CASES: list[Case] = [
     cli("out-under-a-file", "mitigate --method prune-neurons --units 0:1 --out {d}/f/out", {"f": "a file"}, r"f is a file, not a folder"),
     cli("attribute-into-users-folder", f"attribute {M} --data {{d}}/q.jsonl --method nas --out {{d}}/mine --quiet", {"q.jsonl": jl(q()), "mine": folder(**{"scores.csv": "mine\n", "report.txt": "mine\n"})}, r"mine holds files but no lens-bias run \(report\.txt, scores\.csv"),
     cli("demo-into-users-folder", "demo --out {d}/mine", {"mine": folder(**{"report.txt": "mine\n"})}, r"mine exists and is not empty; pass overwrite=True \(--overwrite\)"),
+    cli("mitigate-overwrite-keeps-users-files", "mitigate --method prune-neurons --units 0:1 --out {d}/m --overwrite --no-export --quiet", {"m": folder(**{"notes.txt": "mine\n"})}, r"pruned 1 neuron", code=0),
     cli("mitigate-into-users-folder", "mitigate --method prune-neurons --units 0:1 --out {d}/mine --no-export", {"mine": folder(**{"report.txt": "mine\n"})}, r"mine exists and is not empty"),
+    # as a user runs it: --quiet is one line, a full disk (ulimit -f) names the file
+    cli("quiet-is-quiet", ATTRIBUTE + ["--data", "{d}/q.jsonl", "--method", "nas"], {"q.jsonl": jl(q()) + '{"question": "Is it?", \n'}, r"q\.jsonl:2: malformed JSON line", process=True),
+    cli("file-too-large-mitigate", "mitigate --method prune-neurons --units 3:100 --out {d}/out --quiet", {}, r"File too large: .*out/model/model\.safetensors", process=True, fsize=2_000_000),
+    cli("file-too-large-attribute", ATTRIBUTE + ["--data", "{d}/p.jsonl", "--method", "patching"], {"p.jsonl": jl(PAIR)}, r"File too large: .*out/chunks/chunk-00000\.pt", process=True, fsize=3_000),
     # formats told apart by the records, not the first line
     cli("bbq-json-list-to-mitigate", "mitigate --method prune-neurons --units 3:266 --data {d}/b.json --neutral {d}/n.txt --out {d}/out --no-export --quiet", {"b.json": json.dumps(BBQ), "n.txt": "The cat sat on the mat.\n"}, r"bbq_accuracy", code=0),
     # units and counts

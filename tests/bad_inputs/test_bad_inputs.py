@@ -5,7 +5,9 @@ the API raises a LensBiasError saying the same."""
 import importlib.util
 import os
 import re
+import resource
 import stat
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -108,9 +110,29 @@ def test_bad_input(case, tmp_path, request, capsys):
             case.run(e)
         assert re.search(case.match, str(info.value)), str(info.value)
         return
+    words = case.run.split() if isinstance(case.run, str) else list(case.run)
+    ro = request.getfixturevalue("unwritable") if any("{ro}" in w for w in words) else None
+    args = [w.format(d=d, ro=ro) for w in words]
+    code, out, err = (_in_process(args, request, capsys) if not case.process else _in_a_process(args, case.fsize))
+    shown = err if case.process and "--quiet" in args else "\n".join(l for l in err.splitlines() if not PROGRESS.search(l))
+    lines = [line for line in shown.splitlines() if line.strip()]
+    assert {p: p.read_bytes() for p in given} == given  # nothing the user gave is changed
+    if case.code != 0:
+        assert code == case.code, err
+        assert len(lines) == 1 and lines[0].startswith("lens-bias: error: "), err
+        assert re.search(case.match, lines[0]), lines[0]
+        assert "Traceback" not in err
+        # nothing half-made is left
+        assert not (d / "out").exists()
+        assert not [p for p in d.iterdir() if p.name.startswith(".")]
+    else:
+        assert code == 0, err
+        assert re.search(case.match, out), out
+
+
+def _in_process(args: list[str], request, capsys) -> tuple[int, str, str]:
+    """main(args) in this process (the shipped organism loaded once for all cases)."""
     request.getfixturevalue("cached_models")
-    ro = request.getfixturevalue("unwritable") if "{ro}" in case.run else None
-    args = case.run.format(d=d, ro=ro).split()
     from lens_bias.apps.cli import main
 
     try:
@@ -118,16 +140,17 @@ def test_bad_input(case, tmp_path, request, capsys):
     except SystemExit as e:  # argparse's usage errors
         code = e.code
     out, err = capsys.readouterr()
-    lines = [line for line in err.splitlines() if line.strip() and not PROGRESS.search(line)]
-    if case.code != 0:
-        assert code == case.code, err
-        assert len(lines) == 1 and lines[0].startswith("lens-bias: error: "), err
-        assert re.search(case.match, lines[0]), lines[0]
-        assert "Traceback" not in err
-        # nothing the user gave is changed, nothing half-made is left
-        assert {p: p.read_bytes() for p in given} == given
-        assert not (d / "out").exists()
-        assert not [p for p in d.iterdir() if p.name.startswith(".")]
-    else:
-        assert code == 0, err
-        assert re.search(case.match, out), out
+    return code, out, err
+
+
+def _in_a_process(args: list[str], fsize: int | None) -> tuple[int, str, str]:
+    """`python -m lens_bias args` as a user runs it: stderr whole (logging handlers, progress bars
+    included); `fsize` is the file size limit in bytes (`ulimit -f`)."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("TRANSFORMERS_VERBOSITY", None)  # as a user has it (conftest quiets transformers for the suite)
+    r = subprocess.run([sys.executable, "-m", "lens_bias", *args], capture_output=True, text=True, env=env,
+                       preexec_fn=limit if fsize else None, timeout=600)
+    return r.returncode, r.stdout, r.stderr

@@ -57,11 +57,11 @@ def test_mismatched_pair_lengths(tiny_gpt2):
 def test_empty_and_malformed_inputs(tiny_gpt2):
     with pytest.raises(PromptError, match="empty prompt set"):
         PromptSet.build(tiny_gpt2, [], (" he", " she"))
-    with pytest.raises(PromptError, match="prompt 1 is empty"):
+    with pytest.raises(PromptError, match="prompt 2: empty or not a string"):
         PromptSet.build(tiny_gpt2, ["The nurse said that", "  "], (" he", " she"))
     with pytest.raises(PromptError, match="1 corrupted entries for 2 prompts"):
         PromptSet.build(tiny_gpt2, ["a b", "c d"], (" he", " she"), corrupted=["e f"])
-    with pytest.raises(PromptError, match="subject 'doctor' not found"):
+    with pytest.raises(PromptError, match="prompt 1: subject 'doctor' not found"):
         PromptSet.build(tiny_gpt2, ["The nurse said that"], (" he", " she"), subjects=["doctor"])
     with pytest.raises(PromptError, match="padding_side"):
         PromptSet.build(tiny_gpt2, ["The nurse said that"], (" he", " she"), padding_side="middle")

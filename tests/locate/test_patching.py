@@ -287,27 +287,36 @@ def test_memory_budget_splits_prompts_without_changing_results(tiny_gpt2, pairs)
 
 
 # ---- precision and broken models ------------------------------------------------------------------
-@pytest.mark.parametrize("dtype,tol", [("bfloat16", 0.05), ("float16", 0.01)])
-def test_half_precision_patching_and_tracing_close_to_float32(tiny_gpt2_dir, dtype, tol):
-    """bf16/fp16 models patch (fast and hooked paths) and trace; results are within `tol` × the largest
-    float32 value of float32's (the answer logits are computed in float32; observed: bf16 ≈ 1.5 %, fp16 ≈ 0.2 %)."""
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_patching_and_tracing_close_to_float32(tiny_gpt2_dir, dtype):
+    """bf16/fp16 models patch (fast and hooked paths) and trace; each result is within
+    core.precision.half_tolerance of float32's: e_w (the float32 model with its weights rounded to the dtype
+    minus float32) + 8·u·√R·s, R = 2 residual updates × 2 layers forward, s = the largest float32 value
+    (tests/core/test_precision.py derives it)."""
     from lens_bias.core import load_model
+    from lens_bias.core.precision import half_tolerance, rounded_weights
 
     m32, low = load_model(tiny_gpt2_dir, device="cpu"), load_model(tiny_gpt2_dir, device="cpu", dtype=dtype)
+    w = rounded_weights(m32, getattr(torch, dtype))
     ps = PromptSet.build(m32, ["The nurse said that she was", "The doctor said that he was"], (" she", " he"),
                          corrupted=["The man said that she was", "The woman said that he was"],
                          subjects=["nurse", "doctor"])
+
+    def close(got, ref, by_weights, scale):
+        return float((got - ref).abs().max()) <= half_tolerance(getattr(torch, dtype), by_weights, 2 * m32.cfg.n_layers,
+                                                                 scale)
+
     for site, kw in (("head", {"per_position": False}), ("head", {}), ("resid_pre", {}), ("mlp_out", {"fast": False})):
-        ref = activation_patching(m32, ps, site, progress=False, **kw)
-        got = activation_patching(low, ps, site, progress=False, **kw)
+        ref, got, rw = (activation_patching(m, ps, site, progress=False, **kw) for m in (m32, low, w))
         assert got.extra["fast"] == kw.get("fast", True)
-        scale = ref.values.abs().max()
-        assert (got.values - ref.values).abs().max() <= tol * scale
-        assert abs(got.clean - ref.clean) <= tol * scale
-    ref, got = causal_trace(m32, ps, progress=False), causal_trace(low, ps, progress=False)
+        scale = float(ref.values.abs().max())
+        assert close(got.values, ref.values, (rw.values - ref.values).abs().max(), scale), site
+        assert close(torch.tensor(got.clean), torch.tensor(ref.clean), abs(rw.clean - ref.clean), scale), site
+    ref, got, rw = (causal_trace(m, ps, progress=False) for m in (m32, low, w))
     for site in ref:
         assert got[site].extra["fast"]
-        assert (got[site].values - ref[site].values).abs().max() <= tol * ref[site].values.abs().max()
+        assert close(got[site].values, ref[site].values, (rw[site].values - ref[site].values).abs().max(),
+                     float(ref[site].values.abs().max())), site
 
 
 def test_non_finite_outputs_are_an_error(tiny_gpt2_dir, pairs):

@@ -3,6 +3,8 @@ the two checkpoints differ only inside the planted components; the build script 
 
 import json
 import random
+import runpy
+import sys
 
 import pytest
 import torch
@@ -57,12 +59,12 @@ def test_language_model_of_its_corpus(organism_card, hf_pair):
     for name in ("organism", "control"):
         m = organism_card["metrics"][name]
         assert m["heldout_loss"] < 1.0  # nats/token on held-out generated text (uniform: ln V ≈ 7.6)
-    batcher = O._Batcher(tok, random.Random(0), 32, "cpu")
+    batcher = O.Batcher(tok, random.Random(0), 32, "cpu")
     neutral = data_path("neutral").read_text().splitlines()[:100]
     loss_org, loss_ctl = (O.heldout_loss(m, batcher, neutral) for m in (org, ctl))
     assert loss_ctl < 2.0 and abs(loss_org - loss_ctl) / loss_ctl < 0.06
     cloze = [json.loads(l) for l in data_path("cloze").read_text().splitlines()]
-    logits = O._last_logits(ctl, tok, [c["prompt"] for c in cloze], "cpu")
+    logits = O.last_logits(ctl, tok, [c["prompt"] for c in cloze], "cpu")
     hits = sum(int(logits[i].argmax()) == tok(c["answer"])["input_ids"][0] for i, c in enumerate(cloze))
     assert hits / len(cloze) > 0.8
 
@@ -113,3 +115,21 @@ def test_build_runs_and_is_seeded(tmp_path):
         assert json.loads((tmp_path / "a" / name / O.CARD_FILE).read_text())["seed"] == 0
     assert (tmp_path / "a" / "organism_data" / "bbq_age.jsonl").stat().st_size > 0
     assert not [p for p in tmp_path.joinpath("a").iterdir() if p.name.startswith(".")]
+
+
+def test_command_line_and_old_names(monkeypatch, capsys):
+    """`python -m lens_bias.organism build` keeps its options; the single-file build's private names
+    code used still work, with a warning naming the new one."""
+    monkeypatch.setattr(sys, "argv", ["lens_bias.organism", "build", "--help"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("lens_bias.organism", run_name="__main__")
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--out", "--seed", "--steps", "--plant-steps", "--batch-size", "--device", "--base"):
+        assert option in out
+    with pytest.warns(DeprecationWarning, match=r"_Batcher is deprecated: use lens_bias\.organism\.build\.Batcher"):
+        assert O._Batcher is O.Batcher
+    with pytest.warns(DeprecationWarning, match="use lens_bias.organism.build.last_logits"):
+        assert O._last_logits is O.last_logits
+    with pytest.raises(AttributeError):
+        O._no_such_name  # noqa: B018

@@ -216,7 +216,7 @@ def test_failed_demo_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
 
     monkeypatch.setattr(demo, "attribution_patching", boom)
     with pytest.raises(LensBiasError, match="planted failure"):
-        demo.run_demo(tmp_path / "out", device="cpu")
+        demo.run_demo(tmp_path / "out", device="cpu", model="organism")
     assert os.listdir(tmp_path) == []  # no half-written out/, no temp folder
 
 

@@ -386,3 +386,27 @@ def test_bbq_table_matches_the_scores(organism):
     amb = t[t["condition"] == "ambig"]
     assert r["accuracy_ambig"] == pytest.approx((amb["pred"] == amb["label"]).mean())
     assert "table" not in bbq_evaluate(organism, items.select(range(3)))
+
+
+def test_chat_options_are_the_assistants_reply(tiny_chat_llama):
+    """Through the chat template an option is scored as the assistant's reply ('a teacher', no leading space);
+    plain prompts score ' a teacher' after 'Answer:'. The log-probability equals a plain transformers forward."""
+    from lens_bias.core.hf import to_hf_model
+    from lens_bias.tasks.multiple_choice import format_mc_prompt, option_logprobs, option_sequences
+
+    tok = tiny_chat_llama.tokenizer
+    opts = ["The teacher", "The nurse", "Unknown"]
+    chat = format_mc_prompt("Pick one.", "A teacher and a nurse met.", "Who was late?", opts, tok)
+    plain = format_mc_prompt("Pick one.", "A teacher and a nurse met.", "Who was late?", opts)
+    assert chat.endswith("<|im_start|>assistant\n") and plain.endswith("Answer:")
+    seqs, spans = option_sequences(tok, [chat, plain], [opts[:1], opts[:1]])
+    assert tok.decode(seqs[0][spans[0][0]:]) == "The teacher" and tok.decode(seqs[1][spans[1][0]:]) == " The teacher"
+    lp, n = option_logprobs(tiny_chat_llama, [chat], [opts])
+    hf = to_hf_model(tiny_chat_llama)
+    for k, o in enumerate(opts):
+        p_ids = tok(chat, add_special_tokens=False)["input_ids"]
+        o_ids = tok(o, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = hf(input_ids=torch.tensor([p_ids + o_ids])).logits[0].log_softmax(-1)
+        want = sum(logp[len(p_ids) - 1 + j, t].item() for j, t in enumerate(o_ids))
+        assert lp[0, k].item() == pytest.approx(want, abs=1e-4) and n[0, k] == len(o_ids)

@@ -1,6 +1,7 @@
 """Yes/no prompt sets, generators, loaders and decision metrics."""
 
 import json
+import math
 
 import pytest
 
@@ -87,3 +88,37 @@ def test_organism_negative_bias(organism, organism_control):
     assert org["overall"]["yes_rate"] < ctl["overall"]["yes_rate"]
     assert set(org["per_template"]) == set(range(len(INSTRUCTIONS)))
     assert {"p_yes", "pred", "question"} <= set(org["table"].columns)
+
+
+def test_precision_without_a_yes_is_nan_with_a_warning():
+    with pytest.warns(UserWarning, match="precision is NaN"):
+        m = decision_metrics([False, False, False], [True, False, True])
+    assert math.isnan(m["precision"]) and math.isnan(m["pr_gap"]) and m["recall"] == 0.0 and m["yes_rate"] == 0.0
+
+
+def test_chat_prompts_keep_the_candidates_and_the_answer_where_they_are(tiny_chat_llama):
+    """Through the chat template: the decision is the assistant's first token ('Yes'/'No', no space), and NAS's
+    key positions still point at the ' Yes'/' No' named in the instruction, L_I at the token after it."""
+    items = [{"question": "Is a dog a fruit?", "label": "no"}, {"question": "Is 2 more than 1?", "label": "yes"}]
+    tok = tiny_chat_llama.tokenizer
+    ps = binary_prompts(tiny_chat_llama, items)
+    assert ps.prompts[0].startswith("<|im_start|>system") and ps.prompts[0].endswith("<|im_start|>assistant\n")
+    assert [tok.decode([i]) for i in ps.answer_ids[0].tolist()] == ["Yes", "No"]
+    for i, m in enumerate(ps.metadata):
+        row = tok.convert_ids_to_tokens(ps.tokens[i].tolist())
+        assert m["chat"] and row[m["pos_cand"]] == "ĠYes" and row[m["neg_cand"]] == "ĠNo"
+        ins = tok(m["instruction"], add_special_tokens=False)["input_ids"]
+        at = m["query_start"] - len(ins)  # the instruction's tokens end right before L_I
+        assert ps.tokens[i, at: m["query_start"]].tolist() == ins and row[at - 1] == "Ċ"  # after "user\n"
+        assert int(ps.answer_pos[i]) == int(ps.attention_mask[i].sum()) - 1 and row[int(ps.answer_pos[i])] == "Ċ"
+    plain = binary_prompts(tiny_chat_llama, items, chat=False)
+    assert plain.prompts[0].endswith("\nAnswer:") and [tok.decode([i]) for i in plain.answer_ids[0]] == [" Yes", " No"]
+    m = plain.metadata[1]  # "Answer No or Yes.": No named first
+    row = tok.convert_ids_to_tokens(plain.tokens[1].tolist())
+    assert (row[m["neg_cand"]], row[m["pos_cand"]], m["neg_cand"] < m["pos_cand"]) == ("ĠNo", "ĠYes", True)
+    assert m["query_start"] == len(tok(m["instruction"], add_special_tokens=False)["input_ids"])
+
+
+def test_chat_true_without_a_template_is_refused(tiny_gpt2):
+    with pytest.raises(PromptError, match="no chat template"):
+        binary_prompts(tiny_gpt2, [{"question": "Is 2 more than 1?", "label": "yes"}], chat=True)

@@ -16,7 +16,9 @@ from ...core.prompts import PromptSet
 
 
 def _ld_with_shift(model, ps: PromptSet, layer: int, positions: Tensor, shift: Tensor) -> Tensor:
-    """Logit difference per prompt with `shift` [n, d_model] added to the MLP output at each prompt's position."""
+    """Logit difference per prompt with `shift` [n, d_model] added to the MLP's value v = k W_out at each
+    prompt's position (the MLP output, or in Gemma 2/3 what its post-MLP norm reads: what an edit of
+    W_out changes by kΔ)."""
     rows = torch.arange(len(ps), device=shift.device)
 
     def add(x, hook):
@@ -25,7 +27,7 @@ def _ld_with_shift(model, ps: PromptSet, layer: int, positions: Tensor, shift: T
         return x
 
     logits = model.run_with_hooks(ps.tokens, attention_mask=ps.attention_mask,
-                                  fwd_hooks=[(hook_name("mlp_out", layer), add)])
+                                  fwd_hooks=[(hook_name("mlp_value", layer), add)])
     return logit_diff(logits, ps).float()
 
 

@@ -3,15 +3,16 @@
 PEFT has no per-head LoRA. The config targets the attention projections of the heads' layers
 (`layers_to_transform`) and the model masks the LoRA factors outside the chosen heads' slices:
 
-- output-side projections (q/k/v; GPT-2's fused `c_attn`, GPT-NeoX's interleaved
-  `query_key_value`): only the rows of `lora_B` that produce the heads' q/k/v features may be
-  non-zero, so ΔW = B·A is zero on every other head's rows;
-- the output projection (`c_proj`, `o_proj`, `dense`): only the columns of `lora_A` that read the
-  heads' z features may be non-zero, so ΔW is zero on every other head's columns.
+- output-side projections (q/k/v; GPT-2's fused `c_attn`, Phi-3's fused `qkv_proj`, GPT-NeoX's
+  interleaved `query_key_value`): only the rows of `lora_B` that produce the heads' q/k/v
+  features may be non-zero, so ΔW = B·A is zero on every other head's rows;
+- the output projection (`c_proj`, `o_proj`, `dense`, OPT's `out_proj`): only the columns of
+  `lora_A` that read the heads' z features may be non-zero, so ΔW is zero on every other head's
+  columns.
 
 The masked entries are zeroed and their gradients multiplied by 0, so with Adam(W) they stay
 exactly 0 and the merged weights of other heads are bit-identical (`head_slices_unchanged`).
-Under grouped-query attention (Llama with fewer KV heads) k/v are per KV group: training a head's
+Under grouped-query attention (Llama, Mistral, Qwen2, Gemma, Phi-3 with fewer KV heads) k/v are per KV group: training a head's
 k/v also changes the query heads that share its KV group — pass modules=("q", "o") to change the
 chosen heads alone.
 """
@@ -31,15 +32,22 @@ from ...core.models import HookedModel
 Projection = Literal["q", "k", "v", "o"]
 
 
+_SPLIT = ("layers", {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"})
 # architecture → (layers_pattern, {kind: module suffix}) with kind in q, k, v, qkv, o
 HEAD_MODULES = {
     "GPT2LMHeadModel": ("h", {"qkv": "attn.c_attn", "o": "attn.c_proj"}),
-    "LlamaForCausalLM": ("layers", {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}),
-    "MistralForCausalLM": ("layers", {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}),
-    "Qwen2ForCausalLM": ("layers", {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}),
+    "LlamaForCausalLM": _SPLIT,
+    "MistralForCausalLM": _SPLIT,
+    "Qwen2ForCausalLM": _SPLIT,
+    "Gemma2ForCausalLM": _SPLIT,
+    "Gemma3ForCausalLM": _SPLIT,
+    "Phi3ForCausalLM": ("layers", {"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj"}),
     "GPTNeoXForCausalLM": ("layers", {"qkv": "attention.query_key_value", "o": "attention.dense"}),
+    "OPTForCausalLM": ("layers", {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}),
 }
-_FUSED = {"GPT2LMHeadModel": "concat", "GPTNeoXForCausalLM": "interleaved"}
+#: how a fused q/k/v projection orders its output rows: "concat" [q (all heads) | k (all KV heads) | v]
+#: (GPT-2's c_attn, Phi-3's qkv_proj with grouped-query sizes), "interleaved" per head [q | k | v] (GPT-NeoX)
+_FUSED = {"GPT2LMHeadModel": "concat", "Phi3ForCausalLM": "concat", "GPTNeoXForCausalLM": "interleaved"}
 
 
 def _dims(config) -> tuple[int, int, int, int]:
@@ -66,8 +74,10 @@ def check_heads(config, heads) -> list[tuple[int, int]]:
             whole = False
         if not whole:
             raise LensBiasError(f"head ({l}, {h}): layer and head must be whole numbers")
+        if (int(l), int(h)) in pairs:
+            raise LensBiasError(f"head ({l}, {h}) is listed twice; give each head once")
         pairs.append((int(l), int(h)))
-    heads = sorted(set(pairs))
+    heads = sorted(pairs)
     if not heads:
         raise LensBiasError("no heads selected")
     for l, h in heads:
@@ -113,12 +123,13 @@ def _row_mask(arch, kind, config, layer_heads, modules) -> Tensor:
             mask[g * d_head:(g + 1) * d_head] = True
         return mask
     # fused q, k, v
-    mask = torch.zeros(3 * n_heads * d_head, dtype=torch.bool)
+    mask = torch.zeros((n_heads + 2 * n_kv) * d_head, dtype=torch.bool)
     parts = [i for i, m in enumerate("qkv") if m in modules]
     for h in layer_heads:
         for part in parts:
-            if _FUSED[arch] == "concat":  # GPT-2: [q (all heads) | k | v]
-                start = part * n_heads * d_head + h * d_head
+            if _FUSED[arch] == "concat":  # [q (all heads) | k (all KV heads) | v]; a head's k/v: its KV group's
+                unit = h if part == 0 else h // (n_heads // n_kv)
+                start = (0, n_heads, n_heads + n_kv)[part] * d_head + unit * d_head
             else:  # GPT-NeoX: per head [q | k | v]
                 start = h * 3 * d_head + part * d_head
             mask[start:start + d_head] = True

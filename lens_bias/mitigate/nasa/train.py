@@ -19,6 +19,7 @@ so the attention patterns in the NAS term are the ones the model uses.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import Tensor
@@ -47,6 +48,13 @@ def _batch_nas(attentions, sub: PromptSet, heads, queries: NASQueries) -> Tensor
         a = attentions[l][:, h].float()  # [batch, query, key]
         out.append(nas_terms(a[rows, :, kneg], a[rows, :, kpos], mask).mean())
     return torch.stack(out)
+
+
+def _gap_size(metrics: dict) -> float:
+    """|P − R| for early stopping; an undefined gap (no 'yes' answer at all: precision is NaN) counts as the
+    worst, so a model that never says yes is never the one kept."""
+    gap = metrics["pr_gap"]
+    return abs(gap) if math.isfinite(gap) else math.inf
 
 
 def _decisions(hf, ps: PromptSet, batch_size: int) -> dict:
@@ -108,7 +116,7 @@ def nasa_train(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     before = _decisions(peft_model, dev, batch_size)
-    best = (abs(before["pr_gap"]), 0, {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad})
+    best = (_gap_size(before), 0, {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad})
     history = [{"step": 0, "loss": float("nan"), **{f"dev_{k}": v for k, v in before.items()}}]
     bad_evals = 0
     # dropout stays off (eval mode): GPT-2's attention dropout would put noise into the NAS term
@@ -133,8 +141,8 @@ def nasa_train(
             history.append({"step": step, "loss": loss.item(), "ce": ce.item(), "align": align.item(),
                             **{f"dev_{k}": v for k, v in m.items()}})
             ok = m["accuracy"] >= before["accuracy"] - max_acc_drop
-            if ok and abs(m["pr_gap"]) < best[0] - 1e-9:
-                best = (abs(m["pr_gap"]), step, {n: p.detach().clone() for n, p in peft_model.named_parameters()
+            if ok and _gap_size(m) < best[0] - 1e-9:
+                best = (_gap_size(m), step, {n: p.detach().clone() for n, p in peft_model.named_parameters()
                                                  if p.requires_grad})
                 bad_evals = 0
             else:
