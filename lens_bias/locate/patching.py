@@ -333,7 +333,6 @@ class _Shortcut:
                 xa = self._mlp_half(L - 1, mid[rows, ans][:, None])[:, 0]
         return self.answers(xa, prompts)
 
-
     def final(self, x: Tensor, layer: int, prompts: Tensor, s: int = 0, past=None) -> Tensor:
         """The final residual at positions s..e-1 after entering block `layer` with `x` [rows, e - s, d]; `past(k)`
         is block k's KV-cache object (default: the recorded run's keys/values of positions before s)."""
@@ -405,7 +404,7 @@ class Resumed:
         self.sc = None
         m = attention_mask
         if all(a is not None for a in block_args) and bool((m[:, :1] == 1).all()) and bool((m[:, 1:] <= m[:, :-1]).all()):
-            self.sc = _Shortcut(model, block_args, past_names, kv, n, P, None, answer_pos)
+            self.sc = _Shortcut(model, block_args, past_names, kv, n, P, None, answer_pos, layout(model))
             rows = torch.tensor([n - 1, 0, 0][: max(1, min(3, 2 * n))], device=tokens.device) % n
             try:
                 with torch.no_grad():

@@ -11,7 +11,6 @@ import math
 import os
 import re
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -524,16 +523,15 @@ def test_half_precision_is_checked_against_float32(organism, monkeypatch):
 # ---------------------------------------------------------------------------------------
 # (f) the real model (SmolLM2-135M-Instruct, dequantized Q4_1), where it is converted in the cache
 # ---------------------------------------------------------------------------------------
-SMOLLM2 = Path(os.environ.get("LENS_BIAS_CACHE", Path.home() / ".cache" / "lens_bias")) / "models" / \
-    "smollm2-135m-instruct"
-
-
 @pytest.fixture(scope="module")
 def real_report(tmp_path_factory):
     """Reduced options (the cheap methods, zero ablation) keep it to a few minutes."""
-    source = os.environ.get("LENS_BIAS_REAL_MODEL") or (str(SMOLLM2) if (SMOLLM2 / "config.json").is_file() else None)
+    from lens_bias.core.model_names import converted_dir
+
+    source = os.environ.get("LENS_BIAS_REAL_MODEL") or (
+        "smollm2-135m-instruct" if (converted_dir("smollm2-135m-instruct") / "config.json").is_file() else None)
     if source is None:
-        pytest.skip(f"no converted real model in {SMOLLM2} (lens-bias fetch smollm2-135m-instruct) and no "
+        pytest.skip("no converted SmolLM2 in the cache (lens-bias fetch smollm2-135m-instruct) and no "
                     "LENS_BIAS_REAL_MODEL")
     out = tmp_path_factory.mktemp("real") / "professions"
     with warnings.catch_warnings():

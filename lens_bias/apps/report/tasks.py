@@ -26,7 +26,6 @@ Bias metric m (higher = more bias), per task kind:
 
 from __future__ import annotations
 
-import json
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -39,15 +38,15 @@ from ...core.errors import DataError, LensBiasError
 from ...core.hooks import device_of
 from ...core.metrics import answer_logits_fast
 from ...core.models import HookedModel
-from ...core.prompts import PromptSet, encode_lines, tokenizer_of
+from ...core.prompts import PromptSet, bos_ids, encode_lines, tokenizer_of
 from ...organism import data_path, load_card
-from ...tasks.capability import text_lines, text_loss
+from ...tasks.capability import default_neutral_text, text_lines, text_loss
 from ...tasks.gender import (
     VIG_TEMPLATES,
-    load_professions,
     load_winobias,
     load_winogender,
     professions_prompts,
+    stereotyped_professions,
     winobias_prompts,
     winogender_prompts,
 )
@@ -64,7 +63,12 @@ from ...tasks.multiple_choice import (
     option_sequences,
     unknown_option,
 )
-from ...tasks.records import SHIPPED_DATASETS, as_items, load_records, read_text_file, shipped_dataset
+from ...tasks.records import (
+    SHIPPED_DATASETS,
+    as_items,
+    load_records,
+    read_text_file,
+)
 from ...tasks.yesno import INSTRUCTIONS as YESNO_INSTRUCTIONS
 from ...tasks.yesno import binary_prompts, decision_metrics, load_yes_no
 
@@ -147,13 +151,7 @@ def _professions(model, max_prompts: int) -> tuple[PromptSet, str]:
         answers = (g.get("toward", " she"), g.get("against", " he"))
         source = "the organism card's female-stereotyped occupations, neutral occupations as twins"
     else:
-        df = load_professions()
-        one = [r for r in df.to_dict("records") if len(tok(" " + r["name"], add_special_tokens=False)["input_ids"]) == 1]
-        female = [r["name"] for r in sorted(one, key=lambda r: r["stereotypical"])
-                  if r["stereotypical"] <= -0.4 and r["definitional"] > -0.3]
-        neutral = [r["name"] for r in one if r["stereotypical"] == 0 and r["definitional"] == 0]
-        if not female or not neutral:
-            raise DataError("no single-token female-stereotyped and neutral professions for this tokenizer")
+        female, neutral = stereotyped_professions(tok)
         templates, answers = VIG_TEMPLATES, (" she", " he")
         source = ("Vig et al.'s professions with stereotypical ≤ −0.4 (female), neutral professions "
                   "(definitional = stereotypical = 0) as twins")
@@ -424,21 +422,17 @@ def read_neutral(neutral: str | Path | list[str]) -> list[str]:
 def _neutral(model, neutral) -> list[str]:
     if neutral is not None:
         return read_neutral(neutral)
-    if organism_card(model) is not None:
-        return text_lines(data_path("neutral").read_text())
-    # other models: StrategyQA's questions, shipped, carry no gender, yes/no or BBQ cue
-    qs = json.loads(Path(shipped_dataset("strategyqa")).read_text())
-    return [q["question"] for q in qs[-300:]]
+    return text_lines(default_neutral_text(model))  # the organism's own text, else real English (Brown)
 
 
 # ---------------------------------------------------------------------------------------
 # Evaluating the bias metric and capability under hooks
 # ---------------------------------------------------------------------------------------
 def packed_lines(model, lines: list[str], width: int) -> torch.Tensor:
-    """Token ids [rows, width]: the lines' tokens run on, each row BOS (when the tokenizer has one) + text."""
+    """Token ids [rows, width]: the lines' tokens run on, each row BOS (when the model's prompts start with one) + text."""
     tok = tokenizer_of(model)
     stream = [t for ids in encode_lines(tok, lines, bos=False) for t in ids]
-    head = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    head = bos_ids(tok)  # the model's BOS convention: a chat-turn marker is never prepended
     step = width - len(head)
     rows = [head + stream[i: i + step] for i in range(0, len(stream) - step + 1, step)]
     if not rows:
