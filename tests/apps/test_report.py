@@ -542,15 +542,22 @@ def real_report(tmp_path_factory):
 
 @pytest.mark.slow
 def test_real_model_ranking_counts_capability(real_report, browser):
+    """SmolLM2: the ranking keeps every model breaker (top-8 > 1 nat) below the clean methods, marks it, and the
+    first screen answers from the held-out bias's interval (with the neutral twins resampled it includes 0 on
+    the 32 held-out prompts: then nothing may beat random and the answer says 'not found')."""
     report, out = real_report
     r = report.ranking
     assert_capability_order(r, report.loss_budget)
-    assert report.baseline["bias_lo"] > 0, "SmolLM2's professions bias is significant on the held-out prompts"
-    top = r.iloc[0]
-    assert top["beats_random"] and top["d_loss"] <= report.loss_budget and top["removed"] > 0.3, top
-    # a method whose largest top-k raises the loss by more than 1 nat is marked; one with no k within budget
-    # ranks below every method with one
-    assert (r["breaks_model"] == (r["d_neutral_loss_kmax"] > 1.0)).all()
+    assert (r["breaks_model"] == (r["d_neutral_loss_kmax"] > BREAKS)).all() and r["breaks_model"].any()
     none = r[r["k_budget"].isna()]
     assert none.empty or none["rank"].min() > r[r["k_budget"].notna()]["rank"].max()
+    b = report.baseline
+    assert b["bias_clean"] > b["bias_reference"], "she − he is larger on female-stereotyped professions than on twins"
+    if b["bias_lo"] > 0:
+        top = r.iloc[0]
+        assert top["beats_random"] and top["d_loss"] <= report.loss_budget, top
+    else:
+        assert not r["beats_random"].any() and "not found" in report.answer()
+        assert any("not significant" in n for n in report.notes)
+    assert "Breaks the model" in report.answer()
     browser(out / "report.html", widths=(1400, 800))
