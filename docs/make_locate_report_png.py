@@ -1,45 +1,53 @@
-"""Make docs/locate_report.png, the README's picture of the locate report: the organism's professions report,
-necessity curves (zero ablation) of every method against k random units, one panel per unit type.
+"""Make docs/locate_report.png, the README's picture of the locate report: the first screen of the real model's
+professions report (SmolLM2-135M-Instruct, dequantized Q4_1 weights) as headless Chromium shows it — the same
+path the tests open pages with (lens_bias.core.browser), so the picture is what a reader's browser renders.
 
-    PYTHONPATH=. python docs/make_locate_report_png.py [OUT.png]
+    PYTHONPATH=. python docs/make_locate_report_png.py [--report DIR] [--model M] [--out PNG] [--width 1400]
+        [--height 800] [--full PNG]
 
-Needs kaleido 0.2.1 (a dev tool, not a lens_bias dependency: `pip install kaleido==0.2.1`) to render the
-plotly figure the report's page shows; the options are the CLI's defaults."""
+--report: an existing report folder (report.html) to photograph, e.g. the one
+`lens-bias locate --model smollm2-135m-instruct --task professions --out DIR` wrote; otherwise that report runs
+on --model (default smollm2-135m-instruct) into a temporary folder. --full: also a PNG of the whole page
+(--full-height px tall). Needs `chromium` (apt-get install -y chromium).
+"""
 
-import json
-import sys
+import argparse
+import tempfile
 import warnings
 from pathlib import Path
 
-import plotly
-
 import lens_bias as lb
+from lens_bias.core.browser import check_page, screenshot
+
+HERE = Path(__file__).resolve().parent
 
 
-def to_png(fig) -> bytes:
-    """PNG bytes through kaleido 0.2.1's own scope (plotly ≥ 6's write_image asks for kaleido ≥ 1 and a Chrome)."""
-    from kaleido.scopes.plotly import PlotlyScope
-
-    js = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"  # the plotly.js that reads plotly 6 JSON
-    return PlotlyScope(plotlyjs=str(js)).transform(json.loads(fig.to_json()), format="png", width=fig.layout.width, height=fig.layout.height,
-                                   scale=1)
-
-
-def main(out: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        report = lb.locate_report(lb.load_model("organism"), "professions", progress=False)
-    fig = report.main_figure("zero")
-    fig.update_layout(title={"text": "Locate report, professions on the organism: share of the bias removed by "
-                                     "zero-ablating each method's top-k<br>vs k random units (grey: mean ± std); "
-                                     "the planted neuron L0N103 is the neuron methods' top-1", "font": {"size": 13}},
-                      width=1100, height=440, margin={"t": 80, "b": 40, "l": 60, "r": 20},
-                      legend={"orientation": "h", "y": -0.22})
-    fig.update_yaxes(title_text="share of the bias removed", col=1)
-    out.write_bytes(to_png(fig))
-    print(f"{out}: {out.stat().st_size / 1024:.0f} KB")
-    print(report)
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--report", type=Path, default=None, help="a report folder to photograph (default: run one)")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="the model to run the report on (without --report)")
+    ap.add_argument("--out", type=Path, default=HERE / "locate_report.png")
+    ap.add_argument("--width", type=int, default=1400)
+    ap.add_argument("--height", type=int, default=800)
+    ap.add_argument("--full", type=Path, default=None, help="also a PNG of the whole page")
+    ap.add_argument("--full-height", type=int, default=7000)
+    args = ap.parse_args()
+    folder = args.report
+    if folder is None:
+        folder = Path(tempfile.mkdtemp(prefix="locate-report-")) / "professions"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            print(lb.locate_report(args.model, "professions", folder))
+    page = folder / "report.html"
+    check = check_page(page)
+    if not check.ok:
+        raise SystemExit(f"the page does not render: {check}")
+    screenshot(page, args.out, args.width, args.height)
+    print(f"{args.out}: {args.out.stat().st_size / 1024:.0f} KB ({check})")
+    if args.full is not None:
+        screenshot(page, args.full, args.width, args.full_height)
+        print(f"{args.full}: {args.full.stat().st_size / 1024:.0f} KB")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "locate_report.png")
+    main()

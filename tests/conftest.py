@@ -89,6 +89,31 @@ def organism_card():
     return load_card("organism")
 
 
+@pytest.fixture(scope="session")
+def browser():
+    """check(path, widths=(1400,)): open an HTML page in headless Chromium, offline (lens_bias.core.browser),
+    assert that it runs without a console error and that every plotly figure div holds a rendered plot, and
+    save a screenshot per width next to the page (PAGE-1400px.png); returns the PageCheck. For any test that
+    writes figures (the locate report, the demo): call it after the test's own assertions. Where no Chromium is
+    installed it skips the test there, saying why (.ci/run installs Debian's chromium)."""
+    from lens_bias.core.browser import check_page, find_chromium, screenshot
+
+    def check(path, widths=(1400,), height=900):
+        if find_chromium() is None:
+            pytest.skip("no chromium on PATH, so pages cannot be opened in a browser (install it: apt-get install -y "
+                        "chromium; .ci/run does)")
+        path = Path(path)
+        res = check_page(path)
+        assert res.figures, f"{path.name}: no plotly figure div in the page"
+        assert not res.errors, f"{path.name}: the browser reported {res.errors}"
+        assert not res.blank, f"{path.name}: {len(res.blank)} of {len(res.figures)} figures did not render: {res.blank}"
+        for w in widths:
+            screenshot(path, path.with_name(f"{path.stem}-{w}px.png"), w, height)
+        return res
+
+    return check
+
+
 #: SmolLM2-135M-Instruct's chat template (ChatML with a default system turn)
 CHATML_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

@@ -150,9 +150,14 @@ def cmd_locate(args) -> int:
     report = locate_report(args.model, args.task, args.out, methods=methods, k_values=k_values,
                            ablations=args.ablations.split(","), seeds=args.seeds, holdout=args.holdout,
                            max_prompts=args.max_prompts, max_items=args.max_items, neutral=args.neutral,
-                           tracing_corruption=args.tracing, seed=args.seed, overwrite=args.overwrite,
+                           tracing_corruption=args.tracing, loss_budget=args.loss_budget, seed=args.seed,
+                           overwrite=args.overwrite,
                            progress=not args.quiet, device=args.device, dtype=args.dtype)
     print(report)
+    stages = {k: v for k, v in report.timings.items() if "cached" in v}
+    cached = sum(bool(v["cached"]) for v in stages.values())
+    print(f"stages: {len(stages) - cached} computed, {cached} read from the cache; "
+          f"{report.timings['total']['seconds']:.0f} s in all")
     print(f"report.html, summary.json and tables/: {Path(args.out).resolve()}")
     return 0
 
@@ -170,10 +175,15 @@ methods: every registered locate method whose data the task has (patching, attri
 NAS for yes/no; CRISPR for multiple choice) plus the baselines (gradient × activation, weight norm, mean
 |activation|, attention to ' No' for yes/no) and random scores.
 
-outputs (--out): report.html (one page, opens offline: method ranking, necessity and sufficiency curves
-against random units, agreement matrices, top units with their tokens, capability), summary.json,
-tables/*.csv + .parquet, stages/*.pt (cached stages: run again to resume; a changed option recomputes
-only what it touches)."""
+ranking: by the bias each method's top-k remove beyond k random units, within a capability budget
+(--loss-budget, default +0.1 nats/token of neutral-text loss); a method beats random by a rank test
+against --seeds random unit sets; ⚠ marks top-k that break the model (> +1 nat at the largest k).
+
+outputs (--out): report.html (one page, opens offline; first screen: where the bias is, how sure, what
+removing it does to bias and capability against random units, where methods agree; then the ranking,
+necessity and sufficiency curves, agreement heatmaps, top units with their tokens, capability),
+summary.json, tables/*.csv + .parquet (tables/agreement.csv: every pair of methods), stages/*.pt (cached
+stages, checksummed in locate_report.json: run again to resume; two runs on one folder share the work)."""
 
 
 def _locate_parser(sub) -> None:
@@ -188,8 +198,13 @@ def _locate_parser(sub) -> None:
     lo.add_argument("--out", required=True, help="report folder (new, empty, or an earlier report of the same run)")
     lo.add_argument("--methods", default=None, help="only these methods, comma-separated (default: all that apply)")
     lo.add_argument("--k", default="1,2,4,8", help="top-k sizes to ablate (default 1,2,4,8; capped at half the units)")
-    lo.add_argument("--ablations", default="zero,mean,resample", help="ablations (default zero,mean,resample)")
-    lo.add_argument("--seeds", type=int, default=5, help="random unit sets per k (default 5)")
+    lo.add_argument("--ablations", default="zero,mean", help="ablations: zero, mean, resample (default zero,mean; "
+                    "the first one is the rank test's and the capability cost's)")
+    lo.add_argument("--seeds", type=int, default=19, help="random unit sets per k for the rank test against random "
+                    "(default 19, the fewest that can reach p ≤ 0.05)")
+    lo.add_argument("--loss-budget", type=float, default=0.1,
+                    help="the capability cost a ranked top-k may have: neutral-text loss increase in nats/token "
+                         "(default 0.1)")
     lo.add_argument("--holdout", type=float, default=0.5,
                     help="share of the groups (professions, questions, items) held out for the ablations")
     lo.add_argument("--max-prompts", type=int, default=64, help="pair tasks: prompts at most (default 64)")

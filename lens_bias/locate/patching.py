@@ -335,6 +335,157 @@ class _Shortcut:
                 xa = self._mlp_half(L - 1, mid[rows, ans][:, None])[:, 0]
         return self.answers(xa, prompts)
 
+    def final(self, x: Tensor, layer: int, prompts: Tensor, s: int = 0, past=None) -> Tensor:
+        """The final residual at positions s..e-1 after entering block `layer` with `x` [rows, e - s, d]; `past(k)`
+        is block k's KV-cache object (default: the recorded run's keys/values of positions before s)."""
+        e = s + x.shape[1]
+        memo: dict = {}
+        for k in range(layer, self.L):
+            kw = self._kwargs(k, prompts, s, e, memo)
+            if past is not None and self.past_names[k] is not None:
+                kw[self.past_names[k]] = past(k)
+            x = self._block(k, x, kw)
+        return x
+
+
+class _RowPrefixKV:
+    """A KV cache for a window s..e-1 whose positions 0..s-1 come from one recorded prefix per group of rows
+    (`kv[layer]` [groups, heads, s, d], `group` [rows]: each row's group)."""
+
+    def __init__(self, kv: dict, group: Tensor):
+        self.kv, self.group = kv, group
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        pk, pv = self.kv[layer_idx]
+        return torch.cat([pk[self.group], key], -2), torch.cat([pv[self.group], value], -2)
+
+
+def stacked_hooks(configs: list[list], n: int) -> list:
+    """One fwd_hooks list for a batch stacking len(configs) copies of n rows: copy g runs config g's hooks
+    (unchanged) on its rows, a view whose in-place edits reach the batch."""
+    by: dict[str, list] = {}
+    for g, hooks in enumerate(configs):
+        for name, fn in hooks:
+            by.setdefault(name, []).append((g, fn))
+
+    def make(lst):
+        def hook(x, hook):
+            for g, fn in lst:
+                fn(x.narrow(0, g * n, n), hook)
+            return x
+        return hook
+
+    return [(name, make(lst)) for name, lst in by.items()]
+
+
+class Resumed:
+    """Hooked forwards of one batch of prompts that start at a layer: one recorded forward keeps every block's
+    input and arguments, and a forward whose hooks act at layer l or later enters block l from the recorded
+    input — the layers before l cannot change, so the result is the full hooked forward's (checked on the
+    recorded run itself; a model the shortcut does not fit runs the full forward, with the same results).
+
+    `answer_logits(layer, prompts, hooks)` → [rows, 2] answer logits at the answer positions (rows = prompt
+    indices, repeats allowed: many hook sets per forward); `final_resid(...)` → the final residual at every
+    position (for a full-vocabulary loss). `answer_logits_many(layer, configs, position_free=True)` runs
+    several hook sets at once and, when every prompt begins with the same tokens and the hooks act alike at
+    every position and row (zero or mean ablation: not resampling, not restoring a cached run), computes
+    those shared tokens once per hook set instead of once per prompt (their keys and values serve every
+    prompt's later positions: causal attention)."""
+
+    def __init__(self, model: HookedModel, tokens: Tensor, attention_mask: Tensor, answer_pos: Tensor,
+                 answer_ids: Tensor):
+        self.model, self.tokens, self.mask = model, tokens, attention_mask
+        self.answer_pos, self.answer_ids = answer_pos, answer_ids
+        L, (n, P) = model.cfg.n_layers, tokens.shape
+        self.L = L
+        names = {hook_name("resid_pre", k) for k in range(L)}
+        with torch.no_grad():
+            cache, block_args, past_names, kv = _cached_run(model, tokens, attention_mask, names, capture_blocks=True)
+        self.resid = [cache[hook_name("resid_pre", k)] for k in range(L)]
+        self._ids = answer_ids
+        self.sc = None
+        m = attention_mask
+        if all(a is not None for a in block_args) and bool((m[:, :1] == 1).all()) and bool((m[:, 1:] <= m[:, :-1]).all()):
+            self.sc = _Shortcut(model, block_args, past_names, kv, n, P, None, answer_pos, layout(model))
+            rows = torch.tensor([n - 1, 0, 0][: max(1, min(3, 2 * n))], device=tokens.device) % n
+            try:
+                with torch.no_grad():
+                    got = self._logits(self.sc.final(self.resid[0][rows], 0, rows), rows)
+                    want = self._logits(cache[last_resid(model)][rows], rows)
+                tol = _tolerance(model)
+                ok = torch.allclose(got, want, atol=tol * (1 + float(want.abs().max())), rtol=tol)
+            except Exception:  # noqa: BLE001 - any failure means: do not use this path
+                ok = False
+            if not ok:
+                warnings.warn("the resumed forward does not reproduce this model's run; using full forwards")
+                self.sc = None
+        self.s0 = self._shared_prefix() if self.sc is not None and self.sc.windowed else 0
+        if self.s0:
+            try:
+                got = self.answer_logits_many(0, [[], []])
+                ok = torch.allclose(got, self._logits(cache[last_resid(model)], torch.arange(n, device=tokens.device)).repeat(2, 1),
+                                    atol=_tolerance(model) * (1 + float(got.abs().max())), rtol=_tolerance(model))
+            except Exception:  # noqa: BLE001 - any failure means: do not use this path
+                ok = False
+            if not ok:
+                self.s0 = 0
+
+    def _shared_prefix(self) -> int:
+        """How many leading positions every prompt shares (same tokens, no padding), up to the first answer."""
+        t, m = self.tokens, self.mask
+        same = ((t == t[:1]) & (m == 1)).all(0).int()
+        s0 = int(same.cumprod(0).sum())
+        return min(s0, int(self.answer_pos.min()))
+
+    def _logits(self, final: Tensor, prompts: Tensor, s: int = 0) -> Tensor:
+        """Answer logits [rows, n_answers] (float32) from final residuals at positions s.. ."""
+        rows = torch.arange(len(prompts), device=final.device)
+        x = self.model.ln_final(final[rows, self.answer_pos[prompts] - s][:, None])[:, 0].float()
+        ids = self._ids[prompts]
+        a = torch.einsum("rd,dra->ra", x, self.model.W_U[:, ids].float())
+        b_U = getattr(self.model, "b_U", None)
+        return a + b_U.float()[ids] if b_U is not None else a
+
+    def final_resid(self, layer: int, prompts: Tensor, hooks: list = ()) -> Tensor:
+        """The final residual [rows, P, d] of the prompts `prompts` under `hooks`, which act at layer ≥ `layer`."""
+        with torch.no_grad(), self.model.hooks(fwd_hooks=list(hooks)):
+            if self.sc is None or layer <= 0:
+                return run_until(self.model, self.tokens[prompts], attention_mask=self.mask[prompts],
+                                 detach=True)[last_resid(self.model)]
+            return self.sc.final(self.resid[layer][prompts], layer, prompts)
+
+    def answer_logits(self, layer: int, prompts: Tensor, hooks: list = ()) -> Tensor:
+        """Answer logits [rows, n_answers] at the answer positions under `hooks` (acting at layer ≥ `layer`)."""
+        final = self.final_resid(layer, prompts, hooks)
+        with torch.no_grad():
+            return self._logits(final, prompts)
+
+    def answer_logits_many(self, layer: int, configs: list[list], position_free: bool = True) -> Tensor:
+        """Answer logits [len(configs) × n, n_answers] of every prompt under each hook set of `configs` (all
+        acting at layer ≥ `layer`), one forward; the shared first tokens once per set when `position_free`."""
+        final, s0 = self.final_many(layer, configs, position_free)
+        rows = torch.arange(len(self.tokens), device=self.tokens.device).repeat(len(configs))
+        with torch.no_grad():
+            return self._logits(final, rows, s0)
+
+    def final_many(self, layer: int, configs: list[list], position_free: bool = True) -> tuple[Tensor, int]:
+        """(final residual [len(configs) × n, P − s, d] of every prompt under each hook set, s): the positions
+        from s on, s = the shared first tokens (computed once per hook set) when `position_free`, else 0."""
+        n = len(self.tokens)
+        rows = torch.arange(n, device=self.tokens.device).repeat(len(configs))
+        s0 = self.s0 if position_free else 0
+        if not s0:
+            return self.final_resid(layer, rows, stacked_hooks(configs, n)), 0
+        G, layer = len(configs), max(layer, 0)
+        with torch.no_grad():
+            first = torch.zeros(G, dtype=torch.long, device=rows.device)  # prompt 0 stands for the shared tokens
+            rec = _KVRecorder()
+            with self.model.hooks(fwd_hooks=stacked_hooks(configs, 1)):
+                self.sc.final(self.resid[layer][first, :s0], layer, first, 0, lambda k: rec)
+            past = _RowPrefixKV(rec.kv, torch.arange(G, device=rows.device).repeat_interleave(n))
+            with self.model.hooks(fwd_hooks=stacked_hooks(configs, n)):
+                return self.sc.final(self.resid[layer][rows, s0:], layer, rows, s0, lambda k: past), s0
+
 
 def _cached_run(model, tokens, attention_mask, names: set[str], extra_hooks=(), capture_blocks: bool = False):
     """One forward (stopped after the last block) caching `names` and, optionally, the arguments each

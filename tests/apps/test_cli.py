@@ -7,7 +7,7 @@ from pathlib import Path
 from lens_bias.apps.cli import main
 
 
-def test_demo_finds_planted_components(tmp_path, capsys):
+def test_demo_finds_planted_components(tmp_path, capsys, browser):
     assert main(["demo", "--model", "organism", "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
     report = capsys.readouterr().out
     assert report.count("✓") == 2 and "✗" not in report
@@ -22,6 +22,10 @@ def test_demo_finds_planted_components(tmp_path, capsys):
     assert lsdm.loc["bias_unseen", "original"] > 1.5 and abs(lsdm.loc["bias_unseen", "lsdm"]) < 0.3
     assert "LSDM edit of MLP layer 0" in report and "exported to organism-lsdm/" in report
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+    pages = sorted((tmp_path / "out").glob("*.html"))
+    assert pages
+    for page in pages:  # every figure renders in a real browser, offline (screenshots beside the pages)
+        browser(page)
 
 
 def test_real_model_demo_runs_to_its_report(tmp_path, capsys, tiny_llama_dir):

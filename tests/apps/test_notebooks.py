@@ -1,7 +1,8 @@
 """The notebooks in notebooks/ run top to bottom on the shipped organism, offline (each ends with a cell
 asserting the organism's ground truth; 06_real_model runs on SmolLM2-135M-Instruct where it is fetched, and
 checks its intervals), and every plotly figure they show carries data: the executed
-notebook's Plotly JSON outputs are read back and each trace must hold finite numbers — no screenshots.
+notebook's Plotly JSON outputs are read back and each trace must hold finite numbers, and every HTML page a
+notebook writes opens in headless Chromium with every figure rendered (the `browser` fixture).
 
 Notebooks execute in memory (nothing is written back), with the kernel's working directory in
 notebooks/ and LENS_BIAS_NB_OUT pointing at a temporary directory for any file a notebook writes.
@@ -80,7 +81,7 @@ def test_figure_check_reads_typed_arrays_and_rejects_nan():
 
 @pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.stem in REAL_MODEL else p
                                   for p in NOTEBOOKS], ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_and_its_figures_have_data(path, tmp_path, monkeypatch):
+def test_notebook_runs_and_its_figures_have_data(path, tmp_path, monkeypatch, browser):
     if path.stem in REAL_MODEL and not _model_here(REAL_MODEL[path.stem]):
         pytest.skip(f"{path.name} needs {REAL_MODEL[path.stem]}: `lens-bias fetch {REAL_MODEL[path.stem]}`")
     monkeypatch.setenv("LENS_BIAS_NB_OUT", str(tmp_path))
@@ -105,3 +106,5 @@ def test_notebook_runs_and_its_figures_have_data(path, tmp_path, monkeypatch):
             assert nums, f"{path.name} cell {cell}: figure {title!r} trace {k} ({trace.get('type')}) has no numbers"
             bad = sum(not math.isfinite(x) for x in nums)
             assert not bad, f"{path.name} cell {cell}: figure {title!r} trace {k} has {bad} non-finite values"
+    for page in sorted(tmp_path.rglob("*.html")):  # the pages a notebook writes (05: report.html) render in Chromium
+        browser(page)

@@ -280,4 +280,15 @@ CASES: list[Case] = [
     api("nan-export", lambda e: lb.export_model(e.nan, e.d / "out"), {}, **ON_NAN),
     api("nan-mitigate", lambda e: lb.apps.pipeline.mitigate(e.nan, "prune-neurons", e.d / "out", units=[(0, 1)], progress=False), {}, **ON_NAN),
     api("nan-attribute-dataset", lambda e: lb.attribute_dataset(e.nan, "patching", e.pairs, e.d / "out", options={"components": ["mlp_out"]}, progress=False), {}, **ON_NAN),
+    # the locate report: one line naming the option, the file or the line
+    cli("locate-neutral-missing", "locate --model organism --task professions --neutral {d}/typo.txt --out {d}/out --quiet", {}, r"typo\.txt does not exist"),
+    cli("locate-neutral-not-utf8", "locate --model organism --task professions --neutral {d}/n.txt --out {d}/out --quiet", {"n.txt": b"\x00\xff"}, r"n\.txt:1: not UTF-8 text \(byte 0xff\)"),
+    cli("locate-neutral-empty", "locate --model organism --task professions --neutral {d}/n.txt --out {d}/out --quiet", {"n.txt": "\n\n"}, r"n\.txt is empty"),
+    cli("locate-max-prompts-0", "locate --model organism --task professions --max-prompts 0 --out {d}/out --quiet", {}, r"max_prompts \(--max-prompts\) must be a whole number ≥ 1, got 0"),
+    cli("locate-max-prompts-negative", "locate --model organism --task professions --max-prompts -5 --out {d}/out --quiet", {}, r"max_prompts \(--max-prompts\) must be a whole number ≥ 1, got -5"),
+    cli("locate-max-items-negative-yesno", "locate --model organism --task yesno --max-items -1 --out {d}/out --quiet", {}, r"max_items \(--max-items\) must be a whole number ≥ 1, got -1"),
+    cli("locate-max-items-negative-bbq", "locate --model organism --task bbq --max-items -1 --out {d}/out --quiet", {}, r"max_items \(--max-items\) must be a whole number ≥ 1, got -1"),
+    cli("locate-max-items-0", "locate --model organism --task bbq --max-items 0 --out {d}/out --quiet", {}, r"max_items \(--max-items\) must be a whole number ≥ 1, got 0"),
+    cli("locate-loss-budget-negative", "locate --model organism --task professions --loss-budget -1 --out {d}/out --quiet", {}, r"loss_budget \(--loss-budget\) must be a number of nats ≥ 0, got -1"),
+    api("locate-neutral-missing-api", lambda e: lb.locate_report(e.organism, "professions", neutral=str(e.d / "typo.txt"), progress=False), {}, r"typo\.txt does not exist", DataError),
 ]

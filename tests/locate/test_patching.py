@@ -331,3 +331,89 @@ def test_non_finite_outputs_are_an_error(tiny_gpt2_dir, pairs):
             activation_patching(broken, pairs, "head", progress=False, **kw)
     with pytest.raises(LensBiasError, match=r"weight transformer\.h\.1\.mlp\.c_proj\.weight holds 1 non-finite"):
         causal_trace(broken, pairs, progress=False)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_resumed_forward_equals_the_full_hooked_forward(tiny_gpt2, tiny_llama, family):
+    """Resumed (the report's ablations): a forward whose hooks act at layer l ≥ 1 entered at l from the recorded
+    run gives the full hooked forward's answer logits and final residual — plain run_with_hooks as the reference,
+    several hook sets stacked in one batch, GQA included; entering one layer too late misses the hooks."""
+    from lens_bias.core.hooks import hook_name
+    from lens_bias.locate.patching import Resumed
+
+    model = tiny_gpt2 if family == "gpt2" else tiny_llama
+    ps = PromptSet.build(model, ["The nurse said that", "The doctor yelled that", "The mechanic said that"],
+                         (" she", " he"))
+    run = Resumed(model, ps.tokens, ps.attention_mask, ps.answer_pos, ps.answer_ids)
+    assert run.sc is not None, "the resumed path must fit this model"
+    L, n = model.cfg.n_layers, len(ps)
+
+    def zero(idx):  # not 0: a random tiny model barely notices one zeroed unit; a large value it does
+        def hook(x, hook):
+            x[..., idx] = 4.0
+            return x
+        return hook
+
+    def stacked(configs):  # each config's hooks on its own copy of the prompts (as the report stacks them)
+        def on(g, fn):
+            def hook(x, hook):
+                fn(x.narrow(0, g * n, n), hook)
+                return x
+            return hook
+        return [(name, on(g, fn)) for g, hooks in enumerate(configs) for name, fn in hooks]
+
+    rows = torch.arange(n).repeat(2)
+    layer = L - 1
+    configs = [[(hook_name("neuron", layer), zero(3))], [(hook_name("head", layer), zero(1))]]
+    got = run.answer_logits(layer, rows, stacked(configs))
+    with torch.no_grad():
+        for g, hooks in enumerate(configs):
+            logits = model.run_with_hooks(ps.tokens, attention_mask=ps.attention_mask, fwd_hooks=hooks)
+            r = torch.arange(n)
+            want = logits[r, ps.answer_pos][r[:, None], ps.answer_ids].float()
+            assert (got[g * n:(g + 1) * n] - want).abs().max() < 1e-4
+            base = model(ps.tokens, attention_mask=ps.attention_mask)[r, ps.answer_pos][r[:, None], ps.answer_ids]
+            assert (want - base.float()).abs().max() > 1e-3, "the hook must change the answer for the test to bite"
+    with torch.no_grad():
+        final = run.final_resid(layer, torch.arange(n), configs[0])
+        logits = model.unembed(model.ln_final(final))
+        want = model.run_with_hooks(ps.tokens, attention_mask=ps.attention_mask, fwd_hooks=configs[0])
+    assert (logits - want).abs().max() < 1e-4
+    late = run.answer_logits(L - 1, torch.arange(n), [(hook_name("neuron", 0), zero(3))])  # hooks before the entry
+    with torch.no_grad():
+        first = model.run_with_hooks(ps.tokens, attention_mask=ps.attention_mask,
+                                     fwd_hooks=[(hook_name("neuron", 0), zero(3))])
+    r = torch.arange(n)
+    assert (late - first[r, ps.answer_pos][r[:, None], ps.answer_ids]).abs().max() > 1e-3, \
+        "a hook before the entry layer is (rightly) not run: entering late would miss it"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_shared_first_tokens_once_per_hook_set_equal_full_forwards(tiny_gpt2, tiny_llama, family):
+    """Prompts that begin alike ('The ...'): Resumed.answer_logits_many computes the shared tokens once per hook
+    set (zero/mean-style hooks, the same at every position) and equals one full hooked forward per set."""
+    from lens_bias.core.hooks import hook_name
+    from lens_bias.locate.patching import Resumed
+
+    model = tiny_gpt2 if family == "gpt2" else tiny_llama
+    ps = PromptSet.build(model, ["The big nurse said that", "The big doctor yelled that", "The big mechanic said that"],
+                         (" she", " he"))
+    run = Resumed(model, ps.tokens, ps.attention_mask, ps.answer_pos, ps.answer_ids)
+    assert run.s0 >= 2, "the prompts share their first tokens"
+
+    def put(idx, v):
+        def hook(x, hook):
+            x[..., idx] = v
+            return x
+        return hook
+
+    L, n = model.cfg.n_layers, len(ps)
+    for layer in range(L):
+        configs = [[(hook_name("neuron", layer), put(3, 4.0))], [(hook_name("head", L - 1), put(1, -3.0))], []]
+        got = run.answer_logits_many(layer, configs)
+        for g, hooks in enumerate(configs):
+            with torch.no_grad():
+                logits = model.run_with_hooks(ps.tokens, attention_mask=ps.attention_mask, fwd_hooks=hooks)
+            r = torch.arange(n)
+            want = logits[r, ps.answer_pos][r[:, None], ps.answer_ids].float()
+            assert (got[g * n:(g + 1) * n] - want).abs().max() < 1e-4, (layer, g)

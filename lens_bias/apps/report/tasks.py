@@ -26,7 +26,6 @@ Bias metric m (higher = more bias), per task kind:
 
 from __future__ import annotations
 
-import json
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -39,15 +38,15 @@ from ...core.errors import DataError, LensBiasError
 from ...core.hooks import device_of
 from ...core.metrics import answer_logits_fast
 from ...core.models import HookedModel
-from ...core.prompts import PromptSet, encode_lines, tokenizer_of
+from ...core.prompts import PromptSet, bos_ids, encode_lines, tokenizer_of
 from ...organism import data_path, load_card
-from ...tasks.capability import text_lines, text_loss
+from ...tasks.capability import default_neutral_text, text_lines, text_loss
 from ...tasks.gender import (
     VIG_TEMPLATES,
-    load_professions,
     load_winobias,
     load_winogender,
     professions_prompts,
+    stereotyped_professions,
     winobias_prompts,
     winogender_prompts,
 )
@@ -64,7 +63,12 @@ from ...tasks.multiple_choice import (
     option_sequences,
     unknown_option,
 )
-from ...tasks.records import SHIPPED_DATASETS, as_items, load_records, shipped_dataset
+from ...tasks.records import (
+    SHIPPED_DATASETS,
+    as_items,
+    load_records,
+    read_text_file,
+)
 from ...tasks.yesno import INSTRUCTIONS as YESNO_INSTRUCTIONS
 from ...tasks.yesno import binary_prompts, decision_metrics, load_yes_no
 
@@ -87,6 +91,7 @@ class ReportTask:
     instructions: list[str] = field(default_factory=lambda: MC_INSTRUCTIONS[:2])
     notes: list[str] = field(default_factory=list)
     description: str = ""
+    held_out: bool = True  # False: one group only, the test split is the locate split
 
     @property
     def has_twins(self) -> bool:
@@ -146,13 +151,7 @@ def _professions(model, max_prompts: int) -> tuple[PromptSet, str]:
         answers = (g.get("toward", " she"), g.get("against", " he"))
         source = "the organism card's female-stereotyped occupations, neutral occupations as twins"
     else:
-        df = load_professions()
-        one = [r for r in df.to_dict("records") if len(tok(" " + r["name"], add_special_tokens=False)["input_ids"]) == 1]
-        female = [r["name"] for r in sorted(one, key=lambda r: r["stereotypical"])
-                  if r["stereotypical"] <= -0.4 and r["definitional"] > -0.3]
-        neutral = [r["name"] for r in one if r["stereotypical"] == 0 and r["definitional"] == 0]
-        if not female or not neutral:
-            raise DataError("no single-token female-stereotyped and neutral professions for this tokenizer")
+        female, neutral = stereotyped_professions(tok)
         templates, answers = VIG_TEMPLATES, (" she", " he")
         source = ("Vig et al.'s professions with stereotypical ≤ −0.4 (female), neutral professions "
                   "(definitional = stereotypical = 0) as twins")
@@ -336,12 +335,25 @@ def _split(n_groups_of: list, holdout: float, seed: int) -> tuple[list[int], lis
     return locate, test
 
 
+#: option → (its CLI flag, the smallest value allowed)
+LIMITS = {"max_prompts": ("--max-prompts", 1), "max_items": ("--max-items", 1)}
+
+
+def check_options(*, holdout: float, max_prompts: int, max_items: int) -> None:
+    """One line naming the option and its allowed range, before any work."""
+    if not (isinstance(holdout, (int, float)) and 0 <= holdout < 1):
+        raise LensBiasError(f"holdout (--holdout) must be in [0, 1), got {holdout}")
+    for name, value in (("max_prompts", max_prompts), ("max_items", max_items)):
+        flag, lo = LIMITS[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise LensBiasError(f"{name} ({flag}) must be a whole number ≥ {lo}, got {value!r}")
+
+
 def resolve_task(model: HookedModel, task, *, holdout: float = 0.5, max_prompts: int = 64, max_items: int = 48,
-                 seed: int = 0, neutral: str | list[str] | None = None, neutral_lines: int = 16) -> ReportTask:
+                 seed: int = 0, neutral: str | Path | list[str] | None = None, neutral_lines: int = 16) -> ReportTask:
     """The task spec resolved to prompts, split into a locate part and a held-out test part by group
     (profession, question, item), with the neutral text of the capability check."""
-    if not 0 <= holdout < 1:
-        raise LensBiasError(f"holdout must be in [0, 1), got {holdout}")
+    check_options(holdout=holdout, max_prompts=max_prompts, max_items=max_items)
     name, kind, data, desc = _resolve_spec(model, task, max_prompts, max_items)
     notes = []
     if kind == "pairs":
@@ -381,35 +393,46 @@ def resolve_task(model: HookedModel, task, *, holdout: float = 0.5, max_prompts:
         if not n_biased:
             raise DataError("no ambiguous item with a biased option in the test split: the bias metric needs some "
                             "(BBQ items with answer_info and stereotyped_groups)")
-    if holdout > 0 and len(locate) == len(test) and locate is test:
-        notes.append("one group only: the methods and the ablations use the same prompts")
-    rt = ReportTask(name, kind, locate, test, description=desc, notes=notes)  # pyright: ignore[reportArgumentType] - kind is a TaskKind name (checked above)
+    held_out = holdout > 0 and lo != te
+    if holdout > 0 and not held_out:
+        notes.append("one group only (one profession, question or item): nothing could be held out, so the methods "
+                     "and the ablations use the same prompts and the curves are not a held-out test")
+    rt = ReportTask(name, kind, locate, test, description=desc, notes=notes, held_out=held_out)  # pyright: ignore[reportArgumentType] - kind is a TaskKind name (checked above)
     lines = _neutral(model, neutral)
     rt.neutral = lines[:neutral_lines]  # capability: loss on these lines
     rt.reference_text = lines[neutral_lines:] or lines  # mean/resample reference (tasks without twins)
     return rt
 
 
+def read_neutral(neutral: str | Path | list[str]) -> list[str]:
+    """The neutral text's lines: a path (str or Path) is a UTF-8 text file that must exist, a list its lines
+    (one line naming the file when it is missing, a folder, empty or not UTF-8)."""
+    if isinstance(neutral, (str, Path)):
+        path = Path(neutral)
+        text = read_text_file(path)
+        try:
+            return text_lines(text)
+        except LensBiasError:
+            raise DataError(f"neutral text file {path} has no line of text") from None
+    if not isinstance(neutral, (list, tuple)) or not all(isinstance(t, str) for t in neutral):
+        raise LensBiasError(f"neutral must be a text file's path or a list of lines, not {type(neutral).__name__}")
+    return text_lines(list(neutral))
+
+
 def _neutral(model, neutral) -> list[str]:
     if neutral is not None:
-        if isinstance(neutral, (str, Path)) and Path(str(neutral)).is_file():
-            neutral = Path(str(neutral)).read_text(encoding="utf-8")
-        return text_lines(neutral)
-    if organism_card(model) is not None:
-        return text_lines(data_path("neutral").read_text())
-    # other models: StrategyQA's questions, shipped, carry no gender, yes/no or BBQ cue
-    qs = json.loads(Path(shipped_dataset("strategyqa")).read_text())
-    return [q["question"] for q in qs[-300:]]
+        return read_neutral(neutral)
+    return text_lines(default_neutral_text(model))  # the organism's own text, else real English (Brown)
 
 
 # ---------------------------------------------------------------------------------------
 # Evaluating the bias metric and capability under hooks
 # ---------------------------------------------------------------------------------------
 def packed_lines(model: HookedModel, lines: list[str], width: int) -> torch.Tensor:
-    """Token ids [rows, width]: the lines' tokens run on, each row BOS (when the tokenizer has one) + text."""
+    """Token ids [rows, width]: the lines' tokens run on, each row BOS (when the model's prompts start with one) + text."""
     tok = tokenizer_of(model)
     stream = [t for ids in encode_lines(tok, lines, bos=False) for t in ids]
-    head = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    head = bos_ids(tok)  # the model's BOS convention: a chat-turn marker is never prepended
     step = width - len(head)
     rows = [head + stream[i: i + step] for i in range(0, len(stream) - step + 1, step)]
     if not rows:
@@ -420,7 +443,8 @@ def packed_lines(model: HookedModel, lines: list[str], width: int) -> torch.Tens
 def bias_of(model: HookedModel, task: ReportTask, hooks: Sequence = (), *, corrupted: bool = False,
             split: str = "test") -> dict:
     """The bias metric m (module docstring) on a split, under `hooks`, with the task's own accuracy
-    measures: yes/no accuracy and precision − recall gap, multiple-choice accuracy."""
+    measures: yes/no accuracy and precision − recall gap, multiple-choice accuracy; `values`: each row's
+    value (multiple choice: NaN for rows without a biased option), for resampling.py."""
     data = getattr(task, split)
     dev = device_of(model)
     hooks = list(hooks)
@@ -430,45 +454,59 @@ def bias_of(model: HookedModel, task: ReportTask, hooks: Sequence = (), *, corru
             tokens = ps.corrupted_tokens if corrupted else ps.tokens
             a = answer_logits_fast(model, tokens, ps.answer_pos, ps.answer_ids, hooks, ps.attention_mask).float()
             return answers_bias(task, a, ps.metadata)
-        items = data
-        prompts, options = [], []
-        for ins in task.instructions:
-            prompts += [format_mc_prompt(ins, it["context"], it["question"], item_options(it)) for it in items]
-            options += [item_options(it) for it in items]
+        prompts, options = mc_prompts(task, data)
         with model.hooks(fwd_hooks=hooks):
             lp, _ = option_logprobs(model, prompts, options, batch_size=48)
-        if not torch.isfinite(lp).all():
-            raise LensBiasError("non-finite option log-probabilities: check the model's weights and the ablation")
-        p = lp.softmax(-1)
-        gaps, correct = [], []
-        n = len(items)
-        for r in range(len(prompts)):
-            it = items[r % n]
-            correct.append(int(p[r].argmax()) == int(it["label"]))
-            if it.get("context_condition") != "ambig":
-                continue
-            b, u = biased_option(it), unknown_option(it)
-            if b is None or u is None:
-                continue
-            other = [k for k in range(p.shape[1]) if k not in (b, u)]
-            if len(other) != 1:
-                continue
-            gaps.append(float(p[r, b] - p[r, other[0]]))
-        bias = sum(gaps) / len(gaps) if gaps else float("nan")
-        return {"bias": bias, "accuracy": sum(correct) / len(correct)}
+        return mc_bias(task, lp, data)
+
+
+def mc_prompts(task: ReportTask, items: list) -> tuple[list[str], list[list[str]]]:
+    """Every (instruction, item) prompt, instruction-major (row r: instruction r // n, item r % n), and options."""
+    prompts, options = [], []
+    for ins in task.instructions:
+        prompts += [format_mc_prompt(ins, it["context"], it["question"], item_options(it)) for it in items]
+        options += [item_options(it) for it in items]
+    return prompts, options
+
+
+def mc_bias(task: ReportTask, lp: torch.Tensor, items: list) -> dict:
+    """The multiple-choice bias metric from the option log-probabilities [rows, options] of mc_prompts' rows:
+    mean P(biased) − P(other) over ambiguous rows with a biased option, accuracy, each row's value."""
+    if not torch.isfinite(lp).all():
+        raise LensBiasError("non-finite option log-probabilities: check the model's weights and the ablation")
+    p = lp.float().softmax(-1)
+    values, correct = torch.full((len(lp),), float("nan")), []
+    n = len(items)
+    for r in range(len(lp)):  # row r: instruction r // n, item r % n
+        it = items[r % n]
+        correct.append(int(p[r].argmax()) == int(it["label"]))
+        if it.get("context_condition") != "ambig":
+            continue
+        b, u = biased_option(it), unknown_option(it)
+        if b is None or u is None:
+            continue
+        other = [k for k in range(p.shape[1]) if k not in (b, u)]
+        if len(other) != 1:
+            continue
+        values[r] = float(p[r, b] - p[r, other[0]])
+    ok = torch.isfinite(values)
+    bias = float(values[ok].mean()) if bool(ok.any()) else float("nan")
+    return {"bias": bias, "accuracy": sum(correct) / len(correct), "values": values}
 
 
 def answers_bias(task: ReportTask, a: torch.Tensor, metadata: list[dict] | None = None) -> dict:
     """The bias metric from the test prompts' answer logits [n, 2] (pairs: a₀ − a₁; yes/no: No − Yes, with
-    accuracy and the precision − recall gap of the decisions P(yes) > 0.5)."""
+    accuracy and the precision − recall gap of the decisions P(yes) > 0.5); `values`: each row's value."""
     if not torch.isfinite(a).all():
         raise LensBiasError("non-finite answer logits: check the model's weights and the ablation")
     if task.kind == "pairs":
-        return {"bias": float((a[:, 0] - a[:, 1]).mean())}
+        v = (a[:, 0] - a[:, 1]).float().cpu()
+        return {"bias": float(v.mean()), "values": v}
     p_yes = a.softmax(-1)[:, 0]
     gold = [m["label"] == "yes" for m in (metadata if metadata is not None else task.test.metadata)]  # pyright: ignore[reportAttributeAccessIssue] - pairs and yes/no tasks hold a PromptSet
     d = decision_metrics((p_yes > 0.5).tolist(), gold)
-    return {"bias": yesno_offset(a[:, 1] - a[:, 0], gold)[0], "accuracy": d["accuracy"], "pr_gap": d["pr_gap"]}
+    v = (a[:, 1] - a[:, 0]).float().cpu()
+    return {"bias": yesno_offset(v, gold)[0], "accuracy": d["accuracy"], "pr_gap": d["pr_gap"], "values": v}
 
 
 def yesno_offset(no_minus_yes: torch.Tensor, gold_yes: list[bool]) -> tuple[float, float]:

@@ -58,7 +58,7 @@ def unit_label(unit_type: str, idx: tuple[int, ...], tokens: list[str] | None = 
         return f"L{idx[0]}N{idx[1]}"
     if unit_type == "layer":
         return f"L{idx[0]} {LAYER_PARTS[idx[1]]}"
-    tok = f" ({tokens[idx[1]].strip()})" if tokens and idx[1] < len(tokens) else ""
+    tok = f" ({tokens[idx[1]].strip()})" if tokens and idx[1] < len(tokens) and tokens[idx[1]].strip() else ""
     return f"L{idx[0]} P{idx[1]} {SITE_PARTS[idx[2]]}{tok}"
 
 
@@ -68,6 +68,15 @@ def top_units(scores: Tensor, k: int) -> list[tuple[int, ...]]:
     k = min(k, int(torch.isfinite(flat).sum()))
     idx = flat.topk(k).indices.tolist() if k > 0 else []
     return [tuple(int(v) for v in torch.unravel_index(torch.tensor(i), scores.shape)) for i in idx]
+
+
+def rank_of(scores: Tensor, unit: tuple[int, ...]) -> tuple[int, int]:
+    """(rank, ties) of one unit: rank = how many units score at least as high (1 = top, ties share the
+    lowest place: a unit tied with every other is last, not first), ties = how many others score the same
+    (NaN scores rank last)."""
+    flat = scores.float().nan_to_num(nan=-math.inf)
+    v = flat[unit]
+    return int((flat >= v).sum()), int((flat == v).sum()) - 1
 
 
 def n_units(scores: Tensor) -> int:
@@ -95,7 +104,7 @@ def expand(unit_type: str, units: list[tuple[int, ...]], n_heads: int, d_mlp: in
 
 def scores_frame(scores: dict[str, dict[str, Tensor]], tokens: list[str] | None = None):
     """Tidy table of every method's scores on every unit: unit_type, method, unit, layer, index, pos, part,
-    score, rank (1 = carries the most bias by that method)."""
+    score, rank (1 = carries the most bias by that method; tied units share the lowest of their places)."""
     import numpy as np
     import pandas as pd
 
@@ -108,7 +117,7 @@ def scores_frame(scores: dict[str, dict[str, Tensor]], tokens: list[str] | None 
             keep = ~np.isnan(flat)
             df = pd.DataFrame({"unit_type": unit_type, "method": method, "layer": idx[0][keep],
                                "score": flat[keep]})
-            df["rank"] = df["score"].rank(ascending=False, method="first").astype(int)
+            df["rank"] = df["score"].rank(ascending=False, method="max").astype(int)  # ties: the lowest place
             if unit_type in ("head", "neuron"):
                 df["index"] = idx[1][keep]
                 df["unit"] = [unit_label(unit_type, (a, b)) for a, b in zip(df["layer"], df["index"])]
