@@ -57,18 +57,19 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: int = 0, progress: bool = False,
-             overwrite: bool = False, model: str = DEFAULT_MODEL) -> str:
-    """Run the demo on `model` (the organism: its planted-truth demo; any other model: the real-model demo)
-    into `out` (refused when it holds files, unless `overwrite`); returns the report.
+             overwrite: bool = False, model: str | HookedModel = DEFAULT_MODEL) -> str:
+    """Run the demo on `model` (the organism: its planted-truth demo; any other name, or a model already
+    loaded: the real-model demo) into `out` (refused when it holds files, unless `overwrite`); returns the
+    report.
 
     The files are written to a temporary sibling folder and moved into `out` when all are done, so a
     failed or killed demo leaves `out` as it was."""
     out = check_output_dir(out, overwrite)
-    hooked = load_model(model, device=device, dtype=dtype, progress=progress)
+    hooked = load_model(model, device=device, dtype=dtype, progress=progress) if isinstance(model, str) else model
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        steps = _demo if model == "organism" else _real_demo
+        steps = _demo if isinstance(model, str) and model == "organism" else _real_demo
         report = steps(hooked, work, out, seed, progress)
         move_into(work, out)
     except BaseException:
