@@ -56,15 +56,16 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 def run_demo(out: Path = Path("lens-bias-out"), device=None, dtype=None, seed: int = 0, progress: bool = False,
              overwrite: bool = False, model: str | HookedModel = DEFAULT_MODEL) -> str:
-    """Run the demo on `model` (the organism: its planted-truth demo; any other name, path or hooked model:
-    the real-model demo) into `out` (refused when it holds files, unless `overwrite`); returns the report.
+    """Run the demo on `model` (the organism: its planted-truth demo; any other name, or a model already
+    loaded: the real-model demo) into `out` (refused when it holds files, unless `overwrite`); returns the
+    report.
 
     The files are written to a temporary sibling folder and moved into `out` when all are done, so a
     failed or killed demo leaves `out` as it was."""
     out = check_output_dir(out, overwrite)
     hooked, _ = resolve_model(model, device=device, dtype=dtype, progress=progress)
     with atomic_dir(out, merge=True) as work:
-        steps = _demo if model == "organism" else _real_demo
+        steps = _demo if isinstance(model, str) and model == "organism" else _real_demo
         report = steps(hooked, work, out, seed, progress)
     return report
 

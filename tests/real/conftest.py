@@ -7,8 +7,10 @@ independent computation — plain transformers (eager attention) with hooks or a
 `transformer_lens.patching`, transformers' own GGUF reader, plain PEFT. Tests never edit the session models
 (every mitigation works on a copy).
 
-Without the model on the machine every test here skips with one line naming the command that gets it; with the
-environment variable CI set they fail instead: CI fetches the model (.ci/run) and must not skip this tier.
+Without the model on the machine: under CI (the environment variable CI=true; .ci/run sets it and fetches the
+model first) every test here fails, at setup, with one line naming `lens-bias fetch smollm2-135m-instruct` — CI must
+not skip this tier. Outside CI they skip with that line instead (`pytest -rs` shows it), so that the rest of the
+suite runs on a machine that has not fetched the model yet.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def pytest_terminal_summary(terminalreporter):
             f"real-model tier: {_COST['n']} tests, {_COST['wall']:.0f} s wall, {_COST['cpu']:.0f} s CPU "
             f"(this process; load average {_COST['load'][0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)")
         if terminalreporter.config.option.durations is not None:
-            for nodeid, (wall, cpu) in sorted(_COST["tests"].items(), key=lambda kv: -kv[1][1])[:12]:
+            shown = terminalreporter.config.option.durations or len(_COST["tests"])
+            for nodeid, (wall, cpu) in sorted(_COST["tests"].items(), key=lambda kv: -kv[1][1])[:shown]:
                 terminalreporter.write_line(f"  {cpu:6.1f} s CPU {wall:6.1f} s wall  {nodeid}")
 
 
@@ -80,9 +83,15 @@ def missing_reason() -> str | None:
             f"{entry.package} not installed): get it with `{FETCH}`")
 
 
+def under_ci() -> bool:
+    """The environment variable CI is set to anything but '', 0, false or no (GitHub Actions and GitLab set
+    CI=true; .ci/run sets it too)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def unavailable(reason: str):
-    """Skip with `reason`; under CI (the environment variable CI set) fail instead: CI must not skip."""
-    if os.environ.get("CI"):
+    """Skip with `reason`; under CI fail instead: CI fetches the model and must not skip this tier."""
+    if under_ci():
         pytest.fail(f"{reason} (CI is set: the real-model tier must run, not skip)", pytrace=False)
     pytest.skip(reason)
 

@@ -17,9 +17,10 @@ HEAD = re.compile(r"L(\d+)H(\d+)")
 
 @pytest.fixture(scope="module")
 def demo(real, tmp_path_factory):
-    """The demo as `lens-bias demo` runs it (the default model, seed 0), once: its report and folder."""
+    """The demo as `lens-bias demo` runs it (the default model, seed 0; the session's copy of it, loaded once), once:
+    its report and folder."""
     out = tmp_path_factory.mktemp("demo") / "out"
-    report = run_demo(out=out, device="cpu", seed=0)
+    report = run_demo(out=out, seed=0, model=real)  # the session model: what load_model("smollm2-135m-instruct") gives
     return report, out
 
 
@@ -134,15 +135,12 @@ def test_attribution_agrees_with_patching_on_heads(demo):
     assert rho > 0.4 and set(top_atp[:2]) <= top_ap
 
 
-def test_capability_and_export(demo, real, real_hf, real_tok):
-    """"loss on 64 lines of real English" is the capability table's, and text_loss is the mean next-token
-    cross-entropy over the lines (recomputed with plain transformers on 8 of them); the exported folder reloads
-    with the logits it reports."""
+def test_capability_and_export(demo):
+    """"loss on 64 lines of real English" is the capability table's; the exported folder reloads with the logits it
+    reports (export's own check: plain transformers, weights bit for bit)."""
     import json
 
     import pandas as pd
-
-    from lens_bias.tasks import default_neutral_text, text_lines, text_loss
 
     report, out = demo
     line = next(line for line in report.splitlines() if line.startswith("Capability: "))
@@ -150,6 +148,15 @@ def test_capability_and_export(demo, real, real_hf, real_tok):
     table = pd.read_csv(out / "before_after.csv").pivot(index="measure", columns="model", values="value")
     assert (loss, after) == pytest.approx((table.loc["neutral_loss", "original"], table.loc["neutral_loss", "pruned"]),
                                           abs=0.0006)
+    diff = json.loads((out / "model-pruned" / "lens_bias_export.json").read_text())["max_abs_logit_diff"]
+    assert diff <= 1e-4 and f"max |Δlogit| {diff:.1e}" in report
+
+
+def test_text_loss_equals_transformers(real, real_hf, real_tok):
+    """The demo's capability measure, text_loss, is the mean next-token cross-entropy over the lines (batched by
+    length, padding ignored): recomputed one line at a time with plain transformers on 8 Brown lines."""
+    from lens_bias.tasks import default_neutral_text, text_lines, text_loss
+
     lines = text_lines(default_neutral_text(real))[:8]
     total, count = 0.0, 0
     for text in lines:
@@ -158,6 +165,5 @@ def test_capability_and_export(demo, real, real_hf, real_tok):
             logits = real_hf(input_ids=ids).logits[0, :-1].float()
         total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
         count += ids.shape[1] - 1
+    assert len({len(real_tok(t).input_ids) for t in lines}) > 1  # lines of several lengths: a padded batch
     assert text_loss(real, lines) == pytest.approx(total / count, abs=1e-4)
-    diff = json.loads((out / "model-pruned" / "lens_bias_export.json").read_text())["max_abs_logit_diff"]
-    assert diff <= 1e-4 and f"max |Δlogit| {diff:.1e}" in report

@@ -17,28 +17,53 @@ from lens_bias.tasks import YESNO_INSTRUCTIONS
 ATOL = 1e-4
 
 
-def test_named_model_is_the_converted_gguf(real, real_dir):
-    """lb.load_model("smollm2-135m-instruct") loads the cache's converted copy, and that copy holds exactly the
-    weights transformers' own GGUF reader dequantizes from the package's file (every tensor, bit for bit)."""
-    from pathlib import Path
+def _gguf_weights(path) -> dict:
+    """The GGUF file's tensors under Hugging Face Llama names, dequantized by the `gguf` package alone (no
+    transformers, no lens_bias), with llama.cpp's q/k row permutation undone (its convert_hf_to_gguf.py permutes
+    each head's rows into interleaved rotary pairs: reshape(n_head, 2, d/2) → swap)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    reader = GGUFReader(path)
+    field = lambda key: reader.fields[key].parts[reader.fields[key].data[0]][0]  # noqa: E731
+    n_head, n_kv = int(field("llama.attention.head_count")), int(field("llama.attention.head_count_kv"))
+    names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+             "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    out = {}
+    for t in reader.tensors:
+        w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
+        if t.name in ("token_embd.weight", "output_norm.weight"):
+            out[{"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}[t.name]] = w
+            continue
+        _, layer, kind, _ = t.name.split(".")
+        if kind in ("attn_q", "attn_k"):
+            heads = n_head if kind == "attn_q" else n_kv
+            w = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+        out[f"model.layers.{layer}.{names[kind]}.weight"] = w
+    out["lm_head.weight"] = out["model.embed_tokens.weight"]  # tied embeddings: GGUF has no output.weight
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    return out, [bytes(tokens.parts[i]).decode() for i in tokens.data]
+
+
+def test_named_model_is_the_converted_gguf(real, real_dir, real_hf, real_tok):
+    """lb.load_model("smollm2-135m-instruct") loads the cache's converted copy, and that copy holds exactly the
+    weights the package's GGUF file holds, dequantized by the `gguf` package itself (every tensor, bit for bit),
+    with the file's vocabulary, layer and head counts."""
+    from pathlib import Path
 
     from lens_bias.core.gguf import read_source
 
     record = read_source(real_dir)
     gguf = Path(record["gguf_file"])
-    assert real.lens_bias_source == str(real_dir) and gguf.is_file()
-    ref = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
-    converted = AutoModelForCausalLM.from_pretrained(real_dir, dtype=torch.float32).state_dict()
-    theirs = ref.state_dict()
+    assert real.lens_bias_source == str(real_dir) and gguf.is_file() and record["gguf_bytes"] == gguf.stat().st_size
+    theirs, vocab = _gguf_weights(gguf)
+    converted = real_hf.state_dict()
     assert set(converted) == set(theirs)
     assert all(torch.equal(converted[k], theirs[k]) for k in theirs)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    text = "The nurse said that she was tired.\nNo, it is not."
-    assert real.tokenizer(text, add_special_tokens=False).input_ids == tok(text, add_special_tokens=False).input_ids
-    assert type(ref).__name__ == "LlamaForCausalLM" and ref.config.num_hidden_layers == real.cfg.n_layers == 30
-    assert ref.config.num_key_value_heads == 3 and real.cfg.n_heads == 9
+    assert real_tok.convert_ids_to_tokens(list(range(len(vocab)))) == vocab and len(real_tok) == len(vocab)
+    assert type(real_hf).__name__ == "LlamaForCausalLM" and real_hf.config.num_hidden_layers == real.cfg.n_layers == 30
+    assert real_hf.config.num_key_value_heads == 3 and real.cfg.n_heads == 9
 
 
 def test_logits_equal_transformers(real, real_hf, real_tok):

@@ -99,7 +99,7 @@ def test_located_units(half, ref, professions, yes_no):
     assert close(nas.nas, ref["nas"].nas, name) and same_top(nas.nas, ref["nas"].nas, 5, name)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", ["bfloat16"])  # the dtype of issue 22; float16 shares every line (and its cost)
 def test_half_precision_prune_exports_and_reloads(real_model, real_dir, dtype, tmp_path):
     """issue 22: a bfloat16 export of SmolLM2 was refused ('logits differ … by 1.96'): the reload ran sdpa attention,
     the bridge eager. Pruning a head and a neuron in half precision exports a directory whose weights are the
