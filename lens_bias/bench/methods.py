@@ -5,7 +5,7 @@ larger = more of the bias. Nothing here is tuned to a case: each method runs wit
 from __future__ import annotations
 
 import json
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
@@ -19,9 +19,9 @@ from ..locate.baselines import (
     mean_activation,
     weight_norm,
 )
-from ..locate.crispr import crispr_scores, option_attributions
+from ..locate.crispr import Unit, crispr_scores, option_attributions
 from ..locate.nas import negative_attention_scores
-from ..locate.patching import activation_patching
+from ..locate.patching import PatchSite, activation_patching
 from ..locate.tracing import causal_trace, trace_sites
 from ..runs.registry import locate_units, methods_for
 from ..tasks.multiple_choice import INSTRUCTIONS as MC_INSTRUCTIONS
@@ -135,11 +135,12 @@ def _bbq(model: HookedModel, case: Case) -> Scores:
     biased = [biased_option(it) for it in items]
     carrier = PromptSet.build(model, prompts, (" A", " B"))  # tokens only: mean |activation| reads no answer
     out: Scores = {}
-    for unit in case.units:
+    units: tuple[Unit, ...] = case.units  # pyright: ignore[reportAssignmentType] - multiple-choice cases score heads or neurons
+    for unit in units:
         for lam in (1.0, 0.0):
             out.setdefault(f"CRISPR λ={lam:g}", {})[unit] = crispr_scores(model, items, ins, lam=lam, progress=False,
                                                                           unit=unit).values
-        out.setdefault("grad×P(biased)", {})[unit] = option_attributions(model, prompts, options, biased, unit=unit).mean(0)
+        out.setdefault("grad×P(biased)", {})[unit] = option_attributions(model, prompts, options, biased, unit=unit).mean(0)  # pyright: ignore[reportArgumentType] - the bench's BBQ items all have a biased option
         out.setdefault("mean |activation|", {})[unit] = mean_activation(model, carrier, unit).values
         out.setdefault("weight norm", {})[unit] = weight_norm(model, unit).values
     return out
@@ -159,10 +160,12 @@ def _real_pairs(model: HookedModel, case: Case) -> Scores:
     zero = causal_trace(model, ps, sites=("attn_out",), corruption="noise", noise=0.0, samples=1,
                         progress=False)["attn_out"]
     out["causal tracing (noise 0)"]["attn_site"] = zero.effect
-    for site, unit in (("mlp_out", "site"), ("attn_out", "attn_site")):
+    sites: tuple[tuple[PatchSite, str], ...] = (("mlp_out", "site"), ("attn_out", "attn_site"))
+    for site, unit in sites:
         out.setdefault("activation patching", {})[unit] = activation_patching(model, ps, site, per_position=True,
                                                                               progress=False).effect
-    for at, name in (("clean", "attribution (clean grad)"), ("corrupted", "attribution (corrupted grad)")):
+    grads: tuple[tuple[Literal["clean", "corrupted"], str], ...] = (("clean", "attribution (clean grad)"), ("corrupted", "attribution (corrupted grad)"))
+    for at, name in grads:
         res = attribution_patching(model, ps, ["mlp_out", "attn_out"], at=at)
         out.setdefault(name, {}).update({"site": res["mlp_out"].values, "attn_site": res["attn_out"].values})
     return out
@@ -206,7 +209,7 @@ def case_metric(model: HookedModel, case: Case) -> Callable[[], float]:
     prompts = [format_mc_prompt(MC_INSTRUCTIONS[0], it["context"], it["question"], item_options(it), template)
                for it in items]
     biased = torch.tensor([biased_option(it) for it in items])
-    anti = torch.tensor([3 - bbq_target(it).unknown - b for it, b in zip(items, biased.tolist())]) if case.real else None
+    anti = torch.tensor([3 - bbq_target(it).unknown - b for it, b in zip(items, biased.tolist())]) if case.real else None  # pyright: ignore[reportOperatorIssue] - the bench's BBQ items all have an unknown option
 
     def p_biased() -> float:
         lp, _ = option_logprobs(model, prompts, [item_options(it) for it in items])

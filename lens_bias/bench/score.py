@@ -199,7 +199,7 @@ def benchmark(cases: Iterable[str] | None = None, *, device=None, seeds: int = 2
         names = [n for n, c in CASES.items() if c.available]
         for n, c in CASES.items():
             if c.real and c.built and c.model_missing:
-                warnings.warn(f"benchmark case {n} skipped: {c.model_missing}")
+                warnings.warn(f"benchmark case {n} skipped: {c.model_missing}", stacklevel=2)
     models, computed, frames, by_case = {}, {}, [], {}
     for name in tqdm(names, desc="cases", disable=not progress):
         case = get_case(name)

@@ -115,7 +115,7 @@ def weighted_carriers(effect: Tensor, weight: Tensor, share: float = 0.8, min_k:
 def weighted_recall(population_scores: Tensor, known: Tensor, positive: Tensor, weight: Tensor, k: float) -> float:
     """Estimated |top-k(scores) ∩ carriers| / k: `known` indexes the known units in the flat population."""
     s = torch.nan_to_num(population_scores.reshape(-1).float(), nan=-float("inf"))
-    kk = max(1, int(round(k)))
+    kk = max(1, round(k))
     top = torch.zeros(s.numel(), dtype=torch.bool)
     top[s.argsort(descending=True)[:kk]] = True
     hit = top[known] & positive

@@ -54,12 +54,12 @@ def verdict_table(df: pd.DataFrame, scores: dict | None = None, truths: dict | N
     add(1, "activation patching", "finds every carrier head where twins exist",
         _cells(df, [("case2", "head", "activation patching"), ("case4", "head", "activation patching")]),
         f"rprof head: {_fmt(ap)} (zero), {_fmt(_rec(df, 'rprof', 'head', 'activation patching', 'patch'))} (patch)",
-        None if ap is None else ap >= 0.8 and bool(_row(df, "rprof", "head", "activation patching")["beats_baselines"]))
+        None if ap is None else ap >= 0.8 and bool(_row(df, "rprof", "head", "activation patching")["beats_baselines"]))  # pyright: ignore[reportOptionalSubscript] - ap is not None: the row exists
     atp = [_rec(df, "rprof", "head", m) for m in SIGNED_AP[1:]]
     add(2, "attribution patching", "finds every carrier head where twins exist (either gradient)",
         _cells(df, [("case2", "head", m) for m in SIGNED_AP[1:]]),
         "rprof head: " + " / ".join(_fmt(x) for x in atp),
-        None if None in atp else min(atp) >= 0.8)
+        None if None in atp else min(atp) >= 0.8)  # pyright: ignore[reportArgumentType] - no None in atp (checked)
     gxa = _rec(df, "rprof", "head", "grad×activation")
     best = [x for x in (_rec(df, "rprof", "head", m) for m in SIGNED_AP) if x is not None]
     add(3, "grad×activation", "beats AP and AtP against the zero-ablation truth",
@@ -72,7 +72,7 @@ def verdict_table(df: pd.DataFrame, scores: dict | None = None, truths: dict | N
                         (5, "attention to ' No'", "does not locate it (ranks the decoy first)")):
         r, bar = _rec(df, "ryesno", "head", m), _bar(df, "ryesno", "head")
         add(n, m, claim, _cells(df, [("case3", "head", m), ("case5", "head", m)]),
-            f"ryesno head: {_fmt(r)} (random + 2 sd {_fmt(bar)})", None if r is None else r <= bar)
+            f"ryesno head: {_fmt(r)} (random + 2 sd {_fmt(bar)})", None if r is None or bar is None else r <= bar)
     for n, m, claim in ((6, "mean |activation|", "ranks units by size, not effect: no better than random on real units"),
                         (7, "weight norm", "does not locate")):
         real = df[(df["real"]) & (df["method"] == m) & (df["truth"] == "zero")]
@@ -89,17 +89,18 @@ def verdict_table(df: pd.DataFrame, scores: dict | None = None, truths: dict | N
         _cells(df, [("case6", "neuron", "CRISPR λ=1"), ("case7", "neuron", "CRISPR λ=1")]),
         ", ".join(f"rbbq {u}: {r['recall@k']:.2f} / AUC {r['AUC']:.2f}" for u, r in cr),
         None if not cr else all(bool(r["beats_baselines"]) for _, r in cr))
-    pairs = [(c, u) for c, u in (("rbbq", "head"), ("rbbq-neurons", "neuron")) if _rec(df, c, u, "CRISPR λ=1") is not None]
+    pairs = [(c, u) for c, u in (("rbbq", "head"), ("rbbq-neurons", "neuron"))
+             if all(_rec(df, c, u, m) is not None for m in ("CRISPR λ=1", "CRISPR λ=0", "grad×P(biased)"))]
     add(9, "grad×P(biased)", "attributing P(biased) does at least as well as CRISPR's ŷ",
         _cells(df, [("case7", "neuron", "grad×P(biased)"), ("case7", "neuron", "CRISPR λ=1")]),
         ", ".join(f"{c} {u}: {_fmt(_rec(df, c, u, 'grad×P(biased)'))} vs {_fmt(_rec(df, c, u, 'CRISPR λ=1'))}"
                   for c, u in pairs),
-        None if not pairs else all(_rec(df, c, u, "grad×P(biased)") >= _rec(df, c, u, "CRISPR λ=1") for c, u in pairs))
+        None if not pairs else all(_rec(df, c, u, "grad×P(biased)") >= _rec(df, c, u, "CRISPR λ=1") for c, u in pairs))  # pyright: ignore[reportOperatorIssue] - pairs have the three recalls (filtered above)
     add(10, "CRISPR λ", "λ = 1 and λ = 0 rank alike",
         _cells(df, [("case6", "neuron", "CRISPR λ=1"), ("case6", "neuron", "CRISPR λ=0")]),
         ", ".join(f"{c} {u}: {_fmt(_rec(df, c, u, 'CRISPR λ=1'))} vs {_fmt(_rec(df, c, u, 'CRISPR λ=0'))}"
                   for c, u in pairs),
-        None if not pairs else all(abs(_rec(df, c, u, "CRISPR λ=1") - _rec(df, c, u, "CRISPR λ=0")) <= 0.1
+        None if not pairs else all(abs(_rec(df, c, u, "CRISPR λ=1") - _rec(df, c, u, "CRISPR λ=0")) <= 0.1  # pyright: ignore[reportOperatorIssue] - pairs have the three recalls (filtered above)
                                    for c, u in pairs))
     ct_d = _top_site(scores, truths, "rprof", "causal tracing", "rprof/bias/pos_mlp_denoise")
     ct_z = _top_site(scores, truths, "rprof", "causal tracing", "rprof/bias/pos_mlp_zero")

@@ -33,7 +33,7 @@ window.addEventListener('error',function(e){if(e.message!==undefined){rec(e.mess
 (e.lineno||'?')+')');}else{var t=e.target||{};rec('failed to load '+(t.src||t.href||t.tagName||'a resource'));}},true);
 window.addEventListener('unhandledrejection',function(e){var r=e.reason;rec('unhandled rejection: '+(r&&r.message||r));});
 var ce=console.error;console.error=function(){rec(Array.prototype.map.call(arguments,String).join(' '));
-return ce.apply(console,arguments);};})();</script>""" % (ERRORS_ATTR, ERRORS_ATTR)
+return ce.apply(console,arguments);};})();</script>""" % (ERRORS_ATTR, ERRORS_ATTR)  # noqa: UP031 - JavaScript: str.format would need every brace doubled
 
 
 class BrowserMissing(RuntimeError):
@@ -61,7 +61,7 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
 class _Figures(HTMLParser):
     """For every plotly figure div (class plotly-graph-div): its id and how many main-svg elements it holds."""
 
-    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+    VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"})
 
     def __init__(self):
         super().__init__(convert_charrefs=True)

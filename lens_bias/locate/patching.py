@@ -406,7 +406,7 @@ class Resumed:
         self.sc = None
         m = attention_mask
         if all(a is not None for a in block_args) and bool((m[:, :1] == 1).all()) and bool((m[:, 1:] <= m[:, :-1]).all()):
-            self.sc = _Shortcut(model, block_args, past_names, kv, n, P, None, answer_pos, layout(model))
+            self.sc = _Shortcut(model, block_args, past_names, kv, n, P, None, answer_pos, layout(model))  # pyright: ignore[reportArgumentType] - block_args checked above; Resumed reads final(), never answers
             rows = torch.tensor([n - 1, 0, 0][: max(1, min(3, 2 * n))], device=tokens.device) % n
             try:
                 with torch.no_grad():
@@ -417,7 +417,7 @@ class Resumed:
             except Exception:  # noqa: BLE001 - any failure means: do not use this path
                 ok = False
             if not ok:
-                warnings.warn("the resumed forward does not reproduce this model's run; using full forwards")
+                warnings.warn("the resumed forward does not reproduce this model's run; using full forwards", stacklevel=2)
                 self.sc = None
         self.s0 = self._shared_prefix() if self.sc is not None and self.sc.windowed else 0
         if self.s0:
@@ -446,7 +446,7 @@ class Resumed:
         b_U = getattr(self.model, "b_U", None)
         return a + b_U.float()[ids] if b_U is not None else a
 
-    def final_resid(self, layer: int, prompts: Tensor, hooks: list = ()) -> Tensor:
+    def final_resid(self, layer: int, prompts: Tensor, hooks: Iterable = ()) -> Tensor:
         """The final residual [rows, P, d] of the prompts `prompts` under `hooks`, which act at layer ≥ `layer`."""
         with torch.no_grad(), self.model.hooks(fwd_hooks=list(hooks)):
             if self.sc is None or layer <= 0:
@@ -454,7 +454,7 @@ class Resumed:
                                  detach=True)[last_resid(self.model)]
             return self.sc.final(self.resid[layer][prompts], layer, prompts)
 
-    def answer_logits(self, layer: int, prompts: Tensor, hooks: list = ()) -> Tensor:
+    def answer_logits(self, layer: int, prompts: Tensor, hooks: Iterable = ()) -> Tensor:
         """Answer logits [rows, n_answers] at the answer positions under `hooks` (acting at layer ≥ `layer`)."""
         final = self.final_resid(layer, prompts, hooks)
         with torch.no_grad():
@@ -476,6 +476,7 @@ class Resumed:
         s0 = self.s0 if position_free else 0
         if not s0:
             return self.final_resid(layer, rows, stacked_hooks(configs, n)), 0
+        assert self.sc is not None  # s0 > 0 only with the shortcut (__init__)
         G, layer = len(configs), max(layer, 0)
         with torch.no_grad():
             first = torch.zeros(G, dtype=torch.long, device=rows.device)  # prompt 0 stands for the shared tokens

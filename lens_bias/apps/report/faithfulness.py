@@ -41,7 +41,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -124,11 +124,11 @@ class Faithfulness:
         if task.kind == "multiple_choice":
             self.options = _Options(model, task, max_tokens)
         else:
-            ps = task.test.to(device_of(model))
+            ps = task.test.to(device_of(model))  # pyright: ignore[reportAttributeAccessIssue] - pairs and yes/no tasks hold a PromptSet
             self.ps = ps
             self.runs = {False: Resumed(model, ps.tokens, ps.attention_mask, ps.answer_pos, ps.answer_ids)}
             if task.has_twins:
-                self.runs[True] = Resumed(model, ps.corrupted_tokens, ps.attention_mask, ps.answer_pos,
+                self.runs[True] = Resumed(model, ps.corrupted_tokens, ps.attention_mask, ps.answer_pos,  # pyright: ignore[reportArgumentType] - pairs tasks have twins
                                           ps.answer_ids)
         self.clean = self.measure([([], self.L)])[0]
         self.m_clean = self.clean["bias"]
@@ -139,7 +139,7 @@ class Faithfulness:
         gap = self.m_clean - self.m_ref
         self.sign = 1.0 if gap >= 0 else -1.0
         self.scale = abs(gap)
-        self.text = _NeutralText(model, task.neutral) if self.capability else None
+        self.text = _NeutralText(model, task.neutral) if self.capability else None  # pyright: ignore[reportArgumentType] - capability needs task.neutral (above)
         self.loss_clean = self.text.loss([([], self.L)])[0] if self.text else float("nan")
         needs_ref = any(a != "zero" for a in self.ablations) or not task.has_twins
         self.reference = reference_activations(model, task.reference(model)) if needs_ref else None
@@ -188,7 +188,7 @@ class Faithfulness:
             s += len(group)
             if bar is not None:
                 bar.update(len(group))
-        return out
+        return out  # pyright: ignore[reportReturnType] - every config is measured
 
     # ---- the plan: which unit sets are measured ------------------------------------------------
     def plan(self, scores: dict[str, dict[str, torch.Tensor]], k_values) -> list[tuple]:
@@ -217,7 +217,7 @@ class Faithfulness:
         return self.ablations if s is None or s < BAND_DRAWS else self.ablations[:1]
 
     def _hn(self, unit_type, units):
-        heads, neurons = expand(unit_type, units, self.n_heads, self.d_mlp)
+        heads, neurons = expand(unit_type, units, self.n_heads, self.d_mlp)  # pyright: ignore[reportArgumentType] - a bridge's cfg has d_mlp
         return heads, neurons, (tuple(sorted(heads)), tuple(sorted(neurons)))
 
     # ---- curves ----------------------------------------------------------------------
@@ -235,14 +235,14 @@ class Faithfulness:
         nec = self._run_keys(nec_keys, lambda key, hn: self._ablation_hooks(*hn, key[2], key[3]), False, bar,
                              free=lambda key: key[2] in POSITION_FREE)
         if self.task.has_twins:
-            suf = self._run_keys(suf_keys, lambda key, hn: _restore_hooks(self.cache, *hn), True, bar)
+            suf = self._run_keys(suf_keys, lambda key, hn: _restore_hooks(self.cache, *hn), True, bar)  # pyright: ignore[reportArgumentType] - twin tasks keep the clean cache
         else:
             suf = self._run_keys(suf_keys, lambda key, hn: self._ablation_hooks(*hn, "mean", 0), False, bar,
                                  free=lambda key: True)
         cap = {}
         if cap_keys:
             items = list(cap_keys.items())
-            losses = self.text.loss([(self._ablation_hooks(*hn, key[2], key[3]), first_layer(*hn, self.L))
+            losses = self.text.loss([(self._ablation_hooks(*hn, key[2], key[3]), first_layer(*hn, self.L))  # pyright: ignore[reportOptionalMemberAccess] - capability keys need the neutral text
                                      for key, hn in items], bar)
             cap = {key: v for (key, _), v in zip(items, losses)}
         bar.close()
@@ -251,12 +251,12 @@ class Faithfulness:
                         for info, key, _ in effects]
         return self._rows(plan, nec, suf, cap)
 
-    def _keys(self, plan) -> tuple[dict, dict, dict]:
+    def _keys(self, plan) -> tuple[dict[tuple, tuple[list, list]], dict[tuple, tuple[list, list]], dict[tuple, tuple[list, list]]]:
         """The distinct measurements of a plan (methods often pick the same units): necessity (units, ablation,
         resample seed), sufficiency (units) and capability keys, each → the (heads, neurons) it stands for."""
         first = self.ablations[0]
         nec_keys, suf_keys, cap_keys = {}, {}, {}
-        for unit_type, method, k, units, s, all_units, last in plan:
+        for unit_type, _method, _k, units, s, all_units, _last in plan:
             heads, neurons, hn = self._hn(unit_type, units)
             for ablation in self._ablations_of(s):
                 nec_keys.setdefault((*hn, ablation, (s or 0) if ablation == "resample" else 0), (heads, neurons))
@@ -268,14 +268,14 @@ class Faithfulness:
                 suf_keys.setdefault(hn, (heads, neurons))
             else:
                 rest = [u for u in all_units if u not in set(units)]
-                suf_keys.setdefault(hn, expand(unit_type, rest, self.n_heads, self.d_mlp))
+                suf_keys.setdefault(hn, expand(unit_type, rest, self.n_heads, self.d_mlp))  # pyright: ignore[reportArgumentType] - a bridge's cfg has d_mlp
         return nec_keys, suf_keys, cap_keys
 
     def _rows(self, plan, nec: dict, suf: dict, cap: dict) -> list[dict]:
         first = self.ablations[0]
         rows = []
         for unit_type, method, k, units, s, _, _ in plan:
-            heads, neurons, hn = self._hn(unit_type, units)
+            _, _, hn = self._hn(unit_type, units)
             base = {"unit_type": unit_type, "method": method, "k": k, "seed": s,
                     "units": " ".join(unit_label(unit_type, u) for u in units)}
             for ablation in self._ablations_of(s):
@@ -308,7 +308,8 @@ class Faithfulness:
                     out.append((info, (*hn, "zero", 0), (heads, neurons)))
         return out
 
-    def _run_keys(self, keys: dict, hooks_of, corrupted: bool, bar, free=lambda key: False) -> dict:
+    def _run_keys(self, keys: dict[tuple, tuple[list, list]], hooks_of: Callable[[tuple, tuple[list, list]], list],
+                  corrupted: bool, bar, free=lambda key: False) -> dict:
         items = list(keys.items())
         res = self.measure([(hooks_of(key, hn), first_layer(*hn, self.L), free(key)) for key, hn in items],
                            corrupted, bar)
@@ -339,7 +340,7 @@ class _Options:
     def __init__(self, model, task: ReportTask, max_tokens: int = 4096):
         self.model, self.task = model, task
         tok = model.tokenizer
-        prompts, options = mc_prompts(task, task.test)
+        prompts, options = mc_prompts(task, task.test)  # pyright: ignore[reportArgumentType] - multiple-choice tasks hold items
         seqs, spans = option_sequences(tok, prompts, options)
         width, n_ctx = max(map(len, seqs)), getattr(model.cfg, "n_ctx", None)
         if n_ctx and width > n_ctx:
@@ -386,11 +387,11 @@ class _Options:
                     for g in range(len(group)):
                         lps[g].append(self._logprobs(final[g * S:(g + 1) * S], rows, pos, target, S, s0))
             for g, i in enumerate(group):
-                out[i] = mc_bias(self.task, torch.cat(lps[g]).cpu().view(self.shape), self.task.test)
+                out[i] = mc_bias(self.task, torch.cat(lps[g]).cpu().view(self.shape), self.task.test)  # pyright: ignore[reportArgumentType] - multiple-choice tasks hold items
             s += len(group)
             if bar is not None:
                 bar.update(len(group))
-        return out
+        return out  # pyright: ignore[reportReturnType] - every config is measured
 
 
 class _NeutralText:
@@ -507,7 +508,7 @@ def rank_methods(rows: list[dict], baseline: dict, significant: bool = True, bud
     for (unit_type, method), d in c.groupby(["unit_type", "method"], sort=False):
         row = {"method": method, "unit_type": unit_type,
                **_budget_columns(d, first, baseline.get("neutral_loss", float("nan")), budget),
-               **_random_columns(d, df[df.unit_type == unit_type], method)}
+               **_random_columns(d, df[df.unit_type == unit_type], method)}  # pyright: ignore[reportArgumentType] - groupby keys: method names
         if "accuracy" in d and "accuracy" in baseline:
             at = d[(d.measure == "necessity") & (d.k == row["k_max"])]
             row["d_accuracy_kmax"] = float(at["accuracy"].mean() - baseline["accuracy"])

@@ -49,6 +49,9 @@ from .tasks import ReportTask, bias_of, check_options, check_task_spec, organism
 from .units import rank_of as unit_rank
 from .units import scores_frame, top_units, unit_label
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 FORMAT = 2
 MANIFEST = "locate_report.json"
 LOCK = ".lens-bias.lock"
@@ -93,6 +96,7 @@ class _Stages:
         return _key({**self.base, "stage": name, "options": options})
 
     def _recorded(self, name: str) -> str | None:
+        assert self.out is not None and self.dir is not None  # called only with a folder (get, busy)
         try:
             m = json.loads((self.out / MANIFEST).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
@@ -101,6 +105,7 @@ class _Stages:
 
     def _load(self, name: str, key: str):
         """The cached value, or None when absent, unreadable, of other inputs or not the bytes recorded."""
+        assert self.out is not None and self.dir is not None  # called only with a folder (get, busy)
         path = self.dir / f"{name}.pt"
         if not path.is_file():
             return None
@@ -109,16 +114,17 @@ class _Stages:
             return None
         if hashlib.sha256(data).hexdigest() != recorded:
             warnings.warn(f"{path} does not match the checksum recorded for it in {self.out / MANIFEST} "
-                          "(changed on disk); computing the stage again")
+                          "(changed on disk); computing the stage again", stacklevel=2)
             return None
         try:
             rec = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - an unreadable stage is recomputed
-            warnings.warn(f"{path} is unreadable ({type(e).__name__}); computing the stage again")
+            warnings.warn(f"{path} is unreadable ({type(e).__name__}); computing the stage again", stacklevel=2)
             return None
         return rec if isinstance(rec, dict) and rec.get("key") == key else None
 
     def _save(self, name: str, key: str, value, seconds: float) -> None:
+        assert self.out is not None and self.dir is not None  # called only with a folder (get, busy)
         buf = io.BytesIO()
         torch.save({"key": key, "value": value, "seconds": seconds}, buf)
         data = buf.getvalue()
@@ -356,7 +362,7 @@ class LocateReport:
                 {k: r[k] for k in ("rank", "unit", "score", "effect", "effect_lo", "effect_hi", "most_active",
                                    "attends_to", "token")
                  if k in r and r[k] == r[k] and r[k] is not None})
-        return clean({
+        return clean({  # pyright: ignore[reportReturnType] - clean keeps a dict a dict
             "format": FORMAT,
             "answer": self.answer(),
             "loss_budget": self.loss_budget,

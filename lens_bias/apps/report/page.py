@@ -339,7 +339,7 @@ def ranking_figure(report):
                                      text=[f"k={k} Δloss {v:+.3f}" for k, v in zip(g["k"], x)],
                                      hovertemplate=f"{m} %{{text}}<br>removes %{{y:.0%}}<extra></extra>"), 1, j)
             shown.add(m)
-        fig.add_vline(x=report.loss_budget, line={"color": "#d62728", "dash": "dot", "width": 1}, row=1, col=j)
+        fig.add_vline(x=report.loss_budget, line={"color": "#d62728", "dash": "dot", "width": 1}, row=1, col=j)  # pyright: ignore[reportArgumentType] - plotly accepts int rows and cols (its hints say "all")
     fig.update_xaxes(title_text="Δ neutral-text loss (nats/token)", range=[-0.05, CLIP * 1.04])
     fig.update_yaxes(title_text="share of the bias removed", tickformat=".0%", col=1)
     fig.update_layout(title=f"Bias removed against its cost ({first} ablation, top-k for each k; red line: the "
@@ -416,7 +416,7 @@ def capability_figure(report, ablation: str | None = None):
                                      showlegend=m not in shown, text=g["units"].tolist(),
                                      hovertemplate=f"{m} k=%{{x}}: Δloss %{{y:+.3f}}<br>%{{text}}<extra></extra>"), 1, j)
             shown.add(m)
-        fig.add_hline(y=report.loss_budget, line={"color": "#d62728", "dash": "dot", "width": 1}, row=1, col=j)
+        fig.add_hline(y=report.loss_budget, line={"color": "#d62728", "dash": "dot", "width": 1}, row=1, col=j)  # pyright: ignore[reportArgumentType] - plotly accepts int rows and cols (its hints say "all")
     fig.update_xaxes(type="log", dtick=math.log10(2), title_text="k")
     fig.update_yaxes(title_text="Δ neutral-text loss (nats/token)", col=1)
     fig.update_layout(title=f"Capability: neutral-text loss change with each method's top-k {ablation}-ablated "

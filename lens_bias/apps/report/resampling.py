@@ -43,6 +43,7 @@ def _counts(ids: list, n_boot: int, gen: torch.Generator) -> Tensor:
 
 def twin_keys(ps: PromptSet) -> list[tuple]:
     """Each prompt's twin as the tokens that differ from the prompt (the neutral word that replaced it)."""
+    assert ps.corrupted_tokens is not None, "twin_keys needs a prompt set with twins"
     diff = ps.tokens != ps.corrupted_tokens
     return [tuple(ps.corrupted_tokens[i][diff[i]].tolist()) for i in range(len(ps))]
 
@@ -64,6 +65,7 @@ class Resampling:
         ok = torch.isfinite(v)
         v = v.nan_to_num(0.0)
         if self.kind == "yesno":
+            assert self.gold is not None  # resampling sets it for yes/no tasks
             parts = []
             for cls in (self.gold, ~self.gold):
                 if not bool(cls.any()):
@@ -93,7 +95,7 @@ def resampling(task: ReportTask, n_boot: int = N_BOOT, seed: int = 0) -> Resampl
         n = len(task.test)
         ids = [r % n for r in range(n * len(task.instructions))]
         return Resampling(_counts(ids, n_boot, gen), task.kind, n_clusters=n)
-    ps = task.test
+    ps: PromptSet = task.test  # pyright: ignore[reportAssignmentType] - pairs and yes/no tasks hold a PromptSet
     groups = [group_of(task.kind, m, i) for i, m in enumerate(ps.metadata or [{}] * len(ps))]
     w = _counts(groups, n_boot, gen)
     n_twins = 0

@@ -79,6 +79,7 @@ def card(name: str, out: Path, work: Path) -> dict:
     data_dir, w = out / spec.folder, work / name
     model_dir = _model_dir()
     src = read_source(model_dir)
+    assert src is not None  # _model_dir checked it
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     seqs = case_rows(spec, tok, torch.zeros(tok.vocab_size + 64, 1), data_dir)
     truth = {k: v for k, v in load_file(str(data_dir / "ground_truth.safetensors")).items() if k.startswith(f"{name}/")}
@@ -143,7 +144,7 @@ def check(name: str, out: Path, n: int, seed: int) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # pyright: ignore[reportOptionalMemberAccess] - the module has a docstring
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("prepare")
     a.add_argument("--category", default="Age")

@@ -92,7 +92,7 @@ def recompute_cell(hf, seqs, cell: dict, donor: Tensor | None) -> float:
     base_vals, acts = _run(hf, seqs, site, layer)
     seq_list = sequences(seqs)
     first = {}
-    for j, (row, opt, _) in enumerate(seq_list):
+    for j, (row, _opt, _) in enumerate(seq_list):
         first.setdefault(row, j)
     if method == "mean":  # over the rows' real tokens (BBQ: the prompt's), position-independent
         parts = []
@@ -106,6 +106,8 @@ def recompute_cell(hf, seqs, cell: dict, donor: Tensor | None) -> float:
     elif method == "denoise":
         rows_hit, src = set(seqs.meta["corrupted"].tolist()), seqs.meta["twin"]
     elif method == "resample":
+        if donor is None:
+            raise ValueError("resample needs donor rows")
         src = donor
 
     from_answer = bool(seqs.meta.get("from_answer"))

@@ -256,6 +256,7 @@ class Engine:
             return value[grows, s:s + cur.shape[1]]  # a donor tensor [N, T, width] of the case's rows
 
         if spec.site in ("head", "neuron"):
+            assert spec.index is not None  # head and neuron units have an index (Spec)
             lo, hi = ((spec.index * self.dh, (spec.index + 1) * self.dh) if spec.site == "head"
                       else (spec.index, spec.index + 1))
 
@@ -289,10 +290,14 @@ class Engine:
             full = self.attn_out
         elif site in ("mlp_out", "mlp"):
             full = self.mlp_out
+        if full is None:
+            raise ValueError(f"unknown site {site!r}")
         act = full[layer]
         if site == "head":
+            assert index is not None  # head and neuron units have an index (Spec)
             act = act[..., index * self.dh:(index + 1) * self.dh]
         elif site == "neuron":
+            assert index is not None
             act = act[..., index:index + 1]
         if method == "zero":
             return torch.zeros(act.shape[-1])
@@ -300,8 +305,8 @@ class Engine:
             key = {"head": "z", "neuron": "act"}.get(site, "attn_out" if "attn" in site else "mlp_out")
             mean = self.means[key][layer]
             if site == "head":
-                return mean[index * self.dh:(index + 1) * self.dh]
-            return mean[index:index + 1] if site == "neuron" else mean
+                return mean[index * self.dh:(index + 1) * self.dh]  # pyright: ignore[reportOptionalOperand] - head and neuron units have an index
+            return mean[index:index + 1] if site == "neuron" else mean  # pyright: ignore[reportOptionalOperand] - head and neuron units have an index
         if donor is None:
             raise ValueError(f"{method} needs donor rows")
         return act[donor]

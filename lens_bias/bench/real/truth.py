@@ -216,7 +216,7 @@ class Builder:
     def effects(self, groups: list[Group | None]) -> list[dict[str, float]]:
         todo = [g for g in groups if g is not None]
         got = iter(self.eng.run(todo))
-        return [next(got) if g is not None else {m: 0.0 for m in self.metric_names} for g in groups]
+        return [next(got) if g is not None else dict.fromkeys(self.metric_names, 0.0) for g in groups]
 
     def table(self, found: list[dict[str, float]], shape) -> dict[str, Tensor]:
         return {m: torch.tensor([f[m] for f in found]).view(shape) for m in self.metric_names}
@@ -319,7 +319,7 @@ class Builder:
         order = eff.reshape(-1).argsort(descending=True).tolist()
         ks = [k for k in CUMULATIVE_K if k <= len(order)]
         site = "head" if kind == "head" else "neuron"
-        out = {"k": torch.tensor(ks)}
+        out: dict[str, Tensor | dict[str, Tensor]] = {"k": torch.tensor(ks)}
         for m in ("zero", "mean"):
             found = self.effects([self.set_group([(site, *index(u)) for u in order[:k]], m) for k in ks])
             out[m] = self.table(found, (len(ks),))
@@ -351,7 +351,8 @@ class Builder:
                 for m, v in per.items():
                     out[f"{key}/{m}/{name}"] = v
             z = heads["heads_zero"]["bias"]
-            hidx = lambda u: divmod(u, self.H)
+            def hidx(u):
+                return divmod(u, self.H)
             self._add_sets(out, "head", z, hidx)
         if "site" in spec.units:
             for name, per in self._timed("sites", self.stage_sites).items():
