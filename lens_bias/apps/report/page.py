@@ -73,7 +73,7 @@ def _agreement_sentence(report, top) -> str:
     k = 4 if "overlap@4" in a else 1
     col = f"overlap@{k}"
     d = a[(a.unit_type == u) & (a.method_a == m) & (a.method_b != "random")]
-    d = d[d[col].map(_finite)].sort_values(col, ascending=False)
+    d = d[d[col].map(_finite).astype(bool)].sort_values(col, ascending=False)  # astype: an empty map is float64, which pandas reads as columns
     if not len(d):
         return ""
     parts = [f"{r['method_b']} shares {round(r[col] * k)}" + (f" (ρ = {r['spearman']:.2f})" if _finite(r["spearman"]) else "")
