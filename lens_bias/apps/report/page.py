@@ -30,6 +30,12 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _finite_rows(col):
+    """Boolean mask of a column's finite numbers (bool even when the column is empty: an empty map is float64,
+    which pandas would read as a list of columns)."""
+    return col.map(_finite).astype(bool)
+
+
 def _colors(report) -> dict[str, str]:
     names = [m for m in report.methods if m != "random"]
     return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(names)}
@@ -73,7 +79,7 @@ def _agreement_sentence(report, top) -> str:
     k = 4 if "overlap@4" in a else 1
     col = f"overlap@{k}"
     d = a[(a.unit_type == u) & (a.method_a == m) & (a.method_b != "random")]
-    d = d[d[col].map(_finite).astype(bool)].sort_values(col, ascending=False)  # astype: an empty map is float64, which pandas reads as columns
+    d = d[_finite_rows(d[col])].sort_values(col, ascending=False)
     if not len(d):
         return ""
     parts = [f"{r['method_b']} shares {round(r[col] * k)}" + (f" (ρ = {r['spearman']:.2f})" if _finite(r["spearman"]) else "")
@@ -182,7 +188,7 @@ def _effects_panel(fig, report, u: str, m: str) -> None:
 
     e = report.top_units
     e = e[(e.unit_type == u) & (e.method == m)].sort_values("rank") if len(e) and "effect" in e else e.iloc[0:0]
-    e = e[e["effect"].map(_finite)]
+    e = e[_finite_rows(e["effect"])]
     if not len(e):
         return
     lo = (e["effect"] - e["effect_lo"]).fillna(0).clip(lower=0)
@@ -201,7 +207,7 @@ def _removal_panel(fig, d, m: str) -> None:
     ks = d["k"].tolist()
     if "value_lo" in d and d["value_lo"].map(_finite).all():
         fig.add_trace(_band(ks, d["value_lo"].tolist(), d["value_hi"].tolist(), "rgba(31,119,180,0.18)"), 1, 2)
-    r = d[d["random_mean"].map(_finite)]
+    r = d[_finite_rows(d["random_mean"])]
     std = r["random_std"].fillna(0)
     fig.add_trace(_band(r["k"].tolist(), (r["random_mean"] - std).tolist(), (r["random_mean"] + std).tolist(),
                         "rgba(120,120,120,0.2)"), 1, 2)
@@ -225,7 +231,7 @@ def _cost_panel(fig, report, d) -> None:
                              line={"color": "#1f77b4"}, showlegend=False, legendgroup="m",
                              hovertemplate="k=%{x}: Δloss %{y:+.3f}<extra></extra>"), 1, 3)
     if "random_neutral_loss" in d:
-        rl = d[d["random_neutral_loss"].map(_finite)]
+        rl = d[_finite_rows(d["random_neutral_loss"])]
         fig.add_trace(go.Scatter(x=rl["k"].tolist(), y=(rl["random_neutral_loss"] - base).tolist(), mode="lines",
                                  line={"color": "gray", "dash": "dash"}, showlegend=False, legendgroup="random",
                                  hovertemplate="random k=%{x}: Δloss %{y:+.3f}<extra></extra>"), 1, 3)
@@ -256,7 +262,7 @@ def curves_figure(report, measure: str = "necessity", ablations: list[str] | Non
         for j, u in enumerate(units, 1):
             d = c[(c.unit_type == u) & (c.ablation == a)]
             r = d.drop_duplicates("k").sort_values("k")
-            r = r[r["random_mean"].map(_finite) & r["random_std"].map(_finite)]
+            r = r[_finite_rows(r["random_mean"]) & _finite_rows(r["random_std"])]
             if len(r):
                 ks = r["k"].tolist()
                 hi = (r["random_mean"] + r["random_std"]).tolist()
@@ -270,7 +276,7 @@ def curves_figure(report, measure: str = "necessity", ablations: list[str] | Non
                 shown.add("random")
             for m, g in d.groupby("method", sort=False):
                 g = g.sort_values("k")
-                g = g[g["value"].map(_finite)]
+                g = g[_finite_rows(g["value"])]
                 if not len(g):
                     continue
                 fig.add_trace(go.Scatter(x=g["k"].tolist(), y=g["value"].tolist(), mode="lines+markers", name=m,
@@ -328,7 +334,7 @@ def ranking_figure(report):
             shown.add("random")
         for m, g in c[c.unit_type == u].groupby("method", sort=False):
             g = g.sort_values("k")
-            g = g[g["value"].map(_finite) & g["neutral_loss"].map(_finite)]
+            g = g[_finite_rows(g["value"]) & _finite_rows(g["neutral_loss"])]
             if not len(g):
                 continue
             x = (g["neutral_loss"] - base).tolist()
@@ -402,13 +408,13 @@ def capability_figure(report, ablation: str | None = None):
         d = c[c.unit_type == u]
         r = d.drop_duplicates("k").sort_values("k")
         if "random_neutral_loss" in r:
-            r = r[r["random_neutral_loss"].map(_finite)]
+            r = r[_finite_rows(r["random_neutral_loss"])]
             fig.add_trace(go.Scatter(x=r["k"].tolist(), y=(r["random_neutral_loss"] - base).tolist(), mode="lines",
                                      line={"color": "gray", "dash": "dash"}, name="random k units",
                                      legendgroup="random", showlegend="random" not in shown), 1, j)
             shown.add("random")
         for m, g in d.groupby("method", sort=False):
-            g = g[g["neutral_loss"].map(_finite)].sort_values("k")
+            g = g[_finite_rows(g["neutral_loss"])].sort_values("k")
             if not len(g):
                 continue
             fig.add_trace(go.Scatter(x=g["k"].tolist(), y=(g["neutral_loss"] - base).tolist(), mode="lines+markers",
