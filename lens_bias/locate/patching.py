@@ -60,16 +60,7 @@ from tqdm.auto import tqdm
 
 from ..core.checks import NonFiniteError, check_finite, nonfinite_cause
 from ..core.errors import LensBiasError
-from ..core.hooks import (
-    Site,
-    check_hook_names,
-    device_of,
-    hook_name,
-    last_resid,
-    run_until,
-    site_kind,
-    trace,
-)
+from ..core.hooks import Site, check_hook_names, device_of, hook_name, last_resid, run_until, site_kind, trace
 from ..core.methods import ChunkSums, LocateMethod, add_scores, scores_from_sums
 from ..core.metrics import FAST_METRICS, Metric, MetricName, get_metric, metric_from_answers, soft_cap
 from ..core.models import HookedModel

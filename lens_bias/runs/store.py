@@ -117,6 +117,17 @@ def clean_chunk_temps(out_dir: Path, i: int) -> None:
         p.unlink(missing_ok=True)
 
 
+def read_record(path: Path, data: bytes, key: str) -> dict | None:
+    """The torch record in `data` (read from `path`) when it was made with arguments `key`; None when it is
+    unreadable (a warning names the file: it is computed again) or from other arguments."""
+    try:
+        rec = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - an unreadable record is recomputed
+        warnings.warn(f"{path} is unreadable ({type(e).__name__}); computing it again", stacklevel=3)
+        return None
+    return rec if isinstance(rec, dict) and rec.get("key") == key else None
+
+
 def load_chunk(path: Path, key: str, entry: dict | None = None, index: int | None = None) -> dict | None:
     """A finished chunk's record, or None when absent, unreadable, from other arguments, or — with its
     manifest `entry` — not the bytes the manifest recorded for chunk `index` (a warning says which)."""
@@ -127,12 +138,8 @@ def load_chunk(path: Path, key: str, entry: dict | None = None, index: int | Non
         warnings.warn(f"{path} does not match the checksum the manifest recorded for it (changed on disk); "
                       "computing it again", stacklevel=2)
         return None
-    try:
-        rec = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - an unreadable chunk is recomputed
-        warnings.warn(f"{path} is unreadable ({type(e).__name__}); computing it again", stacklevel=2)
-        return None
-    if not isinstance(rec, dict) or rec.get("key") != key:
+    rec = read_record(path, data, key)
+    if rec is None:
         return None
     if index is not None and rec.get("index") != index:
         warnings.warn(f"{path} holds chunk {rec.get('index')}, not chunk {index} (copied over?); computing it again", stacklevel=2)

@@ -40,7 +40,7 @@ from ...core.models import HookedModel, resolve_model
 from ...core.prompts import PromptSet, tokenizer_of
 from ...locate.patching import position_labels
 from ...mitigate.ablation import AblationMethod
-from ...runs.store import data_fingerprint, model_fingerprint
+from ...runs.store import data_fingerprint, model_fingerprint, read_record
 from .agreement import agreement_table
 from .faithfulness import ALPHA, BREAKS, BUDGET, RANK_DRAWS, Faithfulness, curves, rank_methods
 from .methods import applicable_methods, mc_forward, run_method
@@ -116,12 +116,7 @@ class _Stages:
             warnings.warn(f"{path} does not match the checksum recorded for it in {self.out / MANIFEST} "
                           "(changed on disk); computing the stage again", stacklevel=2)
             return None
-        try:
-            rec = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - an unreadable stage is recomputed
-            warnings.warn(f"{path} is unreadable ({type(e).__name__}); computing the stage again", stacklevel=2)
-            return None
-        return rec if isinstance(rec, dict) and rec.get("key") == key else None
+        return read_record(path, data, key)
 
     def _save(self, name: str, key: str, value, seconds: float) -> None:
         assert self.out is not None and self.dir is not None  # called only with a folder (get, busy)

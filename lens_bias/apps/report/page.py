@@ -302,23 +302,33 @@ def necessity_figure(report, ablation: str = "zero"):
     return fig
 
 
-def ranking_figure(report):
-    """Bias removed against its cost: each method's top-k (k = 1, 2, 4, …) as a path of (Δ neutral-text loss,
-    share of the bias removed) under the first ablation, random draws in grey, the budget as a line.
-    Δloss beyond CLIP nats is drawn at the edge (a triangle; the hover gives the value)."""
-    import plotly.graph_objects as go
+def _loss_panels(report, ablation: str):
+    """(necessity curves under `ablation`, their unit types, one subplot per unit type, the neutral loss
+    before, the methods' colours), or None when the report measured no neutral loss."""
     from plotly.subplots import make_subplots
 
     c = report.curves
     base = report.baseline.get("neutral_loss")
     if not len(c) or "neutral_loss" not in c or not _finite(base):
         return None
-    first = _first_ablation(report)
-    c = c[(c.measure == "necessity") & (c.ablation == first)]
+    c = c[(c.measure == "necessity") & (c.ablation == ablation)]
     units = [u for u in ABLATABLE if (c.unit_type == u).any()]
     fig = make_subplots(rows=1, cols=len(units), shared_yaxes=True, horizontal_spacing=0.04,
                         subplot_titles=[UNIT_TITLES[u] for u in units])
-    colors = _colors(report)
+    return c, units, fig, base, _colors(report)
+
+
+def ranking_figure(report):
+    """Bias removed against its cost: each method's top-k (k = 1, 2, 4, …) as a path of (Δ neutral-text loss,
+    share of the bias removed) under the first ablation, random draws in grey, the budget as a line.
+    Δloss beyond CLIP nats is drawn at the edge (a triangle; the hover gives the value)."""
+    import plotly.graph_objects as go
+
+    first = _first_ablation(report)
+    panels = _loss_panels(report, first)
+    if panels is None:
+        return None
+    c, units, fig, base, colors = panels
     shown = set()
     rand = [r for r in report.rows if r["method"] == "random" and r["measure"] == "necessity"
             and r["ablation"] == first and _finite(r.get("neutral_loss"))]
@@ -391,18 +401,12 @@ def capability_figure(report, ablation: str | None = None):
     """Δ neutral-text loss with each method's top-k ablated, by k, beside k random units (mean of the draws
     measured), one panel per unit type; the budget as a line."""
     import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
-    base = report.baseline.get("neutral_loss")
     ablation = ablation or _first_ablation(report)
-    c = report.curves
-    if not len(c) or "neutral_loss" not in c or not _finite(base):
+    panels = _loss_panels(report, ablation)
+    if panels is None:
         return None
-    c = c[(c.measure == "necessity") & (c.ablation == ablation)]
-    units = [u for u in ABLATABLE if (c.unit_type == u).any()]
-    fig = make_subplots(rows=1, cols=len(units), shared_yaxes=True, horizontal_spacing=0.04,
-                        subplot_titles=[UNIT_TITLES[u] for u in units])
-    colors = _colors(report)
+    c, units, fig, base, colors = panels
     shown = set()
     for j, u in enumerate(units, 1):
         d = c[c.unit_type == u]

@@ -50,19 +50,9 @@ from ...tasks.gender import (
     winobias_prompts,
     winogender_prompts,
 )
-from ...tasks.multiple_choice import (
-    INSTRUCTIONS as MC_INSTRUCTIONS,
-)
-from ...tasks.multiple_choice import (
-    biased_option,
-    format_mc_prompt,
-    item_options,
-    load_bbq,
-    load_multiple_choice,
-    option_logprobs,
-    option_sequences,
-    unknown_option,
-)
+from ...tasks.multiple_choice import INSTRUCTIONS as MC_INSTRUCTIONS
+from ...tasks.multiple_choice import (biased_option, format_mc_prompt, item_options, load_bbq, load_multiple_choice,
+                                      option_logprobs, option_sequences, unknown_option)
 from ...tasks.records import (
     SHIPPED_DATASETS,
     as_items,
