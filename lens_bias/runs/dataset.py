@@ -307,13 +307,15 @@ def _claim(plan: _Plan, overwrite: bool, model_name: str, data_name: str):
     the manifest of this start; then every rank has the same run key."""
     out_dir = plan.out_dir
     plan.created = not out_dir.exists()
-    (out_dir / CHUNKS).mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(out_dir):
         try:
             claim = claim_run(out_dir, plan.key, plan.args)
         except LensBiasError:
-            _remove_if_empty(out_dir, plan.created)
+            # refused: the folder may be another live run's, so its chunks/ (maybe still empty) is not ours to remove
+            _remove_if_empty(out_dir, plan.created, chunks=False)
             raise
+        (out_dir / CHUNKS).mkdir(exist_ok=True)
         try:
             if plan.rank == 0:
                 _start(out_dir, plan.args, plan.key, plan.n_chunks, overwrite, model_name, data_name)
@@ -464,10 +466,9 @@ def _undo_start(out_dir: Path, created: bool) -> None:
     _remove_if_empty(out_dir, created)
 
 
-def _remove_if_empty(out_dir: Path, created: bool) -> None:
-    """Remove an empty chunks/ and, when this run created it, an empty out_dir."""
-    chunks = out_dir / CHUNKS
-    if chunks.is_dir() and not any(chunks.iterdir()):
-        chunks.rmdir()
+def _remove_if_empty(out_dir: Path, created: bool, *, chunks: bool = True) -> None:
+    """Remove an empty chunks/ (unless `chunks` is False) and, when this run created it, an empty out_dir."""
+    if chunks and (out_dir / CHUNKS).is_dir() and not any((out_dir / CHUNKS).iterdir()):
+        (out_dir / CHUNKS).rmdir()
     if created and out_dir.is_dir() and not any(out_dir.iterdir()):
         out_dir.rmdir()

@@ -525,7 +525,8 @@ def test_half_precision_is_checked_against_float32(organism, monkeypatch):
 # ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def real_report(tmp_path_factory):
-    """Reduced options (the cheap methods, zero ablation) keep it to a few minutes."""
+    """Reduced options (the cheap methods, zero ablation, k = 2 and 8, 5 random draws, 32 prompts) keep it to
+    about a minute."""
     from lens_bias.core.model_names import converted_dir
 
     source = os.environ.get("LENS_BIAS_REAL_MODEL") or (
@@ -537,7 +538,7 @@ def real_report(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return locate_report(source, "professions", out, methods=["attribution", "grad_x_act", "mean_activation"],
-                             ablations=("zero",), progress=False), out
+                             ablations=("zero",), k_values=(2, 8), seeds=5, max_prompts=32, progress=False), out
 
 
 @pytest.mark.slow

@@ -256,6 +256,6 @@ def test_cli_with_dtype(tmp_path, capsys, data):
 def test_demo_in_bfloat16(tmp_path, capsys):
     from lens_bias.apps.cli import main
 
-    assert main(["demo", "--dtype", "bfloat16", "--device", "cpu", "--out", str(tmp_path / "demo")]) == 0
+    assert main(["demo", "--model", "organism", "--dtype", "bfloat16", "--device", "cpu", "--out", str(tmp_path / "demo")]) == 0
     report = capsys.readouterr().out
     assert report.count("✓") == 2 and "✗" not in report
