@@ -328,7 +328,6 @@ def _claim(plan: _Plan, overwrite: bool, model_name: str, data_name: str):
             plan.dist.all_gather_object(keys, plan.key)  # also the barrier after rank 0's manifest
             if len(set(keys)) > 1:
                 raise LensBiasError(f"the ranks were given different arguments (run keys {sorted(map(str, set(keys)))})")
-        (out_dir / CHUNKS).mkdir(parents=True, exist_ok=True)
         plan.start_no = (read_manifest(out_dir) or {}).get("starts", 1)
     except BaseException:
         release_claim(out_dir, claim)
